@@ -1,0 +1,1 @@
+"""The learning side: a generic CleanRL-style PPO and its policies."""

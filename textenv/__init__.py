@@ -1,0 +1,1 @@
+"""TextEnv: text generation as a Gymnasium environment."""
