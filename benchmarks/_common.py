@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmark scripts: machine description and the JSON result file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """What ran the benchmark: CPU model, usable cores, GPU (if any), torch version, date."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def target(name: str, value: float, target: str, met: bool) -> dict:
+    """One row of the `targets` list."""
+    return {"name": name, "value": value, "target": target, "met": bool(met)}
+
+
+def write_result(name: str, results: dict, targets: list[dict], quick: bool, out: str | Path | None = None) -> Path:
+    """Write `benchmarks/results/<name>.json` (or `out`) with the command that reproduces it."""
+    suffix = "-gpu" if machine_info()["gpu"] else ""
+    path = Path(out) if out else RESULTS_DIR / f"{name}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine_info(),
+        "quick": quick,
+        "results": results,
+        "targets": targets,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    """Print a plain aligned table."""
+    cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
