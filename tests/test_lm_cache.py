@@ -1,0 +1,65 @@
+"""The KV-cached step equals a full recompute, through resets, mixed prompt lengths and padding."""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from textenv.lm_cache import CachedLM, forward_full
+
+PAD = 0
+
+
+def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def random_prompt(length: int, max_prompt: int, g: torch.Generator) -> torch.Tensor:
+    n = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
+    row = torch.full((length,), PAD)
+    row[length - n :] = torch.randint(2, 50, (n,), generator=g)
+    return row
+
+
+def test_cached_step_matches_full_recompute_through_resets():
+    model, g = tiny_lm(), torch.Generator().manual_seed(1)
+    batch, max_prompt, max_new = 6, 5, 7
+    window = max_prompt + max_new
+    obs = torch.stack([random_prompt(window, max_prompt, g) for _ in range(batch)])
+    steps = [0] * batch
+    lm = CachedLM(model, PAD)
+    restarts = 0
+    for _ in range(50):
+        logits, hidden = lm.step(obs)
+        ref_logits, ref_hidden = forward_full(model, obs, PAD)
+        torch.testing.assert_close(logits, ref_logits[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, ref_hidden[:, -1], atol=1e-5, rtol=1e-5)
+        assert lm.width <= window  # bounded: never wider than the longest live row
+        actions = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+        for i in range(batch):
+            steps[i] += 1
+            if steps[i] >= max_new or torch.rand(1, generator=g) < 0.15:
+                obs[i], steps[i] = random_prompt(window, max_prompt, g), 0
+                restarts += 1
+            else:
+                obs[i] = torch.cat([obs[i, 1:], actions[i : i + 1]])
+    assert restarts > 10  # the test really exercised row re-prefill
+
+
+def test_left_padding_does_not_change_logits():
+    model = tiny_lm()
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    short, _ = forward_full(model, tokens, PAD)
+    padded, _ = forward_full(model, torch.cat([torch.full((1, 3), PAD), tokens], dim=1), PAD)
+    torch.testing.assert_close(short[:, -1], padded[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_reset_forgets_rows_and_detects_continuation():
+    model = tiny_lm()
+    lm = CachedLM(model, PAD)
+    obs = torch.tensor([[PAD, PAD, 3, 4], [PAD, 5, 6, 7]])
+    lm.step(obs)
+    nxt = torch.tensor([[PAD, 3, 4, 9], [9, 9, 9, 9]])
+    assert lm.continuing_rows(nxt).tolist() == [True, False]
+    lm.reset()
+    assert not lm.continuing_rows(nxt).any()
