@@ -1,0 +1,288 @@
+"""TextEnv: text generation as a Gymnasium environment, one token per step."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.error import ResetNeeded
+
+from textenv.rewards import check_scores
+
+
+def _range(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    """An int `n` or a pair `(lo, hi)` as an inclusive range of positive ints."""
+    lo, hi = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if not (int(lo) == lo and int(hi) == hi and 1 <= lo <= hi):
+        raise ValueError(f"{name}={value!r} is not a positive int or a pair (lo, hi) with 1 <= lo <= hi.")
+    return int(lo), int(hi)
+
+
+def check_tokenizer(tokenizer: Any) -> tuple[int, int, int]:
+    """(eos_token_id, pad_token_id, vocab_size) of a transformers tokenizer, or a clear error."""
+    for attr in ("encode", "batch_decode", "__len__"):
+        if not hasattr(tokenizer, attr):
+            raise TypeError(
+                f"tokenizer {type(tokenizer).__name__} has no `{attr}`; pass a transformers tokenizer "
+                "(AutoTokenizer.from_pretrained(...) or textenv.char_tokenizer())."
+            )
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no EOS token, so episodes could never terminate; "
+            "set one, e.g. tokenizer.add_special_tokens({'eos_token': '<eos>'})."
+        )
+    if pad is None:
+        raise ValueError(
+            "the tokenizer has no pad token, needed to left-pad observations; "
+            "set tokenizer.pad_token = tokenizer.eos_token, or add a dedicated '<pad>' token."
+        )
+    if not (0 <= eos < vocab and 0 <= pad < vocab):
+        raise ValueError(
+            f"EOS id {eos} / pad id {pad} lie outside the tokenizer's {vocab} ids; fix the tokenizer."
+        )
+    return int(eos), int(pad), int(vocab)
+
+
+def decode_rows(tokenizer: Any, rows: list[list[int]]) -> list[str]:
+    """Decode token-id rows (special tokens skipped); the Rust batch decoder when it gives the same text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend.decode_batch(rows, skip_special_tokens=True)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+class TextEnv(gym.Env[np.ndarray, np.int64]):
+    """
+    ## Description
+
+    Text generation as reinforcement learning: each episode starts from a prompt, each step the agent
+    appends one token, and a frozen reward model scores the finished text. This is the environment of
+    RLHF fine-tuning (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593) written as a plain
+    Gymnasium environment, so any agent (a GPT policy, or SB3's PPO with an MLP) can train on it.
+
+    ## Action Space
+
+    `Discrete(len(tokenizer))`: the id of the next token. A policy whose vocabulary is larger (e.g. a
+    model's embedding padded to a multiple of 64) must restrict its logits to the first
+    `action_space.n` ids. EOS ends the episode (see Episode End); the pad id is an ordinary token.
+
+    ## Observation Space
+
+    `Box(0, vocab_size - 1, (max_prompt_tokens + max_new_tokens,), int64)`: token ids, LEFT-padded with
+    `tokenizer.pad_token_id`, newest token last, so `obs[-1]` is always the last token. A row's real
+    tokens start at its first non-pad id (`mask = cumsum(obs != pad) > 0`); `info["length"]` also
+    gives their number.
+
+    ## Rewards
+
+    0 on every step but the last; on the last step, the reward model's score of the decoded prompt +
+    completion (special tokens skipped), also in `info["score"]`. A reward model is any callable
+    `list[str] -> sequence of float` (see `textenv.rewards`).
+
+    ## Starting State
+
+    A prompt drawn uniformly with `self.np_random` from `prompts` (each string a whole prompt), or, with
+    `query_tokens=(lo, hi)`, the first `n ~ U{lo..hi}` tokens of a text drawn uniformly from `prompts`
+    (the seed recipe's 2-8 token queries cut from IMDb reviews; a shorter text gives its whole length).
+    With `max_new_tokens=(lo, hi)`, the episode's token budget is drawn next, uniformly in `lo..hi`.
+
+    ## Episode End
+
+    1. Termination: the agent emits EOS after at least `min_new_tokens` new tokens. An EOS earlier
+       than that is kept as an ordinary (invisible) token, as `generate(min_new_tokens=...)` never
+       ends there; policies that want to forbid it mask it.
+    2. Truncation: the completion reaches the episode's token budget (`max_new_tokens`) without EOS.
+
+    ## Arguments
+
+    | Parameter           | Type                   | Default | Description                                   |
+    |---------------------|------------------------|---------|-----------------------------------------------|
+    | `tokenizer`         | transformers tokenizer | -       | needs EOS and pad tokens                      |
+    | `reward_model`      | callable               | -       | `list[str] -> sequence of float`              |
+    | `prompts`           | list of str            | -       | whole prompts, or texts to cut queries from   |
+    | `max_prompt_tokens` | int                    | 8       | prompt part of the observation window         |
+    | `max_new_tokens`    | int or (lo, hi)        | 16      | completion budget (per episode if a range)    |
+    | `min_new_tokens`    | int                    | 0       | EOS ends the episode only after this many     |
+    | `query_tokens`      | (lo, hi) or None       | None    | cut queries of lo..hi tokens from `prompts`   |
+    | `render_mode`       | "ansi" or None         | None    | `render()` returns "prompt|completion"        |
+
+    Info: "prompt", "text" (decoded prompt + completion so far), "length" (real tokens), "prompt_length";
+    on the last step also "score" and "completion".
+
+    ```python
+    >>> import gymnasium as gym, textenv
+    >>> tok = textenv.char_tokenizer("ab")
+    >>> env = gym.make("TextEnv-v0", tokenizer=tok, reward_model=textenv.EndsWithReward("b"),
+    ...                prompts=["a", "ab"], max_prompt_tokens=2, max_new_tokens=3)
+    >>> obs, info = env.reset(seed=0)
+    >>> envs = gym.make_vec("TextEnv-v0", num_envs=8, tokenizer=tok, reward_model=textenv.EndsWithReward("b"),
+    ...                     prompts=["a", "ab"], max_prompt_tokens=2, max_new_tokens=3)  # TextVectorEnv
+
+    ```
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        reward_model: Callable[[list[str]], Sequence[float]],
+        prompts: Sequence[str],
+        max_prompt_tokens: int = 8,
+        max_new_tokens: int | Sequence[int] = 16,
+        min_new_tokens: int = 0,
+        query_tokens: Sequence[int] | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_id, self.pad_token_id, self.vocab_size = check_tokenizer(tokenizer)
+        if not callable(reward_model):
+            raise TypeError(
+                f"reward_model {type(reward_model).__name__} is not callable; pass a function or object "
+                "mapping list[str] -> list[float], e.g. textenv.HFRewardModel.from_pretrained(path)."
+            )
+        self.reward_model = reward_model
+        self.max_prompt_tokens = _range("max_prompt_tokens", max_prompt_tokens)[1]
+        self.new_tokens = _range("max_new_tokens", max_new_tokens)  # per-episode budget range
+        self.max_new_tokens = self.new_tokens[1]
+        self.min_new_tokens = int(min_new_tokens)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]."
+            )
+        self.query_tokens = None if query_tokens is None else _range("query_tokens", query_tokens)
+        if self.query_tokens and self.query_tokens[1] > self.max_prompt_tokens:
+            raise ValueError(
+                f"query_tokens={query_tokens} can cut queries longer than max_prompt_tokens={max_prompt_tokens}; "
+                f"raise max_prompt_tokens to at least {self.query_tokens[1]}."
+            )
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r} is not supported; use 'ansi' or None.")
+        self.render_mode = render_mode
+        self._prompt_ids, self._prompt_texts = self._encode_prompts(prompts)
+
+        self.window = self.max_prompt_tokens + self.max_new_tokens
+        self.observation_space = spaces.Box(0, self.vocab_size - 1, (self.window,), np.int64)
+        self.action_space = spaces.Discrete(self.vocab_size)
+        self._obs = np.full(self.window, self.pad_token_id, dtype=np.int64)
+        self._done: bool | None = None  # None: never reset
+
+    # -- pieces shared with the batched TextVectorEnv ------------------------------------------------
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[str] | None]:
+        """Tokenize the prompt source once. Returns the id lists and, for whole prompts, their decoded text."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(
+                "prompts must be a list of strings (whole prompts, or texts with query_tokens=(lo, hi))."
+            )
+        if len(prompts) == 0:
+            raise ValueError(
+                "prompts is empty; pass at least one prompt string (or text to cut queries from)."
+            )
+        if self.query_tokens:
+            # Only the first hi tokens are used: cut long texts at a whitespace so tokenizing 25k reviews is cheap.
+            cut = 64 * self.query_tokens[1]
+            prompts = [
+                p if len(p) <= cut or " " not in p[:cut] else p[: p.rindex(" ", 0, cut)] for p in prompts
+            ]
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) == 0:
+                raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) has no tokens; remove empty prompts.")
+            if not self.query_tokens and len(row) > self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt {i} ({prompts[i][:40]!r}) is {len(row)} tokens, longer than max_prompt_tokens="
+                    f"{self.max_prompt_tokens}; raise max_prompt_tokens or shorten the prompt "
+                    "(or cut queries with query_tokens=(lo, hi))."
+                )
+        if self.query_tokens:
+            hi = self.query_tokens[1]
+            return [list(row[:hi]) for row in ids], None
+        return [list(row) for row in ids], decode_rows(self.tokenizer, ids)
+
+    def draw_episode(self, rng: np.random.Generator) -> tuple[list[int], str, int]:
+        """(prompt ids, prompt text, token budget) of a new episode, drawn from `rng` in a fixed order."""
+        i = int(rng.integers(len(self._prompt_ids)))
+        if self.query_tokens:
+            n = int(rng.integers(self.query_tokens[0], self.query_tokens[1] + 1))
+            ids = self._prompt_ids[i][:n]
+            text = decode_rows(self.tokenizer, [ids])[0]
+        else:
+            ids, text = self._prompt_ids[i], self._prompt_texts[i]
+        lo, hi = self.new_tokens
+        budget = hi if lo == hi else int(rng.integers(lo, hi + 1))
+        return ids, text, budget
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        """The reward model's scores (float64, one per text), validated."""
+        return check_scores(self.reward_model(texts), len(texts), self.reward_model)
+
+    def check_action(self, action: Any) -> int:
+        """The action as an int in [0, vocab_size), or a TypeError/ValueError that says how to fix it."""
+        if isinstance(action, np.ndarray) and action.size == 1:
+            action = action.reshape(())[()]
+        if isinstance(action, (bool, np.bool_)) or isinstance(action, (float, np.floating)):
+            raise TypeError(
+                f"action {action!r} is a {type(action).__name__}; pass an integer token id (int(a))."
+            )
+        try:
+            a = operator.index(action)
+        except TypeError:
+            raise TypeError(
+                f"action {action!r} of type {type(action).__name__} is not an integer token id; "
+                "pass an int or a numpy integer (for a torch tensor, .item())."
+            ) from None
+        if not 0 <= a < self.vocab_size:
+            raise ValueError(
+                f"action {a} is out of range for a vocabulary of {self.vocab_size} tokens; "
+                f"pass a token id in [0, {self.vocab_size}) (restrict the policy's logits to action_space.n)."
+            )
+        return a
+
+    # -- the Gymnasium API --------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        ids, self._prompt, self._budget = self.draw_episode(self.np_random)
+        self._prompt_length, self._new = len(ids), []
+        self._obs[:] = self.pad_token_id
+        self._obs[self.window - len(ids) :] = ids
+        self._done = False
+        info = {"prompt": self._prompt, "text": self._prompt, "length": len(ids), "prompt_length": len(ids)}
+        return self._obs.copy(), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._done is None:
+            raise ResetNeeded("step() called before reset(); call env.reset() first.")
+        if self._done:
+            raise ResetNeeded("step() called after the episode ended; call env.reset() to start a new one.")
+        a = self.check_action(action)
+        self._obs[:-1] = self._obs[1:]  # shift left, newest token last
+        self._obs[-1] = a
+        terminated = a == self.eos_token_id and len(self._new) >= self.min_new_tokens
+        self._new.append(a)
+        truncated = not terminated and len(self._new) >= self._budget
+        length = self._prompt_length + len(self._new)
+        text = decode_rows(self.tokenizer, [self._obs[self.window - length :].tolist()])[0]
+        info = {"prompt": self._prompt, "text": text, "length": length, "prompt_length": self._prompt_length}
+        reward = 0.0
+        if terminated or truncated:
+            self._done = True
+            reward = float(self.score([text])[0])
+            info["score"] = reward
+            info["completion"] = decode_rows(self.tokenizer, [self._new])[0]
+        return self._obs.copy(), reward, bool(terminated), bool(truncated), info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._done is None:
+            return None
+        return f"{self._prompt}|{decode_rows(self.tokenizer, [self._new])[0]}"

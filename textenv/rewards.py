@@ -1,0 +1,175 @@
+"""Reward models: anything that maps a batch of texts to one float score per text.
+
+The environment calls `reward_model(texts)` once per finished batch of episodes with the decoded
+prompt + completion of each. `HFRewardModel` wraps a frozen Hugging Face sequence classifier (as the
+seed recipe's DistilBERT sentiment model); the rule rewards are for tests and tutorials.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """A callable scoring texts: `list[str] -> sequence of float`, one score per text, in order."""
+
+    def __call__(self, texts: list[str]) -> Sequence[float]: ...
+
+
+def check_scores(scores: object, n: int, reward_model: object) -> np.ndarray:
+    """Scores as a float64 array of shape (n,), or a ValueError that names the reward model and the fix."""
+    name = getattr(reward_model, "__name__", type(reward_model).__name__)
+    try:
+        arr = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"reward model {name} returned {type(scores).__name__}, which is not a sequence of numbers; "
+            "it must return one float per text (a list, tuple or 1-D array)."
+        ) from e
+    if arr.shape != (n,):
+        raise ValueError(
+            f"reward model {name} returned scores of shape {arr.shape} for {n} texts; "
+            f"it must return exactly one float per text, shape ({n},)."
+        )
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise ValueError(
+            f"reward model {name} returned a non-finite score ({arr[bad]}) for text {bad}; "
+            "fix the reward model so every score is a finite float (check for NaN weights or division by zero)."
+        )
+    return arr
+
+
+class HFRewardModel:
+    """A frozen Hugging Face sequence classifier used as a reward model.
+
+    Texts are re-tokenized with the classifier's own tokenizer (it may differ from the policy's), run in
+    batches of `batch_size` on `device` in eval mode with no grad, and scored by `output`:
+    `"logit"` (default, as the seed recipe: the positive-class logit) or `"prob"` (softmax probability;
+    sigmoid for single-output heads) of class `label` (an index, or a name from `config.label2id`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        output: str = "logit",
+        label: int | str = 1,
+        batch_size: int = 64,
+        max_length: int = 512,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if output not in ("logit", "prob"):
+            raise ValueError(f"HFRewardModel output={output!r} is not supported; use 'logit' or 'prob'.")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "the reward model's tokenizer has no pad token, so texts cannot be batched; "
+                "set tokenizer.pad_token = tokenizer.eos_token (and model.config.pad_token_id) first."
+            )
+        n_embed = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > n_embed:
+            raise ValueError(
+                f"the reward model's tokenizer has {len(tokenizer)} tokens but the classifier embeds only "
+                f"{n_embed}; pass the tokenizer the classifier was trained with."
+            )
+        num_labels = int(model.config.num_labels)
+        if isinstance(label, str):
+            label2id = dict(getattr(model.config, "label2id", {}) or {})
+            if label not in label2id:
+                raise ValueError(
+                    f"label {label!r} is not one of the classifier's labels {sorted(label2id)}; "
+                    "pass one of those names or a class index."
+                )
+            label = int(label2id[label])
+        if not 0 <= label < num_labels and not (num_labels == 1 and label == 1):
+            raise ValueError(
+                f"label {label} is out of range for a classifier with {num_labels} labels; "
+                f"pass a class index in [0, {num_labels})."
+            )
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval().requires_grad_(False)  # frozen: no dropout, no grad
+        self.tokenizer = tokenizer
+        self.output, self.batch_size, self.max_length = output, int(batch_size), int(max_length)
+        self.label = 0 if num_labels == 1 else label
+        self.num_labels = num_labels
+        self._inputs = set(inspect.signature(model.forward).parameters)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str,
+        *,
+        device: str | torch.device | None = None,
+        output: str = "logit",
+        label: int | str = 1,
+        batch_size: int = 64,
+        max_length: int = 512,
+    ) -> HFRewardModel:
+        """Load a classifier and its tokenizer (a local folder, or a hub name such as
+        `lvwerra/distilbert-imdb` when online)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path_or_name)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+        return cls(model, tokenizer, output, label, batch_size, max_length, device or "cpu")
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            batch = {k: v.to(self.device) for k, v in batch.items() if k in self._inputs}
+            logits = self.model(**batch).logits.float()  # (B, num_labels)
+            if self.output == "logit":
+                out = logits[:, self.label]
+            elif self.num_labels == 1:
+                out = torch.sigmoid(logits[:, 0])
+            else:
+                out = torch.softmax(logits, dim=-1)[:, self.label]
+            scores.extend(out.tolist())
+        return scores
+
+
+class EndsWithReward:
+    """`reward` if the text ends with `suffix`, else 0."""
+
+    def __init__(self, suffix: str, reward: float = 1.0) -> None:
+        self.suffix, self.reward = suffix, float(reward)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [self.reward if t.endswith(self.suffix) else 0.0 for t in texts]
+
+
+class KeywordReward:
+    """`weight` per occurrence of each keyword (case-insensitive), e.g. a toy "positive words" reward."""
+
+    def __init__(self, keywords: Sequence[str], weight: float = 1.0) -> None:
+        if isinstance(keywords, str):
+            keywords = [keywords]
+        self.keywords, self.weight = [k.lower() for k in keywords], float(weight)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [self.weight * sum(t.lower().count(k) for k in self.keywords) for t in texts]
+
+
+class LengthReward:
+    """`scale` times the number of characters of the text."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = float(scale)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [self.scale * len(t) for t in texts]

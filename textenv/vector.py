@@ -1,0 +1,164 @@
+"""TextVectorEnv: `num_envs` TextEnv episodes in one batched numpy state.
+
+Same transitions, seeds and infos as `SyncVectorEnv([TextEnv] * num_envs)` (a test checks it), but the
+observation window of every env shifts in one numpy op, texts decode in one batched call, and all
+episodes that finish on a step are scored in ONE reward-model call (the expensive part with a neural
+reward model). Autoreset follows Gymnasium's default NEXT_STEP mode: the step after an episode ends
+ignores that env's action and returns the first observation of its next episode with reward 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium.error import ResetNeeded
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from textenv.env import TextEnv, decode_rows
+
+
+class TextVectorEnv(VectorEnv):
+    """Batched `TextEnv`: `TextVectorEnv(num_envs, **TextEnv kwargs)`; the registered `vector_entry_point`."""
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int, **kwargs: Any) -> None:
+        if int(num_envs) != num_envs or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} must be a positive int.")
+        self.env = TextEnv(**kwargs)  # validates arguments; holds the prompt cache, tokenizer, reward model
+        self.num_envs = int(num_envs)
+        self.render_mode = self.env.render_mode
+        self.single_observation_space = self.env.observation_space
+        self.single_action_space = self.env.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        E, W = self.num_envs, self.env.window
+        self._rngs: list[np.random.Generator | None] = [None] * E  # one per env, as SyncVectorEnv's sub-envs
+        self._obs = np.full((E, W), self.env.pad_token_id, dtype=np.int64)  # (E, W)
+        self._length = np.zeros(E, dtype=np.int64)  # real tokens (prompt + completion)
+        self._prompt_length = np.zeros(E, dtype=np.int64)
+        self._new = np.zeros(E, dtype=np.int64)  # completion tokens so far
+        self._budget = np.zeros(E, dtype=np.int64)
+        self._prompt = np.full(E, None, dtype=object)
+        self._autoreset = np.zeros(E, dtype=np.bool_)
+        self._started = False
+
+    def _start(self, rows: np.ndarray) -> None:
+        """Draw a new episode for each env in `rows` from its own generator."""
+        for i in rows:
+            if self._rngs[i] is None:
+                self._rngs[i] = seeding.np_random()[0]
+            ids, self._prompt[i], self._budget[i] = self.env.draw_episode(self._rngs[i])
+            self._obs[i] = self.env.pad_token_id
+            self._obs[i, self.env.window - len(ids) :] = ids
+            self._length[i] = self._prompt_length[i] = len(ids)
+            self._new[i] = 0
+        self._autoreset[rows] = False
+
+    def _infos(self, rows: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
+        """Vector-env infos (arrays plus `_key` masks) for the envs in `rows`."""
+        mask = np.zeros(self.num_envs, dtype=np.bool_)
+        mask[rows] = True
+        prompt, text = np.full(self.num_envs, None, dtype=object), np.full(self.num_envs, None, dtype=object)
+        prompt[rows], text[rows] = self._prompt[rows], texts[rows]
+        length = np.where(mask, self._length, 0)
+        prompt_length = np.where(mask, self._prompt_length, 0)
+        return {
+            "prompt": prompt, "_prompt": mask, "text": text, "_text": mask.copy(),
+            "length": length, "_length": mask.copy(), "prompt_length": prompt_length, "_prompt_length": mask.copy(),
+        }  # fmt: skip
+
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
+        """Reset every env (or those in `options["reset_mask"]`); `seed` int -> seeds seed, seed+1, ..."""
+        if seed is None:
+            seed = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seed = [int(seed) + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(
+                f"got {len(seed)} seeds for num_envs={self.num_envs}; pass one int or a list of num_envs."
+            )
+        mask = np.ones(self.num_envs, dtype=np.bool_)
+        if options and "reset_mask" in options:
+            mask = np.asarray(options["reset_mask"])
+            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
+                raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},).")
+        rows = np.flatnonzero(mask)
+        for i in rows:
+            if seed[i] is not None:
+                self._rngs[i] = seeding.np_random(seed[i])[0]
+        self._start(rows)
+        self._started = True
+        return self._obs.copy(), self._infos(rows, self._prompt)
+
+    def _check_actions(self, actions: Any) -> np.ndarray:
+        a = np.asarray(actions)
+        if a.shape != (self.num_envs,):
+            raise ValueError(
+                f"actions have shape {a.shape}; pass one token id per env, an integer array of shape ({self.num_envs},)."
+            )
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(
+                f"actions have dtype {a.dtype}; pass integer token ids (e.g. actions.astype(np.int64))."
+            )
+        bad = (a < 0) | (a >= self.env.vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"action {a[bad][0]} is out of range for a vocabulary of {self.env.vocab_size} tokens; pass token ids "
+                f"in [0, {self.env.vocab_size}) (restrict the policy's logits to single_action_space.n)."
+            )
+        return a.astype(np.int64)
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        if not self._started:
+            raise ResetNeeded("step() called before reset(); call envs.reset() first.")
+        actions = self._check_actions(actions)
+        E, W, env = self.num_envs, self.env.window, self.env
+        restart = self._autoreset.copy()  # NEXT_STEP autoreset: these envs ignore their action
+        live = ~restart
+        rewards = np.zeros(E, dtype=np.float64)
+
+        # Append each live env's token: shift its window left by one, newest token last.
+        self._obs[live, :-1] = self._obs[live, 1:]
+        self._obs[live, -1] = actions[live]
+        terminated = live & (actions == env.eos_token_id) & (self._new >= env.min_new_tokens)
+        self._new[live] += 1
+        self._length[live] += 1
+        truncated = live & ~terminated & (self._new >= self._budget)
+        done = terminated | truncated
+
+        texts = np.full(E, None, dtype=object)
+        rows = np.flatnonzero(live)
+        texts[rows] = decode_rows(env.tokenizer, [self._obs[i, W - self._length[i] :].tolist() for i in rows])
+        self._start(np.flatnonzero(restart))
+        texts[restart] = self._prompt[restart]
+        infos = self._infos(np.arange(E), texts)
+
+        finished = np.flatnonzero(done)
+        if len(finished):
+            # One reward-model call for every episode that ends on this step.
+            rewards[finished] = env.score(list(texts[finished]))
+            completion = np.full(E, None, dtype=object)
+            completion[finished] = decode_rows(
+                env.tokenizer, [self._obs[i, W - self._new[i] :].tolist() for i in finished]
+            )
+            infos.update(
+                score=rewards.copy(), _score=done.copy(), completion=completion, _completion=done.copy()
+            )
+        self._autoreset = done
+        return self._obs.copy(), rewards, terminated, truncated, infos
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi":
+            return None
+        W = self.env.window
+        completions = decode_rows(
+            self.env.tokenizer, [self._obs[i, W - self._new[i] :].tolist() for i in range(self.num_envs)]
+        )
+        return tuple(f"{p}|{c}" for p, c in zip(self._prompt, completions, strict=True))
