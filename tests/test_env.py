@@ -1,0 +1,248 @@
+"""TextEnv and TextVectorEnv: Gymnasium/SB3 conformance, episode semantics, batching, bad input."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.error import ResetNeeded
+from gymnasium.utils.env_checker import check_env as gym_check_env
+
+import textenv
+from textenv import EndsWithReward, LengthReward, TextEnv, TextVectorEnv, char_tokenizer
+
+TOK = char_tokenizer("abcd ")
+A, B, C, D, SPACE = (TOK.convert_tokens_to_ids(c) for c in "abcd ")
+EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
+PROMPTS = ["a", "ab", "abc d", "dd"]
+TEXTS = ["abcd abcd abcd", "dcba", "a b c d", "cc"]
+
+
+def make(**kw) -> TextEnv:
+    args = dict(
+        tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5, max_new_tokens=4
+    )
+    return TextEnv(**(args | kw))
+
+
+def test_gymnasium_check_env():
+    kw = dict(
+        tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5, render_mode="ansi"
+    )
+    gym_check_env(gym.make("TextEnv-v0", **kw).unwrapped, skip_render_check=False)
+    gym_check_env(make(prompts=TEXTS, query_tokens=(1, 3), max_new_tokens=(2, 4), min_new_tokens=1))
+
+
+def test_sb3_check_env_and_dummy_vec_env():
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+    from stable_baselines3.common.env_util import make_vec_env
+
+    sb3_check_env(make(), warn=True)
+    venv = make_vec_env(make, n_envs=3, seed=0)
+    obs = venv.reset()
+    assert obs.shape == (3, 9) and obs.dtype == np.int64
+    ended = []
+    for _ in range(6):  # episodes end after 4 tokens and auto-reset inside SB3's DummyVecEnv
+        obs, rewards, dones, infos = venv.step(np.array([A, B, C]))
+        ended += [info for info, done in zip(infos, dones, strict=True) if done]
+    assert len(ended) == 3 and all("score" in i and "terminal_observation" in i for i in ended)
+
+
+def test_registration_make_and_make_vec():
+    kw = dict(
+        tokenizer=TOK,
+        reward_model=EndsWithReward("b"),
+        prompts=PROMPTS,
+        max_prompt_tokens=5,
+        max_new_tokens=3,
+    )
+    env = gym.make("TextEnv-v0", **kw)
+    assert isinstance(env.unwrapped, TextEnv) and env.unwrapped.max_new_tokens == 3
+    envs = gym.make_vec("TextEnv-v0", num_envs=4, **kw)
+    assert isinstance(envs, TextVectorEnv) and envs.num_envs == 4
+    assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    sync = gym.make_vec("TextEnv-v0", num_envs=2, vectorization_mode="sync", **kw)
+    assert isinstance(sync, gym.vector.SyncVectorEnv)
+    assert sync.reset(seed=1)[0].shape == (2, 8)
+    assert gym.spec("TextEnv-v0").to_json()  # registered kwargs stay JSON-able
+
+
+def test_reward_zero_until_last_step_and_truncation():
+    env = make(reward_model=LengthReward(), max_new_tokens=4)
+    obs, info = env.reset(seed=3)
+    prompt = info["prompt"]
+    rewards = []
+    for t in range(4):
+        obs, r, term, trunc, info = env.step(A)
+        rewards.append(r)
+        assert not term and trunc == (t == 3)
+        assert info["length"] == info["prompt_length"] + t + 1 and info["text"] == prompt + "a" * (t + 1)
+    assert rewards[:3] == [0.0, 0.0, 0.0] and rewards[3] == len(prompt) + 4 == info["score"]
+    assert info["completion"] == "aaaa" and obs[-4:].tolist() == [A] * 4  # newest last
+    with pytest.raises(ResetNeeded, match="reset"):
+        env.step(A)
+
+
+def test_eos_terminates_and_min_new_tokens():
+    env = make(reward_model=EndsWithReward("b"))
+    env.reset(seed=0)
+    env.step(B)
+    obs, r, term, trunc, info = env.step(EOS)
+    assert term and not trunc and obs[-1] == EOS and info["completion"] == "b" and r == 1.0
+
+    env = make(min_new_tokens=2)
+    env.reset(seed=0)
+    _, _, term, _, info = env.step(EOS)  # too early: an ordinary, invisible token
+    assert not term and "score" not in info
+    _, _, term, _, _ = env.step(A)
+    _, _, term, trunc, info = env.step(EOS)
+    assert term and not trunc and info["completion"] == "a"
+
+
+def test_observation_left_padded():
+    env = make(prompts=["abc"], max_prompt_tokens=5, max_new_tokens=2)
+    obs, info = env.reset(seed=0)
+    assert obs.tolist() == [PAD] * 4 + [A, B, C] and obs.dtype == np.int64
+    assert env.observation_space.contains(obs) and env.action_space.n == len(TOK)
+    obs, *_ = env.step(D)
+    assert obs.tolist() == [PAD] * 3 + [A, B, C, D]
+
+
+def test_same_seed_same_prompts_and_query_cuts():
+    env = make(prompts=TEXTS, query_tokens=(2, 4), max_new_tokens=(1, 3))
+    draws = [env.reset(seed=7 + i)[1]["prompt"] for i in range(20)]
+    assert draws == [env.reset(seed=7 + i)[1]["prompt"] for i in range(20)]
+    assert len(set(draws)) > 3 and all(2 <= len(p) <= 4 or p == "cc" for p in draws)
+    assert all(any(t.startswith(p) for t in TEXTS) for p in draws)
+    env.reset(seed=1)
+    assert [env.reset()[1]["prompt"] for _ in range(10)] != [env.reset()[1]["prompt"] for _ in range(10)]
+
+
+def _compare(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].tolist() == b[k].tolist(), k
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, dict(prompts=TEXTS, query_tokens=(1, 4), max_new_tokens=(1, 4), min_new_tokens=1)]
+)
+def test_vector_env_matches_sync_vector_env(kw):
+    calls = []
+
+    def reward(texts):
+        calls.append(len(texts))
+        return [float(len(t)) for t in texts]
+
+    E = 5
+    args = (
+        dict(tokenizer=TOK, reward_model=reward, prompts=PROMPTS, max_prompt_tokens=5, max_new_tokens=4) | kw
+    )
+    fast = TextVectorEnv(E, **args)
+    sync = gym.vector.SyncVectorEnv([lambda: TextEnv(**args)] * E)
+    rng = np.random.default_rng(0)
+    o1, i1 = fast.reset(seed=11)
+    o2, i2 = sync.reset(seed=11)
+    np.testing.assert_array_equal(o1, o2)
+    _compare(i1, i2)
+    ends = 0
+    for _ in range(60):
+        actions = rng.choice([A, B, C, D, SPACE, EOS, PAD], size=E, p=[0.2, 0.2, 0.1, 0.1, 0.1, 0.2, 0.1])
+        n_calls = len(calls)
+        fast_out = fast.step(actions)
+        fast_calls = len(calls) - n_calls
+        sync_out = sync.step(actions)
+        for x, y in zip(fast_out[:4], sync_out[:4], strict=True):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
+        _compare(fast_out[4], sync_out[4])
+        done = fast_out[2] | fast_out[3]
+        assert fast_calls == int(done.any())  # all episodes ending on a step: one reward-model call
+        ends += done.sum()
+    assert ends > 30
+    assert fast.observation_space == sync.observation_space and fast.action_space == sync.action_space
+
+
+def test_vector_env_reset_mask_and_render():
+    envs = TextVectorEnv(3, tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5,
+                         max_new_tokens=2, render_mode="ansi")  # fmt: skip
+    envs.reset(seed=0)
+    envs.step(np.array([A, A, A]))
+    obs, infos = envs.reset(options={"reset_mask": np.array([True, False, False])})
+    assert infos["_prompt"].tolist() == [True, False, False]
+    frames = envs.render()
+    assert len(frames) == 3 and frames[1].endswith("|a") and frames[0].endswith("|")
+
+
+@pytest.mark.parametrize(
+    "action, error, match",
+    [(len(TOK), ValueError, "out of range"), (-1, ValueError, "out of range"), (1.0, TypeError, "integer"),
+     ("a", TypeError, "integer"), (True, TypeError, "integer")],
+)  # fmt: skip
+def test_bad_actions(action, error, match):
+    env = make()
+    env.reset(seed=0)
+    with pytest.raises(error, match=match):
+        env.step(action)
+    env.step(np.int64(A))  # numpy ints and 1-element arrays are fine
+    env.step(np.array([A]))
+    envs = TextVectorEnv(2, tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5)
+    with pytest.raises(ResetNeeded):
+        envs.step(np.array([A, A]))
+    envs.reset(seed=0)
+    with pytest.raises(error, match=match):
+        envs.step(np.array([action, action]))
+    with pytest.raises(ValueError, match="shape"):
+        envs.step(np.array([A]))
+
+
+def test_step_before_reset():
+    with pytest.raises(ResetNeeded, match="reset"):
+        make().step(A)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens"):
+        make(prompts=["abcdabcd"], max_prompt_tokens=4)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        make(prompts=[])
+    with pytest.raises(ValueError, match="no tokens"):
+        make(prompts=["a", ""])
+    with pytest.raises(TypeError, match="list of strings"):
+        make(prompts="abc")
+    with pytest.raises(ValueError, match="raise max_prompt_tokens"):
+        make(prompts=TEXTS, query_tokens=(2, 8), max_prompt_tokens=4)
+    with pytest.raises(TypeError, match="not callable"):
+        make(reward_model="sentiment")
+    tok = char_tokenizer("ab")
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="no pad token.*pad_token = tokenizer.eos_token"):
+        make(tokenizer=tok)
+    tok = char_tokenizer("ab")
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="no EOS token"):
+        make(tokenizer=tok)
+
+
+@pytest.mark.parametrize(
+    "reward, match",
+    [(lambda t: [1.0] * (len(t) + 1), "one float per text"), (lambda t: [float("nan")] * len(t), "non-finite"),
+     (lambda t: None, "shape"), (lambda t: ["x"] * len(t), "not a sequence of numbers")],
+)  # fmt: skip
+def test_bad_reward_model_output(reward, match):
+    env = make(reward_model=reward, max_new_tokens=1)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=f"reward model <lambda>.*{match}"):
+        env.step(A)
+    envs = TextVectorEnv(
+        2, tokenizer=TOK, reward_model=reward, prompts=PROMPTS, max_prompt_tokens=5, max_new_tokens=1
+    )
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=match):
+        envs.step(np.array([A, B]))
+
+
+def test_exports_short():
+    assert set(textenv.__all__) >= {"TextEnv", "TextVectorEnv", "HFRewardModel", "char_tokenizer"}
+    assert len(textenv.__all__) <= 16
