@@ -74,12 +74,20 @@ def _left_pad(rows: Sequence[Sequence[int]], width: int, pad: int) -> torch.Tens
     return out
 
 
-def _suppress_eos(logits: torch.Tensor, eos: int, step: int, min_new_tokens: int) -> torch.Tensor:
-    """No EOS before `min_new_tokens` responses tokens (as `generate(min_new_tokens=...)` does)."""
-    if step < min_new_tokens:
-        logits = logits.clone()
-        logits[..., eos] = -float("inf")
-    return logits
+def _budgets(max_new_tokens: int | Sequence[int], n: int, seed: int) -> list[int]:
+    """Per-response token budgets: `max_new_tokens`, or drawn uniformly in `lo..hi` for a pair (as the env)."""
+    if isinstance(max_new_tokens, int):
+        return [max_new_tokens] * n
+    lo, hi = max_new_tokens
+    return np.random.default_rng(seed).integers(lo, hi + 1, size=n).tolist()
+
+
+def _cut(row: list[int], eos: int, min_new_tokens: int, budget: int) -> list[int]:
+    """The env's episode end: the first EOS at or after `min_new_tokens` tokens, else the budget."""
+    for k in range(min_new_tokens, min(budget, len(row))):
+        if row[k] == eos:
+            return row[: k + 1]
+    return row[:budget]
 
 
 @torch.no_grad()
@@ -88,46 +96,48 @@ def sample(
     tokenizer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     min_new_tokens: int = 0,
     max_prompt_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 64,
 ) -> Samples:
-    """Pure sampling (temperature 1, full vocabulary) of one response per prompt, stopping at EOS."""
+    """Pure sampling (temperature 1, full vocabulary) of one response per prompt, with TextEnv's episode
+    end: an EOS ends the response only after `min_new_tokens` tokens (an earlier one is an ordinary,
+    invisible token, as in the env), and `max_new_tokens` is the budget (or a `(lo, hi)` range drawn per
+    prompt)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = _device_of(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     responses: list[list[int]] = []
     lm = CachedLM(model, pad)
-    width = max_prompt_tokens + max_new_tokens
+    budgets = _budgets(max_new_tokens, len(prompt_ids), seed)
+    longest = max(budgets)
+    width = max_prompt_tokens + longest
     vocab = len(tokenizer)
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
         obs = _left_pad(chunk, width, pad).to(device)  # (B, L) the env's observation window
         lm.reset()
-        tokens = torch.zeros(len(chunk), max_new_tokens, dtype=torch.long)
-        for t in range(max_new_tokens):
+        tokens = torch.zeros(len(chunk), longest, dtype=torch.long)
+        for t in range(longest):  # rows that ended keep sampling; `_cut` drops the extra tokens
             logits, _ = lm.step(obs)  # (B, V) float32
-            logits = _suppress_eos(logits[:, :vocab].cpu(), eos, t, min_new_tokens)
-            a = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1)  # (B,)
+            probs = torch.softmax(logits[:, :vocab].cpu(), -1)  # a wider model vocab never samples past the tokenizer
+            a = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
             tokens[:, t] = a
             obs = torch.cat([obs[:, 1:], a[:, None].to(device)], dim=1)
-        for row in tokens.tolist():
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            responses.append(row[:cut])
+        for row, budget in zip(tokens.tolist(), budgets[start : start + batch_size], strict=True):
+            responses.append(_cut(row, eos, min_new_tokens, budget))
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     texts = [tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompt_ids, responses, strict=True)]
     return Samples(list(prompts), prompt_ids, responses, completions, texts)
 
 
 @torch.no_grad()
-def response_logprobs(
-    model: nn.Module, tokenizer, samples: Samples, *, min_new_tokens: int = 0, batch_size: int = 64
-) -> list[np.ndarray]:
+def response_logprobs(model: nn.Module, tokenizer, samples: Samples, *, batch_size: int = 64) -> list[np.ndarray]:
     """log p_model(response token | prefix) for every response token of every sample (teacher-forced)."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     device = _device_of(model)
     vocab = len(tokenizer)
     out: list[np.ndarray] = []
@@ -145,8 +155,7 @@ def response_logprobs(
                 continue
             # logits at position j predict token j+1; response token k sits at width - len(ri) + k
             first = width - len(ri)
-            lg = logits[i, first - 1 : width - 1].clone()  # (len(ri), V)
-            lg[: min(min_new_tokens, len(ri)), eos] = -float("inf")
+            lg = logits[i, first - 1 : width - 1]  # (len(ri), V)
             lp = torch.log_softmax(lg, -1).gather(1, torch.tensor(ri, device=device)[:, None]).squeeze(1)
             out.append(lp.cpu().double().numpy())
     return out
@@ -167,7 +176,7 @@ def evaluate(
     reward_positive_fn: TextScorer | None = None,
     reward_threshold: float = 0.0,
     judge_threshold: float = 0.5,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     min_new_tokens: int = 0,
     max_prompt_tokens: int = 64,
     seed: int = 0,
@@ -185,8 +194,8 @@ def evaluate(
     try:
         s = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                    max_prompt_tokens=max_prompt_tokens, seed=seed, batch_size=batch_size)
-        lp_pi = response_logprobs(policy, tokenizer, s, min_new_tokens=min_new_tokens, batch_size=batch_size)
-        lp_ref = response_logprobs(reference, tokenizer, s, min_new_tokens=min_new_tokens, batch_size=batch_size)
+        lp_pi = response_logprobs(policy, tokenizer, s, batch_size=batch_size)
+        lp_ref = response_logprobs(reference, tokenizer, s, batch_size=batch_size)
     finally:
         policy.train(was_training[0])
         reference.train(was_training[1])

@@ -75,7 +75,7 @@ def test_kl_is_sum_of_logprob_differences_and_positive(tok):
     assert m["kl_mean"] > 0.5
 
 
-def test_sampling_is_seeded_and_respects_min_new_tokens(tok):
+def test_sampling_is_seeded_and_ends_episodes_as_the_env(tok):
     model = tiny_lm(len(tok), seed=2)
     head = torch.nn.Linear(16, len(tok))  # untied head with a large EOS bias: EOS is very likely everywhere
     with torch.no_grad():
@@ -85,11 +85,15 @@ def test_sampling_is_seeded_and_respects_min_new_tokens(tok):
     b = sample(model, tok, PROMPTS, max_new_tokens=6, min_new_tokens=3, seed=7)
     assert a.response_ids == b.response_ids
     for r in a.response_ids:
-        assert tok.eos_token_id not in r[:3]
-        assert tok.eos_token_id not in r[:-1]  # sampling stops at the first EOS
+        # as TextEnv: an EOS before min_new_tokens is an ordinary token; the first one after it ends the episode
+        assert len(r) == 6 or (len(r) >= 4 and r[-1] == tok.eos_token_id)
+        assert tok.eos_token_id not in r[3:-1]
     assert sum(len(r) == 4 for r in a.response_ids) > len(PROMPTS) // 2  # EOS right after the minimum
-    lps = response_logprobs(model, tok, a, min_new_tokens=3)
+    assert sum(tok.eos_token_id in r[:3] for r in a.response_ids) > 0
+    lps = response_logprobs(model, tok, a)
     assert all(np.all(lp <= 0) and np.all(np.isfinite(lp)) for lp in lps)
+    budgets = [len(r) for r in sample(tiny_lm(len(tok)), tok, PROMPTS * 5, max_new_tokens=(2, 4), seed=0).response_ids]
+    assert set(budgets) <= {1, 2, 3, 4} and {2, 3, 4} <= set(budgets)  # (lo, hi) budgets drawn per prompt
 
 
 def test_write_report_files(tok, tmp_path):
