@@ -30,7 +30,8 @@ def test_gymnasium_check_env():
         tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5, render_mode="ansi"
     )
     gym_check_env(gym.make("TextEnv-v0", **kw).unwrapped, skip_render_check=False)
-    gym_check_env(make(prompts=TEXTS, query_tokens=(1, 3), max_new_tokens=(2, 4), min_new_tokens=1))
+    kw |= dict(prompts=TEXTS, query_tokens=(1, 3), max_new_tokens=(2, 4), min_new_tokens=1, render_mode=None)
+    gym_check_env(gym.make("TextEnv-v0", **kw).unwrapped)
 
 
 def test_sb3_check_env_and_dummy_vec_env():
