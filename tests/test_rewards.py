@@ -1,0 +1,97 @@
+"""Reward models: the frozen HF classifier wrapper, rule rewards, score validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+from textenv import (
+    EndsWithReward,
+    HFRewardModel,
+    KeywordReward,
+    LengthReward,
+    RewardModel,
+    TextEnv,
+    char_tokenizer,
+)
+from textenv.rewards import check_scores
+
+TOK = char_tokenizer("abcdefghijklmnopqrstuvwxyz !.")
+
+
+def tiny_classifier(num_labels: int = 2, vocab: int = len(TOK)) -> DistilBertForSequenceClassification:
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=vocab, dim=32, hidden_dim=64, n_layers=1, n_heads=2, max_position_embeddings=64,
+        num_labels=num_labels, pad_token_id=TOK.pad_token_id, id2label={i: f"L{i}" for i in range(num_labels)},
+        label2id={f"L{i}": i for i in range(num_labels)}, dropout=0.5,
+    )  # fmt: skip
+    return DistilBertForSequenceClassification(config)
+
+
+def manual_logits(model, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(**TOK(t, return_tensors="pt")).logits for t in texts])
+
+
+def test_hf_reward_model_from_pretrained(tmp_path):
+    model = tiny_classifier()
+    model.save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    rm = HFRewardModel.from_pretrained(str(tmp_path), batch_size=2, max_length=64)
+    assert isinstance(rm, RewardModel)
+    texts = ["a good film.", "bad", "it was fine i guess", "!"]
+    expected = manual_logits(rm.model, texts)[:, 1]
+    scores = rm(texts)  # batches of 2 with padding; same as one text at a time
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    assert rm(texts) == scores  # frozen: dropout=0.5 would make repeated calls differ in train mode
+    assert not rm.model.training and not any(p.requires_grad for p in rm.model.parameters())
+    probs = HFRewardModel.from_pretrained(str(tmp_path), output="prob", label="L0")(texts)
+    np.testing.assert_allclose(
+        probs, torch.softmax(manual_logits(rm.model, texts), -1)[:, 0].numpy(), atol=1e-5
+    )
+    assert rm([]) == []
+
+
+def test_hf_reward_model_single_output_and_errors():
+    model = tiny_classifier(num_labels=1)
+    texts = ["abc", "zz top"]
+    probs = HFRewardModel(model, TOK, output="prob")(texts)
+    np.testing.assert_allclose(probs, torch.sigmoid(manual_logits(model, texts)[:, 0]).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="'logit' or 'prob'"):
+        HFRewardModel(tiny_classifier(), TOK, output="softmax")
+    with pytest.raises(ValueError, match="not one of the classifier's labels"):
+        HFRewardModel(tiny_classifier(), TOK, label="POSITIVE")
+    with pytest.raises(ValueError, match="out of range"):
+        HFRewardModel(tiny_classifier(), TOK, label=5)
+    with pytest.raises(ValueError, match="embeds only 10.*tokenizer the classifier was trained with"):
+        HFRewardModel(tiny_classifier(vocab=10), TOK)
+
+
+def test_hf_reward_model_in_env():
+    rm = HFRewardModel(tiny_classifier(), TOK)
+    env = TextEnv(TOK, rm, prompts=["the film was"], max_prompt_tokens=12, max_new_tokens=2)
+    env.reset(seed=0)
+    env.step(TOK.convert_tokens_to_ids(" "))
+    _, reward, _, truncated, info = env.step(TOK.convert_tokens_to_ids("a"))
+    assert truncated and info["text"] == "the film was a"
+    assert reward == pytest.approx(manual_logits(rm.model, ["the film was a"])[0, 1].item(), abs=1e-5)
+
+
+def test_rule_rewards():
+    texts = ["good good bad", "ends with b", "Good."]
+    assert EndsWithReward("b")(texts) == [0.0, 1.0, 0.0]
+    assert KeywordReward(["good"], weight=0.5)(texts) == [1.0, 0.0, 0.5]
+    assert KeywordReward("bad")(texts) == [1.0, 0.0, 0.0]
+    assert LengthReward(0.1)(["abc", ""]) == pytest.approx([0.3, 0.0])
+
+
+def test_check_scores():
+    np.testing.assert_array_equal(check_scores((1, 2.5), 2, "rm"), [1.0, 2.5])
+    assert check_scores(torch.tensor([0.5]), 1, "rm").dtype == np.float64
+    with pytest.raises(ValueError, match="shape \\(2, 1\\) for 2 texts"):
+        check_scores([[1.0], [2.0]], 2, LengthReward())
+    with pytest.raises(ValueError, match="LengthReward returned a non-finite score"):
+        check_scores([1.0, float("inf")], 2, LengthReward())
