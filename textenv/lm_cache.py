@@ -30,7 +30,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(mask, dim=1) - 1).clamp(min=0)
 
 
-def _split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(trunk, lm_head) of a transformers causal LM, so the head runs only where logits are needed."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
@@ -44,7 +44,7 @@ def _split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def forward_full(model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced forward over left-padded rows: (logits (B, T, V) float32, hidden (B, T, C))."""
-    base, head = _split(model)
+    base, head = split_lm(model)
     mask = attention_mask(ids, pad_token_id)
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
     return head(hidden).float(), hidden
@@ -63,7 +63,7 @@ class CachedLM:
     def __init__(self, model: nn.Module, pad_token_id: int) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
-        self.base, self.head = _split(model)
+        self.base, self.head = split_lm(model)
         self.reset()
 
     def reset(self) -> None:
@@ -86,9 +86,15 @@ class CachedLM:
         shifted = (obs[:, :-1] == self.last_obs[:, 1:]).all(dim=1)
         return not_full & shifted
 
-    @torch.no_grad()
     def step(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, V) float32 and hidden state (B, C) at the last position of each row of `obs` (B, L)."""
+        hidden = self.hidden(obs)
+        with torch.no_grad():
+            return self.head(hidden).float(), hidden
+
+    @torch.no_grad()
+    def hidden(self, obs: torch.Tensor) -> torch.Tensor:
+        """Final hidden state (B, C) at the last position of each row of `obs` (B, L); advances the cache."""
         obs = obs.long()
         restart = ~self.continuing_rows(obs)
         if self.mask is None or self.mask.shape[0] != obs.shape[0]:
@@ -108,8 +114,7 @@ class CachedLM:
         self.mask = mask
         self.last_obs = obs.clone()
         self._trim()
-        hidden = out.last_hidden_state[:, -1]  # (B, C)
-        return self.head(hidden).float(), hidden
+        return out.last_hidden_state[:, -1]  # (B, C)
 
     def _allocate(self, batch: int, device: torch.device) -> None:
         self.keys = self.values = None

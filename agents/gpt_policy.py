@@ -1,0 +1,235 @@
+"""GPTAgent: a causal language model as a PPO actor-critic over TextEnv observations.
+
+The actor is the LM's next-token distribution at the last position of the (left-padded) observation; the
+critic is a linear value head on the same trunk's final hidden state (shared trunk, as in Ziegler et al.
+2019). It speaks the agent protocol of `agents.ppo` (see notes/interfaces.md), so the generic PPO trains it
+exactly as it trains `MLPAgent` on CartPole.
+
+Three things keep it correct and fast (../shared/DESIGN.md, "Making token-by-token RL fast"):
+- Rollout (`get_action_and_value(obs)` under `no_grad`) goes through `textenv.lm_cache.CachedLM`: one new
+  token per env step from cached keys/values; only rows whose episode just reset are re-prefilled.
+- The update (`evaluate_sequences`) cuts every env column into episode segments and runs ONE teacher-forced
+  forward over all of them: a step's observation is a prefix of its segment's last observation.
+- The policy samples from exactly the distribution it trains: plain categorical over the vocabulary,
+  temperature 1, no top-k/top-p, dropout off for good (else the PPO ratio is not 1 at the first minibatch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textenv.lm_cache import CachedLM, attention_mask, position_ids, split_lm
+
+_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability of `model` (modules and config fields) to 0."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "summary_first_dropout", "dropout", "attention_dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+class GPTAgent(nn.Module):
+    """Actor-critic over a transformers causal LM (e.g. `GPT2LMHeadModel`) with a value head on its trunk.
+
+    Args:
+        model: the policy LM; its dropout is switched off and it stays in eval mode even under `.train()`.
+        pad_token_id: the env's pad id (left padding; `mask = cumsum(obs != pad) > 0`).
+        vocab_size: the tokenizer's vocabulary size (= the env's action space). A model with a smaller
+            output vocabulary is rejected; a larger one (e.g. padded to a multiple of 64) is cut to it.
+        value_init_std: std of the value head's initial weights (small: values start near 0).
+        device: where to put the agent (default: where the model already is).
+        dtype: "float32" (default) or "bf16": bf16 autocast for the transformer, float32 master weights,
+            log-probs and values.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_token_id: int,
+        vocab_size: int | None = None,
+        value_init_std: float = 0.01,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
+        super().__init__()
+        _, head = split_lm(model)
+        model_vocab, hidden_size = head.weight.shape
+        if vocab_size is not None and model_vocab < vocab_size:
+            raise ValueError(
+                f"policy vocabulary ({model_vocab}) is smaller than the tokenizer's ({vocab_size}): the policy "
+                "could never emit the last tokens; call model.resize_token_embeddings(vocab_size) or use the "
+                "tokenizer the model was trained with."
+            )
+        if not 0 <= int(pad_token_id) < model_vocab:
+            raise ValueError(f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {model_vocab}).")
+        key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use 'float32' or 'bf16'.")
+        self.autocast_dtype = _DTYPES[key]
+        self.pad_token_id = int(pad_token_id)
+        self.vocab_size = int(vocab_size) if vocab_size is not None else int(model_vocab)
+        disable_dropout(model)
+        self.lm = model.eval()
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=value_init_std)
+        nn.init.zeros_(self.value_head.bias)
+        self.to(device if device is not None else head.weight.device)
+        self.reset_cache()
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def train(self, mode: bool = True) -> GPTAgent:
+        """PPO calls `.train()`; the LM stays in eval mode so no dropout can ever switch on."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def reset_cache(self) -> None:
+        """Forget cached keys/values (PPO calls this after each update and after loading a checkpoint)."""
+        self._rollout = CachedLM(self.lm, self.pad_token_id)
+        self._eval = CachedLM(self.lm, self.pad_token_id)
+        self._memo: tuple | None = None  # (cache name, obs, hidden) of the last cached step
+        self._weights_seen = self._weights_version()
+
+    def _weights_version(self) -> int:
+        # In-place updates (optimizer.step, load_state_dict) bump tensors' version counters: a stale-cache guard.
+        return sum(p._version for p in self.parameters())
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _ids(self, obs: torch.Tensor) -> torch.Tensor:
+        """Token ids as long on the agent's device (PPO stores observations as float32)."""
+        return torch.as_tensor(obs, device=self.device).long()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the env's vocabulary from final hidden states (..., C)."""
+        head = self.lm.get_output_embeddings()
+        weight = head.weight[: self.vocab_size]
+        bias = head.bias[: self.vocab_size] if getattr(head, "bias", None) is not None else None
+        with torch.autocast(self.device.type, enabled=False):  # bf16 logits would blur the PPO ratio
+            return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
+
+    def _trunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Final hidden states (B, W, C) of rows cropped to the longest real row; returns (hidden, W)."""
+        mask = attention_mask(ids, self.pad_token_id)
+        width = int(mask.sum(dim=1).max())
+        ids, mask = ids[:, -width:], mask[:, -width:]  # (B, W)
+        base, _ = split_lm(self.lm)
+        with self._autocast():
+            out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        return out.last_hidden_state, width
+
+    def _last_hidden(self, ids: torch.Tensor, cache: str | None) -> torch.Tensor:
+        """Hidden state (B, C) at each row's last position: KV-cached ("rollout"/"eval") under no_grad, else
+        a full forward."""
+        if cache is None or torch.is_grad_enabled():
+            return self._trunk(ids)[0][:, -1]
+        if self._weights_version() != self._weights_seen:  # weights changed without reset_cache()
+            self.reset_cache()
+        memo = self._memo
+        if memo is not None and memo[0] == cache and memo[1].shape == ids.shape and torch.equal(memo[1], ids):
+            return memo[2]  # same obs again (get_value, then get_action_and_value): nothing new to encode
+        with self._autocast():
+            hidden = (self._rollout if cache == "rollout" else self._eval).hidden(ids)
+        self._memo = (cache, ids.clone(), hidden)
+        return hidden
+
+    @staticmethod
+    def _stats(logits: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(logits, dim=-1)  # (..., V)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+
+    # --- agent protocol ----------------------------------------------------------------------------------
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        """V(s) for a batch of observations (B, L) -> (B,)."""
+        return self._value(self._last_hidden(self._ids(obs), "rollout"))
+
+    def get_action_and_value(
+        self, obs: torch.Tensor, action: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(action, log pi(action|obs), entropy, value), each (B,). Samples when `action` is None.
+
+        With `action=None` under `no_grad` (the rollout) the KV cache is used; otherwise a full teacher-forced
+        forward cropped to the longest real row.
+        """
+        ids = self._ids(obs)
+        hidden = self._last_hidden(ids, "rollout" if action is None else None)  # (B, C)
+        logits = self._logits(hidden)  # (B, V)
+        if action is None:
+            action = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)  # pure sampling, T=1
+        action = torch.as_tensor(action, device=self.device).long()
+        logprob, entropy = self._stats(logits, action)
+        return action, logprob, entropy, self._value(hidden)
+
+    def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """Greedy (or sampled) next token for evaluation; its own KV cache, so it does not disturb rollouts."""
+        logits = self._logits(self._last_hidden(self._ids(obs), "eval"))
+        if deterministic:
+            return logits.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+
+    def evaluate_sequences(
+        self, obs: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logprob, entropy, value), each (T, E), from one forward over the episode segments of obs (T, E, L).
+
+        Step t continues step t-1 of its column when both are valid and obs[t] is obs[t-1] shifted left by
+        one with actions[t-1] appended. A segment's steps are all prefixes of its last observation, so the
+        hidden state at position W-1-k of that observation belongs to the step k steps before the segment's
+        end. Invalid steps are not computed and come back as 0.
+        """
+        ids = self._ids(obs)  # (T, E, L)
+        T, E, L = ids.shape
+        actions = torch.as_tensor(actions, device=self.device).long()
+        valid = torch.as_tensor(valid, device=self.device).bool()
+        cont = torch.zeros(T, E, dtype=torch.bool, device=self.device)  # (T, E): continues step t-1
+        cont[1:] = (
+            valid[1:]
+            & valid[:-1]
+            & (ids[:-1, :, 0] == self.pad_token_id)  # the window was not full: nothing fell off the left
+            & (ids[1:, :, :-1] == ids[:-1, :, 1:]).all(dim=-1)
+            & (ids[1:, :, -1] == actions[:-1])
+        )
+        # Flatten column-major (E, T) so each column's steps are contiguous.
+        v = valid.T.reshape(-1)
+        starts = v & ~cont.T.reshape(-1)
+        ends = v & ~torch.cat([cont[1:], cont[:1] & False]).T.reshape(-1)
+        steps = v.nonzero().squeeze(1)  # (S,) flat index of every valid step
+        zeros = torch.zeros(T * E, device=self.device)
+        if steps.numel() == 0:
+            tie = 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)  # keep a graph for backward
+            return (zeros + tie).view(E, T).T, zeros.view(E, T).T.clone(), (zeros + tie).view(E, T).T
+        segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
+        seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
+        back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end
+        hidden, width = self._trunk(ids.transpose(0, 1).reshape(E * T, L)[seg_end])  # (N, W, C)
+        h = hidden[segment, width - 1 - back]  # (S, C): each step's last observed token
+        logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps])
+        value = self._value(h)
+        outs = []
+        for x in (logprob, entropy, value):
+            full = zeros.clone()
+            full[steps] = x
+            outs.append(full.view(E, T).T)  # (T, E)
+        return outs[0], outs[1], outs[2]

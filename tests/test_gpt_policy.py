@@ -1,0 +1,168 @@
+"""GPTAgent: cached rollout == full recompute == episode-grouped update; ratio 1; no dropout; clear errors."""
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from agents.gpt_policy import GPTAgent
+
+PAD, VOCAB, MAX_PROMPT, MAX_NEW = 0, 50, 5, 7
+WINDOW = MAX_PROMPT + MAX_NEW
+
+
+def tiny_lm(seed: int = 0, dropout: float = 0.0, vocab: int = VOCAB) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1,
+        attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def prompt(g: torch.Generator, window: int = WINDOW) -> torch.Tensor:
+    n = int(torch.randint(1, MAX_PROMPT + 1, (1,), generator=g))
+    row = torch.full((window,), PAD)
+    row[window - n :] = torch.randint(2, VOCAB, (n,), generator=g)
+    return row
+
+
+def simulate(agent: GPTAgent, steps: int, envs: int, warmup: int = 3, seed: int = 0) -> dict:
+    """A token env with Gymnasium NEXT_STEP autoreset, driven like PPO's rollout: an episode ends at
+    MAX_NEW tokens or at random ("EOS"); the step after an end is invalid and returns a fresh prompt."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.stack([prompt(g) for _ in range(envs)])
+    length, ended = [0] * envs, [False] * envs
+    buf = {k: [] for k in ("obs", "actions", "valid", "logprobs", "entropy", "values")}
+    for t in range(warmup + steps):
+        with torch.no_grad():
+            action, logprob, entropy, value = agent.get_action_and_value(obs.float())  # PPO passes float32
+        if t >= warmup:  # so columns start mid-episode, as in every rollout but the first
+            for k, x in zip(buf, (obs.clone(), action, torch.tensor([not e for e in ended]), logprob, entropy, value)):
+                buf[k].append(x)
+        nxt = obs.clone()
+        for i in range(envs):
+            if ended[i]:
+                nxt[i], length[i], ended[i] = prompt(g), 0, False
+            else:
+                nxt[i] = torch.cat([obs[i, 1:], action[i : i + 1]])
+                length[i] += 1
+                ended[i] = length[i] >= MAX_NEW or bool(torch.rand(1, generator=g) < 0.15)
+        obs = nxt
+    return {k: torch.stack(v) for k, v in buf.items()}
+
+
+def test_cached_rollout_matches_full_recompute_through_resets():
+    agent = GPTAgent(tiny_lm(), PAD, vocab_size=VOCAB)
+    roll = simulate(agent, steps=30, envs=5)
+    assert (~roll["valid"]).sum() >= 5  # episodes really ended and restarted inside the rollout
+    for t in range(roll["obs"].shape[0]):  # recompute each step from scratch, with grad (no cache)
+        _, logprob, entropy, value = agent.get_action_and_value(roll["obs"][t], roll["actions"][t])
+        torch.testing.assert_close(logprob, roll["logprobs"][t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy, roll["entropy"][t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value, roll["values"][t], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_logprobs():
+    agent = GPTAgent(tiny_lm(), PAD)
+    tokens, action = torch.tensor([[5, 6, 7, 8]]), torch.tensor([9])
+    padded = torch.cat([torch.full((1, 6), PAD), tokens], dim=1)
+    short = agent.get_action_and_value(tokens, action)
+    long = agent.get_action_and_value(padded, action)
+    with torch.no_grad():
+        cached = agent.get_action_and_value(padded, action)
+    for a, b, c in zip(short[1:], long[1:], cached[1:], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_evaluate_sequences_equals_per_transition_evaluation():
+    agent = GPTAgent(tiny_lm(1), PAD)
+    roll = simulate(agent, steps=24, envs=4, seed=1)
+    valid = roll["valid"]
+    logprob, entropy, value = agent.evaluate_sequences(roll["obs"].float(), roll["actions"], valid)
+    assert logprob.shape == entropy.shape == value.shape == valid.shape
+    for t in range(valid.shape[0]):
+        _, lp, ent, v = agent.get_action_and_value(roll["obs"][t], roll["actions"][t])
+        m = valid[t]
+        torch.testing.assert_close(logprob[t][m], lp[m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[t][m], ent[m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value[t][m], v[m], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(logprob).all() and torch.isfinite(value).all()
+    (logprob[valid].sum() + value[valid].sum()).backward()  # differentiable end to end
+    assert agent.value_head.weight.grad is not None and agent.lm.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ppo_ratio_is_one_at_first_minibatch_despite_dropout_config(grouped):
+    agent = GPTAgent(tiny_lm(2, dropout=0.5), PAD).train()  # PPO calls .train() before the update
+    roll = simulate(agent, steps=20, envs=6, seed=2)
+    assert not agent.lm.training
+    if grouped:
+        new, _, _ = agent.evaluate_sequences(roll["obs"], roll["actions"], roll["valid"])
+    else:
+        new = torch.stack([agent.get_action_and_value(o, a)[1] for o, a in zip(roll["obs"], roll["actions"])])
+    ratio = (new - roll["logprobs"])[roll["valid"]].exp()
+    assert (ratio - 1).abs().max() < 1e-4
+
+
+def test_sampling_follows_the_policy_distribution():
+    agent = GPTAgent(tiny_lm(3), PAD)
+    obs = torch.tensor([[PAD, PAD, 5, 6]]).repeat(4000, 1)
+    with torch.no_grad():
+        actions, logprob, _, _ = agent.get_action_and_value(obs)
+        probs = torch.softmax(agent.lm(torch.tensor([[5, 6]])).logits[0, -1], -1)  # plain HF forward
+    freq = torch.bincount(actions, minlength=VOCAB).float() / len(actions)
+    assert (freq - probs).abs().max() < 0.03  # temperature 1, no top-k/top-p
+    torch.testing.assert_close(logprob.exp(), probs[actions], atol=1e-5, rtol=1e-5)
+
+
+def test_no_grads_leak_into_the_reference_or_the_cache():
+    model = tiny_lm(4)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    agent = GPTAgent(model, PAD)
+    roll = simulate(agent, steps=8, envs=3, seed=4)
+    assert not any(x.requires_grad for x in roll.values())
+    assert not any(k.requires_grad for k in agent._rollout.keys)
+    logprob, _, value = agent.evaluate_sequences(roll["obs"], roll["actions"], roll["valid"])
+    (logprob.sum() + value.sum()).backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert all(p.grad is not None for p in agent.parameters())
+
+
+def test_weight_update_invalidates_the_cache():
+    agent = GPTAgent(tiny_lm(5), PAD)
+    obs = torch.tensor([[PAD, PAD, 5, 6], [PAD, 7, 8, 9]])
+    with torch.no_grad():
+        action = agent.get_action_and_value(obs)[0]
+        for p in agent.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # an update that forgot to call reset_cache()
+        nxt = torch.cat([obs[:, 1:], action[:, None]], dim=1)  # continues every row of the cache
+        action2, cached, _, value = agent.get_action_and_value(nxt)
+    _, full, _, full_value = agent.get_action_and_value(nxt, action2)  # grad on: full forward, new weights
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value, full_value, atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_checks():
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        GPTAgent(tiny_lm(vocab=40), PAD, vocab_size=VOCAB)
+    agent = GPTAgent(tiny_lm(vocab=64), PAD, vocab_size=VOCAB)  # e.g. a vocab padded to a multiple of 64
+    obs = torch.tensor([[PAD, 5, 6]]).repeat(500, 1)
+    with torch.no_grad():
+        actions = agent.get_action_and_value(obs)[0]
+    assert actions.max() < VOCAB
+    with pytest.raises(ValueError, match="dtype"):
+        GPTAgent(tiny_lm(), PAD, dtype="int8")
+
+
+def test_bf16_autocast_gives_float32_outputs_close_to_float32():
+    model = tiny_lm(6)
+    fp32, bf16 = GPTAgent(copy.deepcopy(model), PAD), GPTAgent(copy.deepcopy(model), PAD, dtype="bf16")
+    bf16.value_head.load_state_dict(fp32.value_head.state_dict())
+    obs, action = torch.tensor([[PAD, 5, 6, 7], [9, 8, 7, 6]]), torch.tensor([3, 4])
+    a = fp32.get_action_and_value(obs, action)
+    b = bf16.get_action_and_value(obs, action)
+    assert b[1].dtype == torch.float32 and b[3].dtype == torch.float32
+    torch.testing.assert_close(a[1], b[1], atol=0.1, rtol=0.05)
