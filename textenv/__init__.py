@@ -11,12 +11,15 @@ import gymnasium
 
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
+from textenv.kl import RefLogprob, RefLogprobEnv
 from textenv.rewards import EndsWithReward, HFRewardModel, KeywordReward, LengthReward, RewardModel
 from textenv.vector import TextVectorEnv
 
 __all__ = [
     "TextEnv",
     "TextVectorEnv",
+    "RefLogprob",
+    "RefLogprobEnv",
     "RewardModel",
     "HFRewardModel",
     "EndsWithReward",

@@ -1,0 +1,87 @@
+"""Reference log-prob wrappers: cached log-probs equal a full recompute, one prefill per episode."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from textenv import LengthReward, TextEnv, TextVectorEnv, char_tokenizer
+from textenv.kl import RefLogprob, RefLogprobEnv
+
+TOK = char_tokenizer("abcd ")
+N = len(TOK)
+KW = dict(tokenizer=TOK, reward_model=LengthReward(), prompts=["a", "ab c", "dd", "bcd"], max_prompt_tokens=4,
+          max_new_tokens=(1, 5), min_new_tokens=1)  # fmt: skip
+
+
+def tiny_gpt(vocab: int = N + 3) -> GPT2LMHeadModel:
+    """A random tiny GPT-2 whose vocabulary is padded beyond the tokenizer's (log-probs renormalise over N)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5)
+    return GPT2LMHeadModel(config)
+
+
+def recompute(model, obs_row: np.ndarray, length: int, action: int) -> float:
+    """log p(action | the real tokens of obs_row): one unpadded forward, no cache."""
+    ids = torch.as_tensor(obs_row[len(obs_row) - length :])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1, :N]
+    return torch.log_softmax(logits, -1)[action].item()
+
+
+@pytest.mark.parametrize("vector", ["batched", "sync"])
+def test_ref_logprob_equals_full_recompute(vector):
+    E = 4
+    model = tiny_gpt()
+    base = (
+        TextVectorEnv(E, **KW)
+        if vector == "batched"
+        else gym.vector.SyncVectorEnv([lambda: TextEnv(**KW)] * E)
+    )
+    envs = RefLogprob(base, model)
+    assert not model.training  # frozen: resid_pdrop=0.5 would make log-probs random
+    prefilled = []
+    real_prefill = envs.cache._prefill
+    envs.cache._prefill = lambda rows, prefix: (prefilled.append(len(rows)), real_prefill(rows, prefix))
+    obs, infos = envs.reset(seed=0)
+    length = infos["length"]
+    rng = np.random.default_rng(0)
+    starts, ended = E, np.zeros(E, dtype=bool)
+    for _ in range(25):
+        actions = rng.integers(0, N, size=E)
+        new_obs, _, term, trunc, infos = envs.step(actions)
+        assert infos["_ref_logprob"].tolist() == (~ended).tolist()
+        for i in np.flatnonzero(~ended):
+            expected = recompute(model, obs[i], length[i], actions[i])
+            assert infos["ref_logprob"][i] == pytest.approx(expected, abs=1e-4)
+        assert np.all(infos["ref_logprob"][ended] == 0.0)
+        starts += ended.sum()
+        obs, length, ended = new_obs, infos["length"], term | trunc
+    # Each episode start is prefilled once (one-token prompts need no prefill); other steps feed one token.
+    assert 0 < sum(prefilled) <= starts and starts > E
+
+
+def test_single_env_wrapper_matches_recompute():
+    model = tiny_gpt()
+    env = RefLogprobEnv(TextEnv(**KW), model)
+    obs, info = env.reset(seed=1)
+    length = info["length"]
+    for a in [3, 4, 5, 6, 7, 3, 4, 5, 6, 7]:
+        new_obs, _, term, trunc, info = env.step(a)
+        assert info["ref_logprob"] == pytest.approx(recompute(model, obs, length, a), abs=1e-4)
+        obs, length = new_obs, info["length"]
+        if term or trunc:
+            obs, info = env.reset()
+            length = info["length"]
+
+
+def test_vocab_mismatch_and_bad_env():
+    with pytest.raises(ValueError, match=f"has {N - 1} output tokens.*vocabulary has {N}.*same or padded"):
+        RefLogprob(TextVectorEnv(2, **KW), tiny_gpt(vocab=N - 1))
+    with pytest.raises(ValueError, match="output tokens"):
+        RefLogprobEnv(TextEnv(**KW), tiny_gpt(vocab=N - 1))
+    with pytest.raises(TypeError, match="Discrete"):
+        RefLogprobEnv(gym.make("Pendulum-v1"), tiny_gpt(), pad_token_id=0)

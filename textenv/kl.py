@@ -1,0 +1,150 @@
+"""Reference-model log-probs for the per-token KL penalty of RLHF.
+
+The seed recipe's reward is `score - beta * KL` per token, with `KL_t = log pi(a_t|s_t) - log p_ref(a_t|s_t)`
+(Ziegler et al. 2019, https://arxiv.org/abs/1909.08593). `log p_ref` depends only on the environment's
+text, so a wrapper around the environment owns the frozen reference LM and reports it as
+`infos["ref_logprob"]`; `log pi` is known to the agent at rollout time, so the PPO loop forms the
+penalty (and adapts beta) itself. The environment stays a plain Gymnasium env, and an agent with no
+KL term ignores the extra info key.
+
+Why incremental: a token-step episode of T tokens would cost T full forwards over the growing prefix
+if each step re-encoded its observation. `CachedLM` keeps each row's keys/values, feeds the one new
+token per step, and re-prefills only rows whose episode just started, so the reference model costs one
+batched single-token decode per vector step (a test checks the result equals a full recompute).
+
+Log-probs are normalised over the environment's action space (the first `action_space.n` ids): if the
+reference model's vocabulary is padded beyond the tokenizer's, those extra ids are never actions, and
+the policy restricts its logits the same way, so both distributions share a support.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
+from torch import nn
+
+from textenv.lm_cache import CachedLM
+
+
+def _check_ref_model(ref_model: nn.Module, n_actions: int) -> nn.Module:
+    head = ref_model.get_output_embeddings() if hasattr(ref_model, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(
+            f"reference model {type(ref_model).__name__} has no output embeddings; "
+            "pass a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path))."
+        )
+    vocab = head.weight.shape[0]
+    if vocab < n_actions:
+        raise ValueError(
+            f"reference model has {vocab} output tokens but the environment's vocabulary has {n_actions}; "
+            "use a reference model trained with the environment's tokenizer (same or padded vocabulary)."
+        )
+    return ref_model.eval().requires_grad_(False)  # frozen: no dropout, no grad
+
+
+def _pad_token_id(env: Any) -> int:
+    """The pad id of a TextEnv / TextVectorEnv / SyncVectorEnv of TextEnvs, found through the wrappers."""
+    base = env.unwrapped
+    for candidate in (base, getattr(base, "env", None)):
+        if candidate is not None and hasattr(candidate, "pad_token_id"):
+            return int(candidate.pad_token_id)
+    if hasattr(base, "get_attr"):
+        return int(base.get_attr("pad_token_id")[0])
+    raise ValueError(f"cannot find the pad token id of {env}; pass pad_token_id=tokenizer.pad_token_id.")
+
+
+class RefLogprob(VectorWrapper):
+    """Adds `infos["ref_logprob"]` (E,) float64: log p_ref(action | obs before it) under a frozen causal LM.
+
+    Works on any vector env with `Discrete` actions and left-padded token-id observations (TextVectorEnv,
+    or SyncVectorEnv of TextEnv). Under NEXT_STEP autoreset the step right after an episode end applies
+    no action: its `ref_logprob` is 0 and its `_ref_logprob` mask False.
+    """
+
+    def __init__(
+        self,
+        env: VectorEnv,
+        ref_model: nn.Module,
+        pad_token_id: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(env)
+        if not isinstance(env.single_action_space, spaces.Discrete):
+            raise TypeError(
+                f"RefLogprob needs Discrete token actions, got {env.single_action_space}; wrap a TextEnv."
+            )
+        self.n_actions = int(env.single_action_space.n)
+        self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
+        self.ref_model = _check_ref_model(ref_model, self.n_actions).to(self.device)
+        self.cache = CachedLM(self.ref_model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+        self.next_step = (
+            env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
+        )
+        self._obs: np.ndarray | None = None
+        self._ended = np.zeros(self.num_envs, dtype=np.bool_)
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        mask = (options or {}).get("reset_mask", np.ones(self.num_envs, dtype=np.bool_))
+        self._ended = self._ended & ~mask
+        self._obs = obs
+        return obs, infos
+
+    @torch.no_grad()
+    def ref_logprobs(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """log p_ref(actions | obs) (E,), advancing the KV cache by one token per row."""
+        logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
+        logp = torch.log_softmax(logits[:, : self.n_actions], dim=-1)  # (E, n_actions)
+        # Clamped: under NEXT_STEP autoreset an ignored action need not be a valid id.
+        idx = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device).clamp(
+            0, self.n_actions - 1
+        )
+        idx = idx[:, None]  # (E, 1)
+        return logp.gather(1, idx)[:, 0].double().cpu().numpy()
+
+    def step(self, actions: Any):
+        if self._obs is None:
+            raise gym.error.ResetNeeded("step() called before reset(); call envs.reset() first.")
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)  # validates the actions first
+        logp = self.ref_logprobs(self._obs, np.asarray(actions))  # scored on the obs they were taken in
+        applied = ~self._ended if self.next_step else np.ones(self.num_envs, dtype=np.bool_)
+        infos["ref_logprob"], infos["_ref_logprob"] = np.where(applied, logp, 0.0), applied
+        self._obs, self._ended = obs, terminated | truncated
+        return obs, rewards, terminated, truncated, infos
+
+
+class RefLogprobEnv(gym.Wrapper):
+    """Single-env version of `RefLogprob`: adds `info["ref_logprob"]` (a float) after each step."""
+
+    def __init__(
+        self, env: gym.Env, ref_model: nn.Module, pad_token_id: int | None = None, device: str | None = None
+    ) -> None:
+        super().__init__(env)
+        if not isinstance(env.action_space, spaces.Discrete):
+            raise TypeError(
+                f"RefLogprobEnv needs Discrete token actions, got {env.action_space}; wrap a TextEnv."
+            )
+        self.n_actions = int(env.action_space.n)
+        self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
+        self.ref_model = _check_ref_model(ref_model, self.n_actions).to(self.device)
+        self.cache = CachedLM(self.ref_model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+        self._obs: np.ndarray | None = None
+
+    def reset(self, **kwargs: Any):
+        self._obs, info = self.env.reset(**kwargs)
+        return self._obs, info
+
+    @torch.no_grad()
+    def step(self, action: Any):
+        if self._obs is None:
+            raise gym.error.ResetNeeded("step() called before reset(); call env.reset() first.")
+        obs, reward, terminated, truncated, info = self.env.step(action)  # validates the action first
+        logits, _ = self.cache.step(torch.as_tensor(self._obs, device=self.device)[None])  # (1, V)
+        logp = torch.log_softmax(logits[0, : self.n_actions], dim=-1)[int(np.asarray(action).reshape(()))]
+        self._obs = obs
+        return obs, reward, terminated, truncated, {**info, "ref_logprob": float(logp)}
