@@ -33,7 +33,14 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
     config = getattr(model, "config", None)
-    for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "summary_first_dropout", "dropout", "attention_dropout"):
+    for name in (
+        "attn_pdrop",
+        "resid_pdrop",
+        "embd_pdrop",
+        "summary_first_dropout",
+        "dropout",
+        "attention_dropout",
+    ):
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
 
@@ -71,7 +78,9 @@ class GPTAgent(nn.Module):
                 "tokenizer the model was trained with."
             )
         if not 0 <= int(pad_token_id) < model_vocab:
-            raise ValueError(f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {model_vocab}).")
+            raise ValueError(
+                f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {model_vocab})."
+            )
         key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         if key not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use 'float32' or 'bf16'.")
@@ -218,7 +227,9 @@ class GPTAgent(nn.Module):
         steps = v.nonzero().squeeze(1)  # (S,) flat index of every valid step
         zeros = torch.zeros(T * E, device=self.device)
         if steps.numel() == 0:
-            tie = 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)  # keep a graph for backward
+            tie = 0.0 * sum(
+                p.sum() for p in self.parameters() if p.requires_grad
+            )  # keep a graph for backward
             return (zeros + tie).view(E, T).T, zeros.view(E, T).T.clone(), (zeros + tie).view(E, T).T
         segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step

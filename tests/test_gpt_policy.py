@@ -39,7 +39,11 @@ def simulate(agent: GPTAgent, steps: int, envs: int, warmup: int = 3, seed: int 
         with torch.no_grad():
             action, logprob, entropy, value = agent.get_action_and_value(obs.float())  # PPO passes float32
         if t >= warmup:  # so columns start mid-episode, as in every rollout but the first
-            for k, x in zip(buf, (obs.clone(), action, torch.tensor([not e for e in ended]), logprob, entropy, value)):
+            for k, x in zip(
+                buf,
+                (obs.clone(), action, torch.tensor([not e for e in ended]), logprob, entropy, value),
+                strict=True,
+            ):
                 buf[k].append(x)
         nxt = obs.clone()
         for i in range(envs):
@@ -91,7 +95,10 @@ def test_evaluate_sequences_equals_per_transition_evaluation():
         torch.testing.assert_close(value[t][m], v[m], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(logprob).all() and torch.isfinite(value).all()
     (logprob[valid].sum() + value[valid].sum()).backward()  # differentiable end to end
-    assert agent.value_head.weight.grad is not None and agent.lm.transformer.h[0].attn.c_attn.weight.grad is not None
+    assert (
+        agent.value_head.weight.grad is not None
+        and agent.lm.transformer.h[0].attn.c_attn.weight.grad is not None
+    )
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -102,7 +109,9 @@ def test_ppo_ratio_is_one_at_first_minibatch_despite_dropout_config(grouped):
     if grouped:
         new, _, _ = agent.evaluate_sequences(roll["obs"], roll["actions"], roll["valid"])
     else:
-        new = torch.stack([agent.get_action_and_value(o, a)[1] for o, a in zip(roll["obs"], roll["actions"])])
+        new = torch.stack(
+            [agent.get_action_and_value(o, a)[1] for o, a in zip(roll["obs"], roll["actions"], strict=True)]
+        )
     ratio = (new - roll["logprobs"])[roll["valid"]].exp()
     assert (ratio - 1).abs().max() < 1e-4
 
