@@ -1,0 +1,66 @@
+"""Atomic PPO checkpoints that load with `torch.load(weights_only=True)`: tensors, numbers, strings, lists."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    """The python, numpy and torch (and CUDA) RNG states as weights-only-loadable values."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {
+        "python": [version, list(py_state), gauss_next],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state`."""
+    version, py_state, gauss_next = state["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` atomically: a temporary file, then `os.replace` (a kill never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by `save_checkpoint`, with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: --resume continues the run in --run-dir; point --run-dir at a run "
+            "that saved a checkpoint (save_every > 0) or drop --resume to start a new run"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a PPO checkpoint ({type(e).__name__}: {e}); "
+            "delete it or point --run-dir at another run"
+        ) from e
+    missing = {"agent", "optimizer", "global_step", "iteration", "rng"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by agents.ppo")
+    return state

@@ -1,0 +1,41 @@
+"""Deterministic evaluation of an agent on a vector env."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def evaluate(
+    agent: torch.nn.Module,
+    envs: gym.vector.VectorEnv,
+    n_episodes: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    deterministic: bool = True,
+) -> list[float]:
+    """Returns of `n_episodes` episodes of `agent.act(obs, deterministic)`.
+
+    Each env runs a fixed quota of episodes (as SB3's `evaluate_policy`), so short episodes are not
+    over-counted. Works with next-step autoreset: the step after an episode end is a reset and not counted."""
+    n = envs.num_envs
+    quota = np.array([(n_episodes + i) // n for i in range(n)])
+    counts = np.zeros(n, dtype=int)
+    returns: list[float] = []
+    ep_ret = np.zeros(n)
+    obs, _ = envs.reset(seed=seed)
+    prev_done = np.zeros(n, dtype=bool)
+    dtype = torch.float32 if np.issubdtype(obs.dtype, np.floating) else None
+    while (counts < quota).any():
+        action = agent.act(torch.as_tensor(obs, dtype=dtype, device=device), deterministic=deterministic)
+        obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        ep_ret += np.where(prev_done, 0.0, reward)
+        prev_done = term | trunc
+        for i in np.flatnonzero(prev_done):
+            if counts[i] < quota[i]:
+                returns.append(float(ep_ret[i]))
+                counts[i] += 1
+            ep_ret[i] = 0.0
+    return returns

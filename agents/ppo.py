@@ -1,0 +1,498 @@
+"""PPO for any Gymnasium (vector) env with a Discrete action space, CleanRL style, read top to bottom.
+
+    python -m agents.ppo --preset zoo                      # CartPole-v1 with rl-baselines3-zoo's tuning
+    python -m agents.ppo --preset cleanrl --seed 2         # CleanRL's ppo.py defaults
+    python -m agents.ppo --run-dir runs/a --resume         # continue a killed run from its checkpoint
+
+Beyond CleanRL: Gymnasium 1.x next-step autoreset (reset steps masked, truncation bootstrapped), a per-token
+KL penalty to a reference policy (`infos["ref_logprob"]`, fixed or adaptive coefficient, Ziegler et al. 2019),
+minibatches by env column for sequence agents, atomic checkpoints and `--resume`, a deterministic evaluation.
+This file imports only gymnasium, torch, numpy and the stdlib (a test checks it); agents are duck-typed
+(protocol in `agents.policies`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from agents.evaluate import evaluate
+from agents.policies import MLPAgent
+from agents.rollout import (
+    adaptive_kl_coef,
+    autoreset_valid,
+    compute_gae,
+    env_info,
+    env_minibatches,
+    flat_minibatches,
+    kl_penalty_rewards,
+)
+
+
+@dataclass
+class Args:
+    preset: Literal["cleanrl", "zoo"] = "cleanrl"
+    """named preset the defaults come from (`cleanrl`, `zoo`); explicit flags override it"""
+    exp_name: str = "ppo"
+    """the name of this experiment (part of the default run dir)"""
+    seed: int = 1
+    """seed of the experiment: same seed, same run"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """`cpu`, `cuda`, `cuda:N` or `auto` (cuda if available)"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = leave torch's setting); the presets use 1, fastest for small MLPs"""
+    env_id: str = "CartPole-v1"
+    """the id of the environment (when `train` is not given `envs`)"""
+    total_timesteps: int = 500_000
+    """total timesteps of the experiment"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 4
+    """the number of parallel game environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """toggle learning rate annealing (linear to 0)"""
+    anneal_clip: bool = False
+    """toggle clip coefficient annealing (linear to 0, as SB3's `lin_0.2`)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantages normalization (per minibatch)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function (the value loss is 0.5 * MSE, as CleanRL's)"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """stop the update epochs early when approx KL exceeds this (None = never)"""
+    minibatch_by_env: bool = False
+    """minibatches are sets of env columns with all their steps (calls `agent.evaluate_sequences` if present)"""
+    bootstrap_truncated: bool = True
+    """bootstrap truncated episodes from the value of their final observation (False: treat as terminal)"""
+    kl_coef: float = 0.0
+    """per-token KL penalty coefficient to the reference policy in `infos["ref_logprob"]` (0 = off)"""
+    kl_target: float | None = None
+    """target KL per episode (nats) of the adaptive coefficient (None = fixed `kl_coef`)"""
+    kl_horizon: int = 10_000
+    """horizon (episodes) of the adaptive KL controller"""
+    run_dir: str | None = None
+    """where TensorBoard logs and checkpoints go (default runs/{exp_name}__{env_id}__{seed}__{time})"""
+    save_every: int = 50
+    """write a checkpoint every N iterations (and at the end; 0 = only at the end)"""
+    resume: bool = False
+    """continue the run in `run_dir` from its checkpoint"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes of the final policy (0 = none)"""
+    log_every: int = 1
+    """print a progress line every N iterations (0 = never)"""
+
+
+def cleanrl() -> Args:
+    """CleanRL's `ppo.py` defaults: 4 envs x 128 steps, 4 minibatches, 4 epochs, 500k steps."""
+    return Args(preset="cleanrl", torch_threads=1)
+
+
+def zoo() -> Args:
+    """rl-baselines3-zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml)."""
+    return Args(preset="zoo", torch_threads=1, total_timesteps=100_000, num_envs=8, num_steps=32, num_minibatches=1,
+                update_epochs=20, gamma=0.98, gae_lambda=0.8, learning_rate=1e-3, anneal_lr=True,
+                anneal_clip=True, ent_coef=0.0, clip_vloss=False,
+                vf_coef=1.0)  # = SB3's vf_coef 0.5: SB3's value loss is the MSE, ours 0.5 * MSE
+
+
+PRESETS = {"cleanrl": cleanrl, "zoo": zoo}
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError on an inconsistent `Args`, naming the field and the fix."""
+    if args.num_envs < 1 or args.num_steps < 1:
+        raise ValueError(f"num_envs ({args.num_envs}) and num_steps ({args.num_steps}) must be >= 1")
+    batch = args.num_envs * args.num_steps
+    if args.num_minibatches < 1 or batch % args.num_minibatches:
+        raise ValueError(f"batch size num_envs * num_steps = {batch} is not divisible by num_minibatches = "
+                         f"{args.num_minibatches}; pick a divisor of {batch}")
+    if args.minibatch_by_env and args.num_envs % args.num_minibatches:
+        raise ValueError(f"minibatch_by_env splits the {args.num_envs} envs into num_minibatches = "
+                         f"{args.num_minibatches} sets; pick a divisor of num_envs")
+    if args.total_timesteps < batch:
+        raise ValueError(f"total_timesteps ({args.total_timesteps}) is less than one batch ({batch})")
+    if args.kl_target is not None and args.kl_target <= 0 or args.kl_horizon <= 0 or args.kl_coef < 0:
+        raise ValueError("need kl_coef >= 0, kl_target > 0 (or None) and kl_horizon > 0")
+
+
+def make_env(env_id: str) -> gym.Env:
+    return gym.make(env_id)
+
+
+def _vector_env(envs: gym.Env | gym.vector.VectorEnv | None, args: Args) -> gym.vector.VectorEnv:
+    if envs is None:
+        envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env_id) for _ in range(args.num_envs)])
+    elif not isinstance(envs, gym.vector.VectorEnv):
+        single = envs
+        envs = gym.vector.SyncVectorEnv([lambda: single])
+    if not isinstance(envs.single_action_space, gym.spaces.Discrete):
+        raise TypeError(f"agents.ppo supports Discrete action spaces only, got {envs.single_action_space}; "
+                        "use a discrete env (or discretize the actions with a wrapper)")
+    mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+    if gym.vector.AutoresetMode(mode) != gym.vector.AutoresetMode.NEXT_STEP:
+        raise ValueError(f"the vector env's autoreset_mode is {mode}; agents.ppo supports NEXT_STEP only "
+                         "(Gymnasium's default): build the vector env with autoreset_mode=AutoresetMode.NEXT_STEP")
+    return envs
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _obs_dtype(space: gym.Space) -> torch.dtype:
+    # floats as float32 for the network; integer observations (token ids) keep their integer type
+    return torch.float32 if np.issubdtype(space.dtype, np.floating) else torch.from_numpy(np.zeros(0, space.dtype)).dtype
+
+
+class _StopOnCtrlC:
+    """Ctrl-C sets a flag: the loop finishes its iteration, saves a checkpoint and returns. Twice: stop now."""
+
+    def __init__(self) -> None:
+        self.requested, self._old = False, None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this iteration and saving a checkpoint (Ctrl-C again to stop now)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent: nn.Module | None = None,
+          hooks: object | None = None) -> dict:
+    """Train `agent` (default `MLPAgent`) with PPO on `envs` (default `num_envs` copies of `env_id`).
+
+    Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`,
+    `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint` and `interrupted` (Ctrl-C)."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+    own_envs = envs is None
+    if own_envs:
+        check_args(args)  # before building num_envs copies
+    envs = _vector_env(envs, args)
+    if envs.num_envs != args.num_envs:
+        args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
+    check_args(args)
+    run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is None and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --run-dir")
+    if ckpt is not None and (ckpt["num_envs"], ckpt["num_steps"]) != (args.num_envs, args.num_steps):
+        raise ValueError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
+                         f"{args.num_envs, args.num_steps}: resume with the run's settings")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    device = _device(args.device)
+    T, E = args.num_steps, args.num_envs
+    num_iterations = args.total_timesteps // (T * E)
+    obs_space = envs.single_observation_space
+    if agent is None:
+        agent = MLPAgent(obs_space, envs.single_action_space)
+    agent = agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    kl_coef, start_iteration, global_step, episode_returns = args.kl_coef, 0, 0, []
+    env_seed = args.seed
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_iteration, global_step, kl_coef = ckpt["iteration"], ckpt["global_step"], ckpt["kl_coef"]
+        episode_returns = [tuple(x) for x in ckpt["episode_returns"]]
+        # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
+        env_seed = args.seed + 7919 * start_iteration
+        if hasattr(agent, "reset_cache"):
+            agent.reset_cache()
+        print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
+
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+
+    # Rollout storage, (T, E) each: torch on `device` for what the network makes, numpy for env I/O
+    obs_dtype = _obs_dtype(obs_space)
+    obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_dtype, device=device)  # (T, E, *obs_shape)
+    actions = torch.zeros((T, E), dtype=torch.long, device=device)
+    logprobs = torch.zeros((T, E), device=device)
+    values = torch.zeros((T, E), device=device)
+    rewards = np.zeros((T, E), np.float32)
+    terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
+    ref_logprobs = np.zeros((T, E), np.float32)
+    has_ref = False
+
+    next_obs, _ = envs.reset(seed=env_seed)
+    prev_done = np.zeros(E, bool)  # the step before ended an episode: this step is an autoreset
+    ep_ret, ep_len, ep_kl = np.zeros(E), np.zeros(E, np.int64), np.zeros(E)
+    start_time, start_step, result_extra = time.time(), global_step, {"hook_logs": []}
+
+    def state(iteration: int) -> dict:
+        return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": E,
+                "num_steps": T, "episode_returns": [list(x) for x in episode_returns]}
+
+    iteration, interrupted = start_iteration, False
+    with _StopOnCtrlC() as ctrl_c:
+        for iteration in range(start_iteration + 1, num_iterations + 1):
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            lr = frac * args.learning_rate if args.anneal_lr else args.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
+
+            # ---- rollout: T vector steps
+            prev_done_start, finished_infos, iter_returns, iter_lengths, iter_kls = prev_done, [], [], [], []
+            for step in range(T):
+                global_step += E
+                obs[step] = torch.as_tensor(next_obs, dtype=obs_dtype).to(device, non_blocking=True)
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(obs[step])
+                actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
+                next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+                live = ~prev_done
+                rewards[step], terminated[step], truncated[step] = reward, term, trunc
+                if "ref_logprob" in infos:
+                    has_ref = True
+                    ref_logprobs[step] = infos["ref_logprob"]
+                    ep_kl += (logprob.cpu().numpy() - ref_logprobs[step]) * live
+                has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos))
+                if kl_coef > 0 and not has_it[live].all():  # reset steps may lack it
+                    raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
+                                     "action taken) each step; wrap the env with a reference model or set kl_coef=0")
+                ep_ret += reward * live  # the env's own reward, not the KL-shaped one
+                ep_len += live
+                prev_done = term | trunc
+                for i in np.flatnonzero(prev_done):
+                    episode_returns.append((global_step, float(ep_ret[i])))
+                    iter_returns.append(ep_ret[i])
+                    iter_lengths.append(ep_len[i])
+                    iter_kls.append(ep_kl[i])
+                    finished_infos.append(env_info(infos, i))
+                    ep_ret[i], ep_len[i], ep_kl[i] = 0.0, 0, 0.0
+
+            # ---- advantages: masked autoreset steps, KL-shaped rewards, GAE
+            with torch.no_grad():
+                next_value = agent.get_value(torch.as_tensor(next_obs, dtype=obs_dtype).to(device)).flatten()
+            valid = torch.from_numpy(autoreset_valid(terminated | truncated, prev_done_start)).to(device)
+            env_rewards = torch.from_numpy(rewards).to(device)
+            ref = torch.from_numpy(ref_logprobs).to(device)
+            shaped = kl_penalty_rewards(env_rewards, logprobs, ref, valid, kl_coef) if kl_coef > 0 else env_rewards
+            advantages, returns = compute_gae(
+                shaped, values, next_value, torch.from_numpy(terminated).to(device),
+                torch.from_numpy(truncated).to(device), valid, args.gamma, args.gae_lambda, args.bootstrap_truncated)
+
+            # ---- update: epochs x minibatches of the clipped surrogate
+            stats = _update(agent, optimizer, args, clip, obs, actions, logprobs, values, advantages, returns, valid)
+            if hasattr(agent, "reset_cache"):
+                agent.reset_cache()  # caches computed with the old weights must not be reused
+
+            # ---- logging, KL controller, hooks, checkpoint
+            sps = (global_step - start_step) / (time.time() - start_time)
+            stats.update({"charts/learning_rate": lr, "charts/clip_coef": clip, "charts/SPS": sps})
+            y_pred, y_true = values[valid], returns[valid]
+            var_y = y_true.var().item() if y_true.numel() > 1 else float("nan")
+            stats["losses/explained_variance"] = float("nan") if var_y == 0 else 1 - (y_true - y_pred).var().item() / var_y
+            if iter_returns:
+                stats["charts/episodic_return"] = float(np.mean(iter_returns))
+                stats["charts/episodic_length"] = float(np.mean(iter_lengths))
+            if has_ref and iter_kls:
+                kl = float(np.mean(iter_kls))
+                stats["charts/kl"], stats["charts/kl_coef"] = kl, kl_coef
+                sem = float(np.std(iter_kls) / np.sqrt(len(iter_kls)))
+                if kl < -1e-3 and kl + 2 * sem < 0:
+                    warnings.warn(f"iteration {iteration}: measured KL to the reference is negative ({kl:.4f} nats per "
+                                  "episode): the actions were not sampled from the policy whose logprobs PPO sees "
+                                  "(temperature, top-k, masking?) or ref_logprob is wrong", stacklevel=2)
+                if args.kl_target is not None:
+                    kl_coef = adaptive_kl_coef(kl_coef, kl, args.kl_target, len(iter_kls), args.kl_horizon)
+            for k, v in stats.items():
+                writer.add_scalar(k, v, global_step)
+            if hooks is not None and hasattr(hooks, "on_iteration"):
+                rollout = {"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": env_rewards,
+                           "shaped_rewards": shaped, "valid": valid, "values": values, "advantages": advantages,
+                           "dones": torch.from_numpy(terminated | truncated).to(device), "ref_logprobs": ref,
+                           "finished_infos": finished_infos, "kl_coef": stats.get("charts/kl_coef", kl_coef)}
+                logs = hooks.on_iteration(iteration, global_step, rollout, writer)
+                if logs:
+                    result_extra["hook_logs"].append({"iteration": iteration, "global_step": global_step, **logs})
+                    for k, v in logs.items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(k, v, global_step)
+            if args.log_every and (iteration % args.log_every == 0 or iteration == num_iterations):
+                ret = f"{np.mean(iter_returns):8.2f}" if iter_returns else "     n/a"
+                print(f"iter {iteration}/{num_iterations} step {global_step} return {ret} "
+                      f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
+                      f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
+                      f"clipfrac {stats['losses/clipfrac']:.3f} | {sps:.0f} SPS", flush=True)
+            if ctrl_c.requested or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(ckpt_path, state(iteration))
+            if ctrl_c.requested:
+                interrupted = True
+                print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume --run-dir {run_dir}")
+                break
+
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    if not interrupted:
+        save_checkpoint(ckpt_path, state(iteration))
+    eval_returns: list[float] = []
+    if args.eval_episodes > 0 and not interrupted:
+        eval_envs = _vector_env(None, args) if own_envs else envs  # a fresh copy of envs we built ourselves
+        eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000)
+        if own_envs:
+            eval_envs.close()
+        writer.add_scalar("charts/eval_return", float(np.mean(eval_returns)), global_step)
+        print(f"eval: {np.mean(eval_returns):.2f} +- {np.std(eval_returns):.2f} over {len(eval_returns)} episodes")
+    writer.close()
+    if own_envs:
+        envs.close()
+    return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
+            "iterations": iteration, "eval_returns": eval_returns,
+            "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_coef,
+            "checkpoint": str(ckpt_path), "interrupted": interrupted, **result_extra}
+
+
+def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, values, advantages, returns,
+            valid) -> dict:
+    """`update_epochs` passes of minibatch SGD on the clipped PPO objective; returns mean loss statistics."""
+    T, E = valid.shape
+    by_env = args.minibatch_by_env
+    b = {"obs": obs.reshape((T * E,) + obs.shape[2:]), "actions": actions.reshape(-1), "logprobs": logprobs.reshape(-1),
+         "values": values.reshape(-1), "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
+    sums, n, first_dev = torch.zeros(6), 0, float("nan")
+    for epoch in range(args.update_epochs):
+        approx_kls = []
+        parts = env_minibatches(E, args.num_minibatches) if by_env else flat_minibatches(valid.reshape(-1), args.num_minibatches)
+        for mb_i, idx in enumerate(parts):
+            if by_env:  # all T steps of the env columns `idx`: (T, E_mb)
+                idx = idx.to(obs.device)
+                mb_obs, mb_act, mask = obs[:, idx], actions[:, idx], valid[:, idx]
+                if hasattr(agent, "evaluate_sequences"):
+                    newlogprob, entropy, newvalue = agent.evaluate_sequences(mb_obs, mb_act, mask)
+                else:
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                        mb_obs.reshape((-1,) + obs.shape[2:]), mb_act.reshape(-1))
+                m = mask.reshape(-1).float()
+                sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items() if k not in ("obs",)}
+                newlogprob, entropy, newvalue = newlogprob.reshape(-1), entropy.reshape(-1), newvalue.reshape(-1)
+            else:
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b["obs"][idx], b["actions"][idx])
+                m = None
+                sel = {k: v[idx] for k, v in b.items() if k != "obs"}
+            mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: (x * m).sum() / m.sum().clamp(min=1))
+            logratio = newlogprob - sel["logprobs"]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
+                    dev = (ratio - 1).abs() if m is None else (ratio - 1).abs() * m
+                    first_dev = dev.max().item()
+                    if first_dev > 1e-4:
+                        warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {first_dev:.2e}: the "
+                                      "update does not score actions as the rollout did (dropout on? sampling "
+                                      "from a different distribution? stale cache?)", stacklevel=3)
+                old_approx_kl = mean(-logratio)
+                approx_kl = mean((ratio - 1) - logratio)
+                clipfrac = mean(((ratio - 1.0).abs() > clip).float())
+            mb_adv = sel["advantages"]
+            if args.norm_adv:
+                mu = mean(mb_adv)
+                std = mean((mb_adv - mu) ** 2).sqrt() if m is not None else mb_adv.std()
+                mb_adv = (mb_adv - mu) / (std + 1e-8)
+            pg_loss = mean(torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - clip, 1 + clip)))
+            if args.clip_vloss:
+                v_clipped = sel["values"] + torch.clamp(newvalue - sel["values"], -clip, clip)
+                v_loss = 0.5 * mean(torch.max((newvalue - sel["returns"]) ** 2, (v_clipped - sel["returns"]) ** 2))
+            else:
+                v_loss = 0.5 * mean((newvalue - sel["returns"]) ** 2)
+            entropy_loss = mean(entropy)
+            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {v_loss.item()}): training stopped; "
+                    "the last good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            sums += torch.stack([pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), old_approx_kl,
+                                 approx_kl, clipfrac]).float().cpu()
+            n += 1
+            approx_kls.append(approx_kl)
+        if args.target_kl is not None and torch.stack(approx_kls).mean().item() > args.target_kl:
+            break
+    keys = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
+            "losses/approx_kl", "losses/clipfrac"]
+    out = dict(zip(keys, (sums / max(n, 1)).tolist(), strict=True))
+    out["debug/first_ratio_max_dev"] = first_dev
+    out["debug/epochs"] = epoch + 1
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """`--preset NAME` picks the defaults; every other flag overrides them."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = "cleanrl"
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+    if name not in PRESETS:
+        raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
+    return tyro.cli(Args, default=PRESETS[name](), args=argv, description=__doc__)
+
+
+def main() -> None:
+    result = train(parse_args())
+    if result["interrupted"]:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

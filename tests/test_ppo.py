@@ -1,0 +1,314 @@
+"""agents.ppo: GAE and autoreset arithmetic, KL shaping, minibatching by env, checkpoints, CLI, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents.checkpoint import load_checkpoint
+from agents.policies import MLPAgent
+from agents.ppo import Args, parse_args, train, zoo
+from agents.rollout import adaptive_kl_coef, autoreset_valid, compute_gae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(tmp_path: Path, name: str = "run", **kw) -> Args:
+    """A few-second CartPole configuration: 4 envs x 32 steps, 8 iterations."""
+    base = dict(num_envs=4, num_steps=32, total_timesteps=1024, num_minibatches=4, update_epochs=2,
+                eval_episodes=0, log_every=0, save_every=0, torch_threads=1, device="cpu",
+                run_dir=str(tmp_path / name))
+    base.update(kw)
+    return Args(**base)
+
+
+class Hook:
+    """Records what PPO passes to `hooks.on_iteration`; optionally runs `action(iteration)`."""
+
+    def __init__(self, action=None):
+        self.rollouts, self.action = [], action
+
+    def on_iteration(self, iteration, global_step, rollout, writer):
+        self.rollouts.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in rollout.items()})
+        if self.action:
+            self.action(iteration)
+        return {"test/iteration": iteration}
+
+
+# ---- arithmetic -----------------------------------------------------------------------------------------
+
+
+def test_gae_hand_computed_termination_and_truncation():
+    # env 0: steps 0-1 then terminated at 1; step 2 is the autoreset; steps 3-4, truncated at 4; step 5 reset.
+    # env 1: no episode end; bootstraps from next_value.
+    f = torch.tensor
+    rewards = f([[1.0, 1], [2, 1], [0, 1], [3, 1], [4, 1], [0, 1]])
+    values = f([[0.5, 0], [0.6, 0], [0.7, 0], [0.8, 0], [0.9, 0], [1.0, 0]])
+    terminated = f([[0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]]).bool()
+    truncated = f([[0, 0], [0, 0], [0, 0], [0, 0], [1, 0], [0, 0]]).bool()
+    valid = f([[1, 1], [1, 1], [0, 1], [1, 1], [1, 1], [0, 1]]).bool()
+    next_value = f([1.1, 2.0])
+    adv, ret = compute_gae(rewards, values, next_value, terminated, truncated, valid, gamma=0.9, gae_lambda=0.5)
+    # by hand, gamma * lambda = 0.45:
+    # t4 truncated: 4 + 0.9 * V(final obs = obs[5]) 1.0 - 0.9 = 4.0;  t3: 3 + 0.9 * 0.9 - 0.8 + 0.45 * 4.0 = 4.81
+    # t1 terminated: 2 - 0.6 = 1.4;  t0: 1 + 0.9 * 0.6 - 0.5 + 0.45 * 1.4 = 1.67;  resets t2, t5: 0
+    torch.testing.assert_close(adv[:, 0], f([1.67, 1.4, 0.0, 4.81, 4.0, 0.0]))
+    # env 1: t5 = 1 + 0.9 * 2.0 = 2.8; t4 = 1 + 0.45 * 2.8 = 2.26
+    torch.testing.assert_close(adv[4:, 1], f([2.26, 2.8]))
+    torch.testing.assert_close(ret, adv + values)
+    # without bootstrapping truncations (RLHF), t4 = 4 - 0.9 = 3.1 and t3 = 3.01 + 0.45 * 3.1 = 4.405
+    adv2, _ = compute_gae(rewards, values, next_value, terminated, truncated, valid, 0.9, 0.5, bootstrap_truncated=False)
+    torch.testing.assert_close(adv2[:, 0], f([1.67, 1.4, 0.0, 4.405, 3.1, 0.0]))
+
+
+def test_autoreset_valid_masks_the_step_after_each_episode_end():
+    dones = np.array([[0, 1], [1, 0], [0, 0], [0, 1]], bool)  # (T=4, E=2)
+    valid = autoreset_valid(dones, prev_done=np.array([True, False]))
+    assert valid.tolist() == [[False, True], [True, False], [False, True], [True, True]]
+
+
+def test_adaptive_kl_coef_moves_toward_target_and_is_clipped():
+    assert adaptive_kl_coef(0.2, kl=12.0, target=6.0, n_episodes=100, horizon=10_000) == pytest.approx(0.2 * 1.002)
+    assert adaptive_kl_coef(0.2, kl=5.4, target=6.0, n_episodes=100, horizon=10_000) == pytest.approx(0.2 * 0.999)
+
+
+# ---- the training loop -----------------------------------------------------------------------------------
+
+
+def test_importing_ppo_imports_neither_transformers_nor_textenv():
+    code = ("import sys, agents.ppo; bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'textenv')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_cli_help_and_presets(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "agents.ppo", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--preset" in out.stdout and "--total-timesteps" in out.stdout
+    args = parse_args(["--preset", "zoo", "--seed", "3", "--num-envs", "4"])
+    assert (args.preset, args.seed, args.num_envs, args.update_epochs, args.gamma) == ("zoo", 3, 4, 20, 0.98)
+    assert parse_args([]).num_envs == 4 and parse_args(["--preset=zoo"]).num_envs == 8
+
+
+def test_autoreset_transitions_are_masked_and_never_trained_on(tmp_path):
+    class Spy(MLPAgent):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.trained_obs = []
+
+        def get_action_and_value(self, obs, action=None):
+            if action is not None:
+                self.trained_obs.append(obs.detach().clone())
+            return super().get_action_and_value(obs, action)
+
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1") for _ in range(4)])
+    agent, hook = Spy(envs.single_observation_space, envs.single_action_space), Hook()
+    train(small(tmp_path, update_epochs=1), envs=envs, agent=agent, hooks=hook)
+    n_valid = sum(int(r["valid"].sum()) for r in hook.rollouts)
+    n_invalid = sum(int((~r["valid"]).sum()) for r in hook.rollouts)
+    assert n_invalid > 20  # CartPole episodes under a random policy are short: many resets
+    assert sum(len(o) for o in agent.trained_obs) == n_valid
+    # the masked steps hold the final (out-of-bounds) observation of a terminated episode: never trained on
+    out_of_bounds = lambda o: (o[:, 0].abs() > 2.4) | (o[:, 2].abs() > 0.2095)  # noqa: E731
+    assert not any(out_of_bounds(o).any() for o in agent.trained_obs)
+    assert any(out_of_bounds(r["obs"][~r["valid"]]).any() for r in hook.rollouts)
+    # episode returns come from PPO's own counting: CartPole's return is the episode length
+    for r in hook.rollouts:
+        assert torch.all(r["rewards"][~r["valid"]] == 0)
+
+
+def test_same_seed_gives_identical_returns_and_another_seed_does_not(tmp_path):
+    a = train(small(tmp_path, "a", seed=7))["episode_returns"]
+    b = train(small(tmp_path, "b", seed=7))["episode_returns"]
+    c = train(small(tmp_path, "c", seed=8))["episode_returns"]
+    assert len(a) > 30 and a == b and a != c
+
+
+@pytest.mark.slow
+def test_zoo_preset_learns_cartpole(tmp_path):
+    args = dataclasses.replace(zoo(), total_timesteps=20_480, run_dir=str(tmp_path / "zoo"), log_every=0,
+                               eval_episodes=2, device="cpu")
+    result = train(args)
+    last = [r for _, r in result["episode_returns"][-10:]]
+    # a random policy averages ~22 (sd ~12): a mean of 150 over 10 episodes cannot happen by chance
+    assert np.mean(last) > 150, last
+    assert result["eval_mean"] > 150 and result["sps"] > 0 and result["global_step"] == 20_480
+
+
+def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
+    def crash(iteration):
+        if iteration == 5:
+            raise RuntimeError("killed")
+
+    args = small(tmp_path, "r", save_every=2)
+    full = train(small(tmp_path, "full"))
+    with pytest.raises(RuntimeError, match="killed"):
+        train(args, hooks=Hook(crash))
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert (ckpt["iteration"], ckpt["global_step"]) == (4, 4 * 128)
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "checkpoint.pt").write_bytes((tmp_path / "r" / "checkpoint.pt").read_bytes())
+    hook = Hook()
+    resumed = train(dataclasses.replace(args, resume=True), hooks=hook)
+    again = train(dataclasses.replace(args, resume=True, run_dir=str(tmp_path / "r2")))
+    assert [r["kl_coef"] for r in hook.rollouts] and len(hook.rollouts) == 4  # iterations 5..8 only
+    assert resumed["global_step"] == full["global_step"] == 1024
+    # the returns before the checkpoint are those of the uninterrupted run; the resumed part is reproducible
+    before = [x for x in full["episode_returns"] if x[0] <= 512]
+    assert resumed["episode_returns"][: len(before)] == before
+    assert resumed["episode_returns"] == again["episode_returns"]
+
+
+def test_bad_resume_and_existing_run_dir_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small(tmp_path, "none", resume=True))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(small(tmp_path, "bad", resume=True))
+    with pytest.raises(FileExistsError, match="--resume"):  # a new run must not overwrite a saved one
+        train(small(tmp_path, "bad"))
+    assert (bad / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_bad_args_and_spaces_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="num_minibatches"):
+        train(small(tmp_path, num_minibatches=3))
+    with pytest.raises(ValueError, match="num_envs"):
+        train(small(tmp_path, num_envs=0))
+    with pytest.raises(TypeError, match="Discrete"):
+        train(small(tmp_path), envs=gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")] * 4))
+    same_step = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4,
+                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    with pytest.raises(ValueError, match="NEXT_STEP"):
+        train(small(tmp_path), envs=same_step)
+
+
+class NaNReward(gym.vector.VectorWrapper):
+    """Rewards become NaN after `after` vector steps."""
+
+    def __init__(self, env, after):
+        super().__init__(env)
+        self.n, self.after = 0, after
+
+    def step(self, actions):
+        obs, rew, term, trunc, info = self.env.step(actions)
+        self.n += 1
+        return obs, rew * np.nan if self.n > self.after else rew, term, trunc, info
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    envs = NaNReward(gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4), after=3 * 32 + 5)
+    with pytest.raises(FloatingPointError, match="checkpoint"):
+        train(small(tmp_path, "nan", save_every=1), envs=envs)
+    ckpt = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
+    assert ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
+    result = train(small(tmp_path, "int"), hooks=Hook(lambda it: it == 2 and os.kill(os.getpid(), signal.SIGINT)))
+    assert result["interrupted"] and result["iterations"] == 2
+    assert load_checkpoint(tmp_path / "int" / "checkpoint.pt")["iteration"] == 2
+
+
+# ---- what the text policies need: KL penalty, minibatches by env column, ratio check ---------------------
+
+
+class FixedLength(gym.Env):
+    """Episodes of exactly `length` steps (truncated), reward 1 at the end, `ref_logprob` = log(0.5) - offset."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, length=4, offset=0.5):
+        self.length, self.offset, self.t = length, offset, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.np_random.uniform(-1, 1, 3).astype(np.float32)
+        return obs, float(self.t == self.length), False, self.t == self.length, {"ref_logprob": math.log(0.5) - self.offset}
+
+
+def fixed_envs(n=4, **kw):
+    return gym.vector.SyncVectorEnv([lambda: FixedLength(**kw) for _ in range(n)])
+
+
+def test_kl_penalty_shapes_rewards_per_token(tmp_path):
+    hook = Hook()
+    result = train(small(tmp_path, "kl", kl_coef=0.1, num_steps=10, total_timesteps=80, num_minibatches=2),
+                   envs=fixed_envs(), hooks=hook)
+    for r in hook.rollouts:
+        expected = r["rewards"] - 0.1 * (r["logprobs"] - r["ref_logprobs"]) * r["valid"]
+        torch.testing.assert_close(r["shaped_rewards"], expected)
+        assert torch.all(r["shaped_rewards"][r["valid"]] != r["rewards"][r["valid"]])
+    # episode returns are the env's rewards (1 per 4-step episode), not the shaped ones
+    assert {ret for _, ret in result["episode_returns"]} == {1.0}
+    assert result["kl_coef"] == 0.1
+
+
+def test_adaptive_kl_coef_follows_the_measured_kl(tmp_path):
+    hook = Hook()
+    # KL per episode ~ 4 tokens x 0.5 nats = 2 > target 0.5: the coefficient grows each iteration by 1 + 0.2 n / H
+    train(small(tmp_path, "akl", kl_coef=0.1, kl_target=0.5, kl_horizon=100, num_steps=10, total_timesteps=120,
+                num_minibatches=2), envs=fixed_envs(), hooks=hook)
+    coefs = [r["kl_coef"] for r in hook.rollouts]
+    n_eps = [len(r["finished_infos"]) for r in hook.rollouts]
+    assert coefs[0] == 0.1
+    for k in range(1, len(coefs)):
+        assert coefs[k] == pytest.approx(coefs[k - 1] * (1 + 0.2 * n_eps[k - 1] / 100))
+    with pytest.warns(UserWarning, match="negative"):
+        train(small(tmp_path, "neg", kl_coef=0.1, num_steps=10, total_timesteps=80, num_minibatches=2),
+              envs=fixed_envs(offset=-1.0))
+    with pytest.raises(ValueError, match="ref_logprob"):
+        train(small(tmp_path, "noref", kl_coef=0.1))
+
+
+def test_minibatch_by_env_calls_evaluate_sequences_with_env_columns(tmp_path):
+    class SeqAgent(MLPAgent):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.shapes, self.resets = [], 0
+
+        def evaluate_sequences(self, obs, actions, valid):
+            self.shapes.append((tuple(obs.shape), tuple(actions.shape), tuple(valid.shape), valid.dtype))
+            T, E = actions.shape
+            _, logprob, entropy, value = self.get_action_and_value(obs.reshape(T * E, -1), actions.reshape(-1))
+            return logprob.reshape(T, E), entropy.reshape(T, E), value.reshape(T, E)
+
+        def reset_cache(self):
+            self.resets += 1
+
+    envs = fixed_envs(n=4)
+    agent = SeqAgent(envs.single_observation_space, envs.single_action_space)
+    train(small(tmp_path, "seq", minibatch_by_env=True, num_steps=10, total_timesteps=80, num_minibatches=2,
+                update_epochs=3), envs=envs, agent=agent)
+    assert agent.shapes == [((10, 2, 3), (10, 2), (10, 2), torch.bool)] * (2 * 3 * 2)
+    assert agent.resets == 2  # after each update phase
+
+
+def test_first_minibatch_ratio_check_catches_dropout(tmp_path):
+    class Dropout(MLPAgent):
+        def get_action_and_value(self, obs, action=None):
+            return super().get_action_and_value(torch.nn.functional.dropout(obs, 0.5, training=True), action)
+
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4)
+    with pytest.warns(UserWarning, match="ratio"):
+        train(small(tmp_path, "drop", total_timesteps=256), envs=envs,
+              agent=Dropout(envs.single_observation_space, envs.single_action_space))
