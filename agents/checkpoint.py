@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,25 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by agents.ppo")
     return state
+
+
+class StopOnCtrlC:
+    """Ctrl-C sets a flag: the loop finishes its iteration, saves a checkpoint and returns. Twice: stop now."""
+
+    def __init__(self) -> None:
+        self.requested, self._old = False, None
+
+    def __enter__(self) -> StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this iteration and saving a checkpoint (Ctrl-C again to stop now)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

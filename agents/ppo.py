@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from agents.checkpoint import StopOnCtrlC, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from agents.evaluate import evaluate
 from agents.policies import MLPAgent
 from agents.rollout import (
@@ -41,6 +39,7 @@ from agents.rollout import (
     flat_minibatches,
     kl_penalty_rewards,
 )
+from agents.vector import obs_dtype, resolve_device, vector_env
 
 
 @dataclass
@@ -148,57 +147,6 @@ def check_args(args: Args) -> None:
         raise ValueError("need kl_coef >= 0, kl_target > 0 (or None) and kl_horizon > 0")
 
 
-def make_env(env_id: str) -> gym.Env:
-    return gym.make(env_id)
-
-
-def _vector_env(envs: gym.Env | gym.vector.VectorEnv | None, args: Args) -> gym.vector.VectorEnv:
-    if envs is None:
-        envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env_id) for _ in range(args.num_envs)])
-    elif not isinstance(envs, gym.vector.VectorEnv):
-        single = envs
-        envs = gym.vector.SyncVectorEnv([lambda: single])
-    if not isinstance(envs.single_action_space, gym.spaces.Discrete):
-        raise TypeError(f"agents.ppo supports Discrete action spaces only, got {envs.single_action_space}; "
-                        "use a discrete env (or discretize the actions with a wrapper)")
-    mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
-    if gym.vector.AutoresetMode(mode) != gym.vector.AutoresetMode.NEXT_STEP:
-        raise ValueError(f"the vector env's autoreset_mode is {mode}; agents.ppo supports NEXT_STEP only "
-                         "(Gymnasium's default): build the vector env with autoreset_mode=AutoresetMode.NEXT_STEP")
-    return envs
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def _obs_dtype(space: gym.Space) -> torch.dtype:
-    # floats as float32 for the network; integer observations (token ids) keep their integer type
-    return torch.float32 if np.issubdtype(space.dtype, np.floating) else torch.from_numpy(np.zeros(0, space.dtype)).dtype
-
-
-class _StopOnCtrlC:
-    """Ctrl-C sets a flag: the loop finishes its iteration, saves a checkpoint and returns. Twice: stop now."""
-
-    def __init__(self) -> None:
-        self.requested, self._old = False, None
-
-    def __enter__(self) -> _StopOnCtrlC:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this iteration and saving a checkpoint (Ctrl-C again to stop now)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent: nn.Module | None = None,
           hooks: object | None = None) -> dict:
     """Train `agent` (default `MLPAgent`) with PPO on `envs` (default `num_envs` copies of `env_id`).
@@ -210,7 +158,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     own_envs = envs is None
     if own_envs:
         check_args(args)  # before building num_envs copies
-    envs = _vector_env(envs, args)
+    envs = vector_env(envs, args.env_id, args.num_envs)
     if envs.num_envs != args.num_envs:
         args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
     check_args(args)
@@ -229,7 +177,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     T, E = args.num_steps, args.num_envs
     num_iterations = args.total_timesteps // (T * E)
     obs_space = envs.single_observation_space
@@ -256,8 +204,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
 
     # Rollout storage, (T, E) each: torch on `device` for what the network makes, numpy for env I/O
-    obs_dtype = _obs_dtype(obs_space)
-    obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_dtype, device=device)  # (T, E, *obs_shape)
+    obs_type = obs_dtype(obs_space)
+    obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_type, device=device)  # (T, E, *obs_shape)
     actions = torch.zeros((T, E), dtype=torch.long, device=device)
     logprobs = torch.zeros((T, E), device=device)
     values = torch.zeros((T, E), device=device)
@@ -277,7 +225,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 "num_steps": T, "episode_returns": [list(x) for x in episode_returns]}
 
     iteration, interrupted = start_iteration, False
-    with _StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC() as ctrl_c:
         for iteration in range(start_iteration + 1, num_iterations + 1):
             frac = 1.0 - (iteration - 1.0) / num_iterations
             lr = frac * args.learning_rate if args.anneal_lr else args.learning_rate
@@ -289,7 +237,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             prev_done_start, finished_infos, iter_returns, iter_lengths, iter_kls = prev_done, [], [], [], []
             for step in range(T):
                 global_step += E
-                obs[step] = torch.as_tensor(next_obs, dtype=obs_dtype).to(device, non_blocking=True)
+                obs[step] = torch.as_tensor(next_obs, dtype=obs_type).to(device, non_blocking=True)
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(obs[step])
                 actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
@@ -317,7 +265,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
 
             # ---- advantages: masked autoreset steps, KL-shaped rewards, GAE
             with torch.no_grad():
-                next_value = agent.get_value(torch.as_tensor(next_obs, dtype=obs_dtype).to(device)).flatten()
+                next_value = agent.get_value(torch.as_tensor(next_obs, dtype=obs_type).to(device)).flatten()
             valid = torch.from_numpy(autoreset_valid(terminated | truncated, prev_done_start)).to(device)
             env_rewards = torch.from_numpy(rewards).to(device)
             ref = torch.from_numpy(ref_logprobs).to(device)
@@ -381,7 +329,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         save_checkpoint(ckpt_path, state(iteration))
     eval_returns: list[float] = []
     if args.eval_episodes > 0 and not interrupted:
-        eval_envs = _vector_env(None, args) if own_envs else envs  # a fresh copy of envs we built ourselves
+        eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # a fresh copy of envs we built ourselves
         eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000)
         if own_envs:
             eval_envs.close()
