@@ -184,7 +184,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     if agent is None:
         agent = MLPAgent(obs_space, envs.single_action_space)
     agent = agent.to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+                                 fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_coef, start_iteration, global_step, episode_returns = args.kl_coef, 0, 0, []
     env_seed = args.seed
     if ckpt is not None:

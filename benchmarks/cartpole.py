@@ -151,8 +151,10 @@ def main() -> None:
 
     results = {name: summary(runs) for name, runs in curves.items()}
     ours, sb3 = results["ours (zoo)"], results["SB3 (zoo)"]
-    rows = [[name, f"{s['solved_seeds']}/{len(s['per_seed'])}", s["median_steps_to_solve"], s["min_steps_to_solve"],
-             s["max_steps_to_solve"], s["median_sps"], s["mean_eval"]] for name, s in results.items()]
+    steps = lambda x: "unsolved" if x == np.inf else f"{x:.0f}"  # noqa: E731
+    rows = [[name, f"{s['solved_seeds']}/{len(s['per_seed'])}", steps(s["median_steps_to_solve"]),
+             steps(s["min_steps_to_solve"]), steps(s["max_steps_to_solve"]), f"{s['median_sps']:.0f}",
+             f"{s['mean_eval']:.1f}"] for name, s in results.items()]
     print()
     print_table(["trainer", "solved", "median steps", "min", "max", "SPS", "eval"], rows)
     steps_ratio = ours["median_steps_to_solve"] / sb3["median_steps_to_solve"]
