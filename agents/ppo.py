@@ -223,7 +223,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     def state(iteration: int) -> dict:
         return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                 "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": E,
-                "num_steps": T, "episode_returns": [list(x) for x in episode_returns]}
+                "num_steps": T, "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
 
     iteration, interrupted = start_iteration, False
     with StopOnCtrlC() as ctrl_c:
@@ -422,19 +422,24 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """`--preset NAME` picks the defaults; every other flag overrides them."""
+    """`--preset NAME` picks the defaults (with `--resume`: the run's saved args); other flags override them."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = "cleanrl"
+    flags = {}
     for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif a.startswith("--preset="):
-            name = a.split("=", 1)[1]
+        if a.startswith("--") and "=" in a:
+            flags[a.split("=", 1)[0]] = a.split("=", 1)[1]
+        elif a.startswith("--"):
+            flags[a] = argv[i + 1] if i + 1 < len(argv) else ""
+    name = flags.get("--preset", "cleanrl")
     if name not in PRESETS:
         raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[name](), args=argv, description=__doc__)
+    default = PRESETS[name]()
+    if "--resume" in flags and "--run-dir" in flags:  # continue with the killed run's settings
+        saved = load_checkpoint(Path(flags["--run-dir"]) / "checkpoint.pt").get("args", {})
+        default = dataclasses.replace(default, **{k: v for k, v in saved.items() if k in default.__dict__})
+    return tyro.cli(Args, default=default, args=argv, description=__doc__, prog="python -m agents.ppo")
 
 
 def main() -> None:

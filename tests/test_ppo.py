@@ -156,6 +156,8 @@ def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
         train(args, hooks=Hook(crash))
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert (ckpt["iteration"], ckpt["global_step"]) == (4, 4 * 128)
+    cli = parse_args(["--run-dir", str(tmp_path / "r"), "--resume"])  # the CLI resumes with the run's settings
+    assert (cli.resume, cli.num_steps, cli.total_timesteps, cli.save_every) == (True, 32, 1024, 2)
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "checkpoint.pt").write_bytes((tmp_path / "r" / "checkpoint.pt").read_bytes())
     hook = Hook()
