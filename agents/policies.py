@@ -80,3 +80,13 @@ class MLPAgent(nn.Module):
         """The most likely action (or a sample): (B,)."""
         logits = self.actor(self._flat(obs))
         return logits.argmax(-1) if deterministic else categorical(logits, None)[0]
+
+
+def __getattr__(name: str):
+    """`from agents.policies import GPTAgent` works, but importing this module (as `agents.ppo` does)
+    never pulls in transformers: the LM policy lives in `agents.gpt_policy` and loads on first use."""
+    if name == "GPTAgent":
+        from agents.gpt_policy import GPTAgent
+
+        return GPTAgent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
