@@ -365,19 +365,22 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                 else:
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                         mb_obs.reshape((-1,) + obs.shape[2:]), mb_act.reshape(-1))
-                m = mask.reshape(-1).float()
+                m = mask.reshape(-1)
                 sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items() if k not in ("obs",)}
                 newlogprob, entropy, newvalue = newlogprob.reshape(-1), entropy.reshape(-1), newvalue.reshape(-1)
-            else:
+            elif idx.numel():
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b["obs"][idx], b["actions"][idx])
                 m = None
                 sel = {k: v[idx] for k, v in b.items() if k != "obs"}
-            mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: (x * m).sum() / m.sum().clamp(min=1))
+            else:  # fewer valid steps than minibatches
+                continue
+            # masked mean: `where`, not `* m`, so garbage (inf, NaN) at masked steps cannot leak in
+            mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: torch.where(m, x, 0).sum() / m.sum().clamp(min=1))
             logratio = newlogprob - sel["logprobs"]
             ratio = logratio.exp()
             with torch.no_grad():
                 if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
-                    dev = (ratio - 1).abs() if m is None else (ratio - 1).abs() * m
+                    dev = (ratio - 1).abs() if m is None else torch.where(m, ratio - 1, 0).abs()
                     first_dev = dev.max().item()
                     if first_dev > 1e-4:
                         warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {first_dev:.2e}: the "
