@@ -1,0 +1,266 @@
+"""Build the offline models, step by step or all at once, with cached artefacts.
+
+    python -m textenv.build all                                   # embedded corpus, a few minutes on 2 cores
+    python -m textenv.build all --data-dir ../shared/data/imdb    # IMDb (preset "imdb" picked automatically)
+    python -m textenv.build reward --data-dir ~/aclImdb --reward.epochs 1 --out-dir artifacts/imdb
+
+Steps: `tokenizer` (byte-level BPE), `pretrain` (GPT-2-architecture LM), `reward` (DistilBERT-architecture
+sentiment classifier), `judge` (held-out n-gram classifier), `all`. Each artefact lands in
+`<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data source's fingerprint and its
+inputs' hashes; a finished artefact has `build.json` and is reused by later runs with the same settings.
+
+Data split (why the judge is "held out"): the training split is shuffled with seed 0 and halved class
+by class; the reward model trains on the first half only, the judge on the second half only, and both
+report accuracy on the test split. The GPT trains on all training texts (labels unused) and reports
+perplexity on test texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from textenv.data import Texts, load_texts, source_fingerprint
+from textenv.judge import Judge, JudgeConfig
+from textenv.pretrain import SIZES, PretrainConfig
+from textenv.reward_train import RewardConfig
+
+VERSION = 1  # bump to invalidate every cached artefact
+STEPS = ("tokenizer", "pretrain", "reward", "judge")
+
+
+@dataclass
+class TokenizerConfig:
+    """Settings of the GPT's byte-level BPE."""
+
+    vocab_size: int = 4096
+    """tokens, specials and the 256 bytes included"""
+    min_frequency: int = 2
+    """merges seen fewer times are not learned"""
+    max_texts: int | None = 20000
+    """train the BPE on at most this many training texts"""
+
+
+@dataclass
+class BuildArgs:
+    """What to build, from which data, where."""
+
+    step: tyro.conf.Positional[Literal["tokenizer", "pretrain", "reward", "judge", "all"]] = "all"
+    """which artefact to build (its inputs are built or reused first)"""
+    preset: Literal["embedded", "imdb"] = "embedded"
+    """default settings; "imdb" whenever --data-dir is not "embedded" and no preset is given"""
+    data_dir: str = "embedded"
+    """"embedded", a folder of <split>.jsonl.gz, an aclImdb/ folder, or "hf:imdb" """
+    out_dir: str = "artifacts"
+    """where artefacts are cached"""
+    train_limit: int | None = None
+    """use at most this many training texts (after the seeded shuffle)"""
+    test_limit: int | None = None
+    """evaluate on at most this many test texts"""
+    force: bool = False
+    """rebuild even when a cached artefact exists"""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    gpt: PretrainConfig = field(default_factory=PretrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+def preset(name: str = "embedded", **overrides) -> BuildArgs:
+    """Named settings. "embedded": minutes on 2 CPU cores. "imdb": ~10 min per model on 2 CPU cores."""
+    if name == "embedded":
+        args = BuildArgs(
+            preset="embedded", data_dir="embedded",
+            tokenizer=TokenizerConfig(vocab_size=1024),
+            gpt=PretrainConfig(model="small", block_size=64, batch_size=32, max_steps=200, warmup_steps=20,
+                               eval_every=100, log_every=25, save_every=100, n_samples=4),
+            reward=RewardConfig(vocab_size=1024, dim=64, n_layers=1, n_heads=2, hidden_dim=256, max_length=64,
+                                lr=2e-3, batch_size=32, epochs=2.0),
+            judge=JudgeConfig(epochs=4))
+    elif name == "imdb":
+        args = BuildArgs(
+            preset="imdb", data_dir="../shared/data/imdb", test_limit=5000,
+            tokenizer=TokenizerConfig(vocab_size=4096),
+            gpt=PretrainConfig(model="small", block_size=128, batch_size=16, max_steps=3000, warmup_steps=100,
+                               eval_every=500, log_every=50, max_minutes=10.0),
+            reward=RewardConfig(vocab_size=8192, dim=64, n_layers=1, n_heads=2, hidden_dim=256, max_length=256,
+                                lr=2e-3, batch_size=32, epochs=3.0, max_minutes=10.0),
+            judge=JudgeConfig(epochs=4))
+    else:
+        raise ValueError(f"unknown preset '{name}'; use 'embedded' or 'imdb'")
+    return dataclasses.replace(args, **overrides)
+
+
+@dataclass
+class Artifacts:
+    """Folders of the built artefacts, and how to load each."""
+
+    tokenizer: Path | None = None
+    """`PreTrainedTokenizerFast` folder (AutoTokenizer.from_pretrained)"""
+    gpt: Path | None = None
+    """GPT-2 LM + tokenizer folder (GPT2LMHeadModel / AutoTokenizer .from_pretrained)"""
+    reward: Path | None = None
+    """classifier + tokenizer folder (textenv.rewards.HFRewardModel.from_pretrained)"""
+    judge: Path | None = None
+    """judge folder (textenv.judge.Judge.load)"""
+
+    def load_gpt(self):
+        """(GPT2LMHeadModel in eval mode, its tokenizer)."""
+        from transformers import AutoTokenizer, GPT2LMHeadModel
+
+        return GPT2LMHeadModel.from_pretrained(self.gpt).eval(), AutoTokenizer.from_pretrained(self.gpt)
+
+    def load_reward(self, **kwargs):
+        """The frozen reward model: `textenv.rewards.HFRewardModel.from_pretrained(self.reward, **kwargs)`."""
+        from textenv.rewards import HFRewardModel
+
+        return HFRewardModel.from_pretrained(str(self.reward), **kwargs)
+
+    def load_judge(self) -> Judge:
+        return Judge.load(self.judge)
+
+    def metrics(self) -> dict:
+        """Each step's `build.json` metrics."""
+        return {k: json.loads((p / "build.json").read_text()).get("metrics", {})
+                for k, p in asdict(self).items() if p is not None and (Path(p) / "build.json").exists()}
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _Builder:
+    def __init__(self, args: BuildArgs, log: Callable[[str], None]) -> None:
+        self.args, self.log = args, log
+        self.fp = source_fingerprint(args.data_dir)
+        self.out = Path(args.out_dir)
+        self._data: dict[str, Texts] = {}
+        self.paths = Artifacts()
+
+    def data(self, split: str) -> Texts:
+        if split not in self._data:
+            limit = self.args.train_limit if split == "train" else self.args.test_limit
+            self._data[split] = load_texts(self.args.data_dir, split, seed=0, limit=limit)
+        return self._data[split]
+
+    def cached(self, step: str, parts: dict, build: Callable[[Path], dict]) -> Path:
+        parts = {"step": step, "version": VERSION, "data": self.fp, "train_limit": self.args.train_limit,
+                 "test_limit": self.args.test_limit, **parts}
+        path = self.out / f"{step}-{_key(parts)}"
+        if (path / "build.json").exists() and not self.args.force:
+            self.log(f"[{step}] reusing {path}")
+            return path
+        self.log(f"[{step}] building {path}")
+        t0 = time.time()
+        path.mkdir(parents=True, exist_ok=True)
+        metrics = build(path)
+        record = {"step": step, "key": parts, "seconds": time.time() - t0, "metrics": metrics}
+        (path / "build.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        self.log(f"[{step}] done in {time.time() - t0:.0f}s")
+        return path
+
+    def tokenizer(self) -> Path:
+        from textenv.bpe import train_bpe
+
+        cfg = self.args.tokenizer
+
+        def build(path: Path) -> dict:
+            tok = train_bpe(self.data("train").head(cfg.max_texts).texts, cfg.vocab_size, cfg.min_frequency, path)
+            return {"vocab_size": len(tok)}
+
+        self.paths.tokenizer = self.cached("tokenizer", {"cfg": asdict(cfg)}, build)
+        return self.paths.tokenizer
+
+    def pretrain(self) -> Path:
+        from transformers import AutoTokenizer
+
+        from textenv.corpus import prompts
+        from textenv.pretrain import pretrain
+
+        cfg = self.args.gpt
+        tok_path = self.tokenizer() if cfg.model in SIZES else None
+
+        def build(path: Path) -> dict:
+            tok = AutoTokenizer.from_pretrained(tok_path) if tok_path else None
+            held = self.data("test").head(2000).texts
+            m = pretrain(cfg, self.data("train").texts, held, path, tokenizer=tok, sample_prompts=prompts(), log=self.log)
+            return {k: v for k, v in m.items() if k not in ("history", "config")}
+
+        self.paths.gpt = self.cached("pretrain", {"cfg": asdict(cfg), "tokenizer": tok_path and tok_path.name}, build)
+        return self.paths.gpt
+
+    def reward(self) -> Path:
+        from textenv.reward_train import train_reward
+
+        cfg = self.args.reward
+
+        def build(path: Path) -> dict:
+            m = train_reward(cfg, self.data("train").halves()[0], self.data("test"), path, log=self.log)
+            return {k: v for k, v in m.items() if k != "config"} | {"train_half": "first"}
+
+        self.paths.reward = self.cached("reward", {"cfg": asdict(cfg)}, build)
+        return self.paths.reward
+
+    def judge(self) -> Path:
+        from textenv.judge import train_judge
+
+        cfg = self.args.judge
+
+        def build(path: Path) -> dict:
+            j = train_judge(cfg, self.data("train").halves()[1], self.data("test"), path, log=self.log)
+            return j.metrics | {"train_half": "second"}
+
+        self.paths.judge = self.cached("judge", {"cfg": asdict(cfg)}, build)
+        return self.paths.judge
+
+
+def build(args: BuildArgs, log: Callable[[str], None] = print) -> Artifacts:
+    """Build (or reuse) `args.step` and what it needs; returns the artefact folders built."""
+    b = _Builder(args, log)
+    for step in STEPS if args.step == "all" else (args.step,):
+        getattr(b, step)()
+    return b.paths
+
+
+def build_all(args: BuildArgs | None = None, *, data_dir: str | None = None, out_dir: str | None = None,
+              preset_name: str | None = None, log: Callable[[str], None] = print) -> Artifacts:
+    """Build or reuse tokenizer, GPT, reward model and judge; returns their folders.
+
+    With no arguments: the embedded corpus, into `./artifacts`. `data_dir` other than "embedded" selects
+    the "imdb" preset unless `preset_name` says otherwise. Pass `args` for full control.
+    """
+    if args is None:
+        name = preset_name or ("embedded" if data_dir in (None, "embedded") else "imdb")
+        args = preset(name)
+        if data_dir is not None:
+            args.data_dir = data_dir
+    args = dataclasses.replace(args, step="all", out_dir=out_dir or args.out_dir)
+    return build(args, log)
+
+
+def main(argv: list[str] | None = None) -> Artifacts:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the preset decides the defaults tyro shows and fills in, so it is read before the full parse
+    opts = dict(zip(argv, argv[1:], strict=False))
+    name = opts.get("--preset") or ("imdb" if opts.get("--data-dir", "embedded") != "embedded" else "embedded")
+    defaults = preset(name)
+    if "--data-dir" in opts:
+        defaults.data_dir = opts["--data-dir"]
+    args = tyro.cli(BuildArgs, default=defaults, args=argv, description=__doc__)
+    paths = build(args)
+    for k, v in asdict(paths).items():
+        if v is not None:
+            print(f"{k}: {v}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
