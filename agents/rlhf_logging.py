@@ -1,0 +1,81 @@
+"""What an RLHF run logs each PPO iteration: the `hooks` object `agents.ppo.train` calls.
+
+PPO logs the generic losses (policy, value, entropy, approx-KL, clip fraction) and the KL to the reference
+(`charts/kl`, `charts/kl_coef`). This hook adds what is specific to text, read from the iteration's rollout:
+the reward-model score of the finished episodes, KL per token and per response, a sampled entropy estimate,
+distinct-1/2 of the completions (a collapsing policy repeats itself), a TensorBoard text table of samples
+every `sample_every` iterations, and one progress line with tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from agents.report import distinct_n
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+class RLHFLogger:
+    """`on_iteration(iteration, global_step, rollout, writer) -> dict` for `agents.ppo.train(hooks=...)`.
+
+    `history` keeps one dict per iteration (for the report's plots).
+    """
+
+    def __init__(self, tokenizer: Any, total_iterations: int, sample_every: int = 10, n_samples: int = 8,
+                 print_every: int = 1) -> None:
+        self.tokenizer = tokenizer
+        self.total_iterations = total_iterations
+        self.sample_every, self.n_samples, self.print_every = sample_every, n_samples, print_every
+        self.history: list[dict] = []
+        self.start = self.last = time.time()
+
+    def on_iteration(self, iteration: int, global_step: int, rollout: dict, writer: Any = None) -> dict:
+        now = time.time()
+        valid = rollout["valid"].bool()  # (T, E)
+        tokens = int(valid.sum())
+        eps = rollout["finished_infos"]
+        scores = [float(e["score"]) for e in eps if "score" in e]
+        completions = [str(e.get("completion", "")) for e in eps]
+        lengths = [int(e["length"]) - int(e["prompt_length"]) for e in eps if "length" in e and "prompt_length" in e]
+        logp = rollout["logprobs"][valid].double()
+        stats: dict[str, float] = {"rlhf/tokens_per_second": tokens / max(now - self.last, 1e-9)}
+        if logp.numel():
+            stats["rlhf/entropy_sampled"] = float(-logp.mean())  # E[-log pi(a)] = entropy, estimated from samples
+        ref = rollout.get("ref_logprobs")
+        if ref is not None and logp.numel() and bool(ref[valid].abs().sum() > 0):
+            kl_tok = float((logp - ref[valid].double()).mean())
+            stats["rlhf/kl_per_token"] = kl_tok
+            if lengths:
+                stats["rlhf/kl"] = kl_tok * float(np.mean(lengths))  # nats per response
+        if "kl_coef" in rollout:
+            stats["rlhf/kl_coef"] = float(rollout["kl_coef"])
+        if scores:
+            stats["rlhf/score_mean"] = float(np.mean(scores))
+            stats["rlhf/score_std"] = float(np.std(scores))
+        if lengths:
+            stats["rlhf/response_tokens"] = float(np.mean(lengths))
+        if completions:
+            ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
+            stats["rlhf/distinct_1"] = distinct_n(ids, 1)
+            stats["rlhf/distinct_2"] = distinct_n(ids, 2)
+        if writer is not None and eps and self.sample_every and (iteration == 1 or iteration % self.sample_every == 0):
+            rows = [f"| {_md(e.get('prompt', ''))} | {_md(e.get('completion', ''))} | {float(e.get('score', 0)):+.3f} |"
+                    for e in eps[: self.n_samples]]
+            writer.add_text("samples", "| prompt | completion | score |\n|---|---|---|\n" + "\n".join(rows), global_step)
+        self.history.append({"iteration": iteration, "global_step": global_step, "time_s": now - self.start,
+                             **{k.split("/", 1)[1]: v for k, v in stats.items()}})
+        if self.print_every and (iteration % self.print_every == 0 or iteration == self.total_iterations):
+            h = self.history[-1]
+            kl = f"kl {h['kl']:6.2f} (coef {h.get('kl_coef', 0):.3f})" if "kl" in h else "kl    n/a"
+            score = f"score {h['score_mean']:+7.3f}" if "score_mean" in h else "score     n/a"
+            print(f"iter {iteration:4d}/{self.total_iterations} | {score} | {kl} | "
+                  f"ent {h.get('entropy_sampled', float('nan')):5.2f} | d2 {h.get('distinct_2', float('nan')):.2f} | "
+                  f"{h['tokens_per_second']:6.0f} tok/s | {now - self.start:6.1f}s", flush=True)
+        self.last = now
+        return stats

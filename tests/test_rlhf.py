@@ -1,0 +1,140 @@
+"""The RLHF main job: a short run learns a toy reward; bad input fails before training; the CLI works."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from agents.rlhf import Pieces, RLHFConfig, parse_args, prepare, run
+from textenv import KeywordReward, char_tokenizer
+
+PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
+
+
+def tiny_gpt(vocab: int, n_positions: int = 16, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2, eos_token_id=1,
+                     bos_token_id=1, pad_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def toy_config(tmp_path, **kw) -> RLHFConfig:
+    base = dict(run_dir=str(tmp_path / "run"), query_tokens=None, max_prompt_tokens=4, max_new_tokens=8,
+                min_new_tokens=0, num_envs=16, num_steps=18, total_timesteps=16 * 18 * 10, learning_rate=3e-3,
+                num_minibatches=2, kl_coef=0.01, kl_target=None, torch_threads=1, eval_prompts=48)
+    base.update(kw)
+    return RLHFConfig(**base)
+
+
+@pytest.mark.slow
+def test_short_rlhf_run_learns_a_keyword_reward(tmp_path):
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS * 8)
+    rec = run(toy_config(tmp_path), pieces)
+    before, after = rec["before"], rec["after"]
+    # A random 6-token policy writes ~1.3 "a" per 8 tokens (sd ~1.1, so the mean of 48 has sd ~0.16);
+    # a gain of 2 is > 10 standard errors: not chance.
+    assert after["reward_mean"] - before["reward_mean"] > 2.0, (before, after)
+    assert before["kl_mean"] == 0.0 and after["kl_mean"] > 0.0
+    assert len(rec["history"]) == 10 and rec["history"][-1]["score_mean"] > rec["history"][0]["score_mean"]
+    for name in ("report.md", "report.json", "training.png", "policy/config.json", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).exists(), name
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A saved tiny policy (+ char tokenizer), a tiny classifier reward model, and a small data folder."""
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
+    policy = tmp_path / "policy"
+    tiny_gpt(len(tok), n_positions=32).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    rm = tmp_path / "rm"
+    cfg = DistilBertConfig(vocab_size=len(tok), dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=2,
+                           max_position_embeddings=64, pad_token_id=0)
+    DistilBertForSequenceClassification(cfg).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        with gzip.open(data / f"{split}.jsonl.gz", "wt") as f:
+            for i in range(20):
+                f.write(json.dumps({"text": f"a good film number {i}. loved it", "label": i % 2}) + "\n")
+    return {"policy": str(policy), "rm": str(rm), "data": str(data), "tok": tok, "tmp": tmp_path}
+
+
+def given(folders, **kw) -> RLHFConfig:
+    base = dict(policy=folders["policy"], reward_model=folders["rm"], judge="none", data_dir=folders["data"],
+                run_dir=str(folders["tmp"] / "run"), max_prompt_tokens=8, max_new_tokens=8, query_tokens=(2, 8),
+                eval_prompts=8)
+    base.update(kw)
+    return RLHFConfig(**base)
+
+
+def test_given_folders_prepare_without_building(folders):
+    pieces = prepare(given(folders), torch.device("cpu"))
+    assert len(pieces.eval_prompts) == 8 and all(1 <= len(p) <= 8 for p in pieces.eval_prompts)
+    scores = pieces.reward_fn(["a good film", "bad"])
+    probs = pieces.reward_positive_fn(["a good film", "bad"])
+    assert len(scores) == 2 and all(0.0 <= p <= 1.0 for p in probs)
+
+
+def test_policy_vocabulary_smaller_than_tokenizer(folders):
+    small = folders["tmp"] / "small"
+    tiny_gpt(8, n_positions=32).save_pretrained(small)
+    with pytest.raises(ValueError, match="vocabulary of 8 tokens, smaller than its tokenizer's"):
+        prepare(given(folders, policy=str(small), tokenizer=folders["policy"]), torch.device("cpu"))
+    tok = char_tokenizer("ab")
+    with pytest.raises(ValueError, match="smaller than its tokenizer"):
+        run(toy_config(folders["tmp"]), Pieces(tok, tiny_gpt(3), KeywordReward("a"), PROMPTS, PROMPTS))
+    assert not (folders["tmp"] / "run").exists()  # nothing trained, nothing written
+
+
+def test_tokenizer_without_eos(folders):
+    tok = char_tokenizer("ab")
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(ValueError, match="no EOS token"):
+        run(toy_config(folders["tmp"]), Pieces(tok, tiny_gpt(len(tok)), KeywordReward("a"), PROMPTS, PROMPTS))
+
+
+def test_reward_model_that_is_not_a_sequence_classifier(folders):
+    with pytest.raises(ValueError, match="not a sequence classifier"):
+        prepare(given(folders, reward_model=folders["policy"]), torch.device("cpu"))
+    empty = folders["tmp"] / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        prepare(given(folders, reward_model=str(empty)), torch.device("cpu"))
+
+
+def test_data_dir_without_usable_text(folders):
+    blank = folders["tmp"] / "blank"
+    blank.mkdir()
+    for split in ("train", "test"):
+        (blank / f"{split}.jsonl").write_text(json.dumps({"text": "   ", "label": 1}) + "\n")
+    with pytest.raises(ValueError, match="no usable text"):
+        prepare(given(folders, data_dir=str(blank)), torch.device("cpu"))
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare(given(folders, data_dir=str(folders["tmp"] / "nowhere")), torch.device("cpu"))
+
+
+def test_response_longer_than_the_context(folders):
+    with pytest.raises(ValueError, match="do not fit the context"):
+        prepare(given(folders, max_new_tokens=30), torch.device("cpu"))  # 8 + 30 > 32 positions
+
+
+def test_cli_help_and_presets():
+    out = subprocess.run([sys.executable, "-m", "agents.rlhf", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--data-dir" in out.stdout and "--reward-model" in out.stdout
+    assert parse_args([]).preset == "embedded"
+    imdb = parse_args(["--data-dir", "somewhere"])
+    assert imdb.preset == "imdb" and imdb.data_dir == "somewhere"
+    assert parse_args(["--preset", "imdb", "--max-new-tokens", "12"]).max_new_tokens == 12
