@@ -27,6 +27,15 @@ from textenv.lm_cache import CachedLM, attention_mask, position_ids, split_lm
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def sample(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of the categorical `probs` (B, V) by inverting its CDF: the same distribution as
+    `torch.multinomial(probs, 1)` (to float32 rounding of the CDF), ~30x faster on CPU, where multinomial
+    draws an exponential variate for every vocabulary entry."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand_like(cdf[:, -1:]) * cdf[:, -1:]  # (B, 1), uniform in [0, total)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)  # first cdf > u
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability of `model` (modules and config fields) to 0."""
     for module in model.modules():
@@ -164,10 +173,14 @@ class GPTAgent(nn.Module):
         return hidden
 
     @staticmethod
-    def _stats(logits: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stats(logits: torch.Tensor, action: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(action, log-prob, entropy) of the categorical over `logits` (..., V); samples when action is None."""
         logp = torch.log_softmax(logits, dim=-1)  # (..., V)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+        probs = logp.exp()
+        if action is None:
+            action = sample(probs)
+        entropy = -(probs * logp).sum(-1)
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
 
     # --- agent protocol ----------------------------------------------------------------------------------
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -184,11 +197,9 @@ class GPTAgent(nn.Module):
         """
         ids = self._ids(obs)
         hidden = self._last_hidden(ids, "rollout" if action is None else None)  # (B, C)
-        logits = self._logits(hidden)  # (B, V)
-        if action is None:
-            action = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)  # pure sampling, T=1
-        action = torch.as_tensor(action, device=self.device).long()
-        logprob, entropy = self._stats(logits, action)
+        if action is not None:
+            action = torch.as_tensor(action, device=self.device).long()
+        action, logprob, entropy = self._stats(self._logits(hidden), action)  # pure sampling, temperature 1
         return action, logprob, entropy, self._value(hidden)
 
     def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
@@ -196,7 +207,7 @@ class GPTAgent(nn.Module):
         logits = self._logits(self._last_hidden(self._ids(obs), "eval"))
         if deterministic:
             return logits.argmax(dim=-1)
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+        return sample(torch.softmax(logits, dim=-1))
 
     def evaluate_sequences(
         self, obs: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor
@@ -236,7 +247,7 @@ class GPTAgent(nn.Module):
         back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end
         hidden, width = self._trunk(ids.transpose(0, 1).reshape(E * T, L)[seg_end])  # (N, W, C)
         h = hidden[segment, width - 1 - back]  # (S, C): each step's last observed token
-        logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps])
+        _, logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps])
         value = self._value(h)
         outs = []
         for x in (logprob, entropy, value):
