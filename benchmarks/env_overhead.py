@@ -1,0 +1,264 @@
+"""Environment overhead: what TextEnv itself costs per token step, next to a tiny GPT's decode step.
+
+Measured side by side in one run (rounds interleaved, medians reported), at the seed recipe's shape
+(queries of 2-8 tokens cut from IMDb reviews, responses of 4-16 tokens, batch 64):
+
+- `TextEnv` (one env), `SyncVectorEnv` of 64 TextEnvs, and the batched `TextVectorEnv` (64 envs),
+  each with a rule reward and with a small HF classifier reward (a DistilBERT from config);
+- the decode step of a tiny GPT-2 (4 layers x 256, 4k vocabulary, as in DESIGN.md) with KV cache at
+  batch 64, both raw (`model(token, cache=...)` + sampling) and through `textenv.lm_cache.CachedLM`
+  on the environment's own observations (the rollout path of `agents.gpt_policy`).
+
+Target: the batched env adds <= 10% to the GPT decode step at batch 64.
+Torch uses `--threads` (default 1, as `agents.ppo.Args.torch_threads`) threads.
+
+    python benchmarks/env_overhead.py            # full run, writes benchmarks/results/env_overhead.json
+    python benchmarks/env_overhead.py --quick    # a short smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from _common import print_table, target, write_result
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from textenv import HFRewardModel, KeywordReward, TextEnv, TextVectorEnv
+from textenv.lm_cache import CachedLM
+
+IMDB = Path(__file__).resolve().parents[2] / "shared/data/imdb/train.jsonl.gz"
+FALLBACK = [
+    "This movie was a wonderful surprise from start to finish.",
+    "I have never been so bored in a cinema in my whole life.",
+    "The acting was fine but the plot made no sense at all.",
+    "A classic that every fan of the genre should see at least once.",
+]
+
+
+def load_texts(n: int) -> tuple[list[str], str]:
+    """`n` IMDb train reviews (both labels), or a few built-in sentences when the data is absent."""
+    if not IMDB.exists():
+        return FALLBACK, "built-in sentences (IMDb not found)"
+    with gzip.open(IMDB, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"].replace("<br />", " ") for line in f]
+    return texts[:: max(1, len(texts) // n)][:n], f"IMDb train, {n} reviews"
+
+
+def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE like GPT-2's, trained here so the benchmark needs no download."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+class Timed:
+    """A reward model that also adds up the seconds spent inside it (to split env bookkeeping from scoring)."""
+
+    def __init__(self, reward_model) -> None:
+        self.reward_model, self.seconds = reward_model, 0.0
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        start = time.perf_counter()
+        scores = self.reward_model(texts)
+        self.seconds += time.perf_counter() - start
+        return scores
+
+
+def time_single(env: TextEnv, actions: np.ndarray) -> float:
+    """Microseconds per step of one env (resets included, amortised)."""
+    env.reset(seed=0)
+    start = time.perf_counter()
+    for a in actions:
+        _, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            env.reset()
+    return (time.perf_counter() - start) / len(actions) * 1e6
+
+
+def time_vector(envs: gym.vector.VectorEnv, actions: np.ndarray) -> float:
+    """Microseconds per vector step (`actions` (T, E)); autoreset steps included."""
+    envs.reset(seed=0)
+    start = time.perf_counter()
+    for a in actions:
+        envs.step(a)
+    return (time.perf_counter() - start) / len(actions) * 1e6
+
+
+@torch.inference_mode()
+def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab: int) -> float:
+    """Microseconds per KV-cached decode step at `batch` (prefill of `prompt` tokens not counted)."""
+    ids = torch.randint(0, vocab, (batch, prompt))
+    out = model(input_ids=ids, use_cache=True)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(new):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache = out.cache
+        token = torch.multinomial(torch.softmax(out.logits[:, -1, :vocab], -1), 1)  # (B, 1)
+    return (time.perf_counter() - start) / new * 1e6
+
+
+@torch.inference_mode()
+def time_cached_rollout(model: GPT2LMHeadModel, envs: TextVectorEnv, steps: int) -> tuple[float, float]:
+    """(us per CachedLM step + sampling, us per env step) of a rollout driving `envs` with the GPT."""
+    lm = CachedLM(model, envs.env.pad_token_id)
+    obs, _ = envs.reset(seed=0)
+    t_lm = t_env = 0.0
+    n = envs.single_action_space.n
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits, _ = lm.step(torch.as_tensor(obs))
+        actions = torch.multinomial(torch.softmax(logits[:, :n], -1), 1)[:, 0].numpy()
+        t1 = time.perf_counter()
+        obs, *_ = envs.step(actions)
+        t_lm, t_env = t_lm + t1 - t0, t_env + time.perf_counter() - t1
+    return t_lm / steps * 1e6, t_env / steps * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--batch", type=int, default=64, help="vector env size = GPT decode batch")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (agents.ppo default: 1)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/env_overhead.json)"
+    )
+    args = parser.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    steps = 48 if args.quick else 160  # vector steps per round (x batch tokens)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    E = args.batch
+
+    texts, text_source = load_texts(1000 if args.quick else 5000)
+    tok = train_bpe(texts)
+    V = len(tok)
+    # The seed recipe's episode shape: 2-8 token queries, 4-16 token responses.
+    kw = dict(tokenizer=tok, prompts=texts, query_tokens=(2, 8), max_prompt_tokens=8, max_new_tokens=(4, 16))
+    classifier = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=V, dim=128, hidden_dim=256, n_layers=2, n_heads=2, pad_token_id=tok.pad_token_id
+        )
+    )
+    rewards = {"rule": KeywordReward(["great", "good", "love", "bad"]), "hf": HFRewardModel(classifier, tok)}
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=256, n_layer=4, n_head=4)).eval()
+
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, V, size=(steps, E))  # random tokens: EOS is rare, as in sampled text
+    envs: dict[str, tuple[object, Timed]] = {}
+    for name, rm in rewards.items():
+        timed = Timed(rm)
+        envs[f"single_{name}"] = (TextEnv(reward_model=timed, **kw), timed)
+        envs[f"sync_{name}"] = (
+            gym.vector.SyncVectorEnv([lambda t=timed: TextEnv(reward_model=t, **kw)] * E),
+            timed,
+        )
+        envs[f"batched_{name}"] = (TextVectorEnv(E, reward_model=timed, **kw), timed)
+    # All 64 responses 16 tokens long: they finish together, one reward call per 16 steps (as a batch scorer).
+    timed = Timed(rewards["hf"])
+    envs["batched_hf_fixed16"] = (
+        TextVectorEnv(E, reward_model=timed, **(kw | {"max_new_tokens": 16})),
+        timed,
+    )
+
+    times: dict[str, list[float]] = {}
+    scoring: dict[str, list[float]] = {}  # of which inside the reward model
+    for _ in range(rounds):
+        times.setdefault("gpt_decode", []).append(time_decode(gpt, E, 8, 16, V))
+        for key, (env, timed) in envs.items():
+            timed.seconds = 0.0
+            if key.startswith("single"):
+                n, us = 4 * steps, time_single(env, actions.reshape(-1)[: 4 * steps])
+            else:
+                n = steps // 4 if key.startswith("sync") else steps  # SyncVectorEnv is slow: fewer steps
+                us = time_vector(env, actions[:n])
+            times.setdefault(key, []).append(us)
+            scoring.setdefault(key, []).append(timed.seconds / n * 1e6)
+        lm_us, env_us = time_cached_rollout(gpt, envs["batched_rule"][0], steps // 2)
+        times.setdefault("gpt_cachedlm_step", []).append(lm_us)
+        times.setdefault("rollout_env_rule", []).append(env_us)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_score = {k: statistics.median(v) for k, v in scoring.items()}
+    decode = med["gpt_decode"]
+    results: dict = {"batch": E, "torch_threads": args.threads, "text_source": text_source, "vocab": V,
+                     "episode": "queries of 2-8 tokens, responses of 4-16 tokens (random tokens)"}  # fmt: skip
+    rows = []
+    for key, label, batch in [
+        ("gpt_decode", "tiny GPT decode step (KV cache, raw HF)", E),
+        ("gpt_cachedlm_step", "tiny GPT step via CachedLM on env obs", E),
+        ("single_rule", "TextEnv, rule reward", 1),
+        ("single_hf", "TextEnv, HF classifier reward", 1),
+        ("sync_rule", "SyncVectorEnv(TextEnv), rule reward", E),
+        ("sync_hf", "SyncVectorEnv(TextEnv), HF classifier reward", E),
+        ("batched_rule", "TextVectorEnv, rule reward", E),
+        ("batched_hf", "TextVectorEnv, HF classifier reward", E),
+        ("batched_hf_fixed16", "TextVectorEnv, HF reward, all responses 16 tokens", E),
+        ("rollout_env_rule", "TextVectorEnv, rule reward, in a GPT rollout", E),
+    ]:
+        us, rm_us = med[key], med_score.get(key, 0.0)
+        r = {"us_per_step": us, "us_per_token": us / batch, "batch": batch, "all_rounds_us": times[key]}
+        if key in med_score:
+            r |= {"reward_model_us_per_step": rm_us, "env_own_us_per_step": us - rm_us}
+        if batch == E:
+            r |= {"fraction_of_gpt_decode_step": us / decode}
+            if key in med_score:
+                r |= {"env_own_fraction_of_gpt_decode_step": (us - rm_us) / decode}
+        results[key] = r
+        pct = (lambda x: f"{100 * x / decode:.1f}%") if batch == E else (lambda x: "-")
+        rows.append(
+            [label, batch, round(us, 1), round(us / batch, 2), pct(us), round(us - rm_us, 1), pct(us - rm_us)]
+        )
+    print_table(
+        [
+            "what",
+            "batch",
+            "us/step",
+            "us/token",
+            "vs GPT decode",
+            "us/step w/o reward model",
+            "vs GPT decode",
+        ],
+        rows,
+    )
+    targets = []
+    for r in ("rule", "hf"):
+        total, own = med[f"batched_{r}"] / decode, (med[f"batched_{r}"] - med_score[f"batched_{r}"]) / decode
+        targets.append(
+            target(f"batched_env_{r}_fraction_of_gpt_decode_step", total, "<= 0.10", total <= 0.10)
+        )
+        targets.append(
+            target(f"batched_env_{r}_own_cost_fraction_of_gpt_decode_step", own, "<= 0.10", own <= 0.10)
+        )
+    path = write_result("env_overhead", results, targets, args.quick, args.out)
+    for t in targets:
+        print(f"{t['name']}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
