@@ -120,11 +120,12 @@ class GPTAgent(nn.Module):
         self._rollout = CachedLM(self.lm, self.pad_token_id)
         self._eval = CachedLM(self.lm, self.pad_token_id)
         self._memo: tuple | None = None  # (cache name, obs, hidden) of the last cached step
+        self._params = list(self.parameters())
         self._weights_seen = self._weights_version()
 
     def _weights_version(self) -> int:
         # In-place updates (optimizer.step, load_state_dict) bump tensors' version counters: a stale-cache guard.
-        return sum(p._version for p in self.parameters())
+        return sum(p._version for p in self._params)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

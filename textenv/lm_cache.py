@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def attention_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -50,6 +50,25 @@ def forward_full(model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> tupl
     return head(hidden).float(), hidden
 
 
+class _SlotLayer(DynamicLayer):
+    """One layer's keys/values as a view of a preallocated (B, H, capacity, D) buffer: `update` writes the new
+    columns in place instead of `torch.cat`-ing the whole cache every step (DynamicLayer's way)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, end: int) -> None:
+        super().__init__()
+        self.kbuf, self.vbuf, self.start, self.end = keys, values, start, end
+        self.keys, self.values = keys[:, :, start:end], values[:, :, start:end]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.end + key_states.shape[-2]
+        self.kbuf[:, :, self.end : end] = key_states
+        self.vbuf[:, :, self.end : end] = value_states
+        self.end = end
+        self.keys, self.values = self.kbuf[:, :, self.start : end], self.vbuf[:, :, self.start : end]
+        return self.keys, self.values
+
+
 class CachedLM:
     """Per-row KV cache over a batch of token-step episodes.
 
@@ -58,6 +77,10 @@ class CachedLM:
     new token at the end (one environment step); any other row (a reset, or the first call) is
     re-prefilled from its obs. Call `reset()` when the model's weights change: cached keys were computed
     with the old ones.
+
+    Keys and values live in preallocated per-layer buffers (B, H, capacity, D) whose live columns are
+    [start, end): a step writes one column at `end`, dropping columns every row has masked moves `start`,
+    and the block is moved back to the left only when it reaches the buffer's end.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int) -> None:
@@ -68,15 +91,30 @@ class CachedLM:
 
     def reset(self) -> None:
         """Forget every row: the next `step` re-prefills all of them."""
-        self.keys: list[torch.Tensor] | None = None  # per layer (B, H, T, D)
-        self.values: list[torch.Tensor] | None = None
-        self.mask: torch.Tensor | None = None  # (B, T) long: which cached columns are real for each row
+        self.kbuf: list[torch.Tensor] | None = None  # per layer (B, H, capacity, D)
+        self.vbuf: list[torch.Tensor] | None = None
+        self.mbuf: torch.Tensor | None = None  # (B, capacity) long: which columns are real for each row
+        self.start = self.end = 0
         self.last_obs: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
         """Number of cached columns (bounded by the longest live row)."""
-        return 0 if self.mask is None else self.mask.shape[1]
+        return self.end - self.start
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(B, width) long: which cached columns are real for each row."""
+        return None if self.mbuf is None else self.mbuf[:, self.start : self.end]
+
+    @property
+    def keys(self) -> list[torch.Tensor] | None:
+        """Per layer (B, H, width, D): the live cached keys."""
+        return None if self.kbuf is None else [k[:, :, self.start : self.end] for k in self.kbuf]
+
+    @property
+    def values(self) -> list[torch.Tensor] | None:
+        return None if self.vbuf is None else [v[:, :, self.start : self.end] for v in self.vbuf]
 
     def continuing_rows(self, obs: torch.Tensor) -> torch.Tensor:
         """(B,) bool: rows whose obs is the previous one advanced by exactly one token."""
@@ -97,65 +135,80 @@ class CachedLM:
         """Final hidden state (B, C) at the last position of each row of `obs` (B, L); advances the cache."""
         obs = obs.long()
         restart = ~self.continuing_rows(obs)
-        if self.mask is None or self.mask.shape[0] != obs.shape[0]:
-            self._allocate(obs.shape[0], obs.device)
-        if restart.any():
+        if self.mbuf is None or self.mbuf.shape[0] != obs.shape[0]:
+            self.reset()
+        if bool(restart.all()):  # first call, or every episode restarted at once: one forward over whole rows
+            self.start = self.end = 0
+            hidden = self._prefill(torch.arange(obs.shape[0], device=obs.device), obs, capacity=2 * obs.shape[1])
+            self.last_obs = obs.clone()
+            return hidden
+        if bool(restart.any()):
             self._prefill(restart.nonzero().squeeze(1), obs[restart, :-1])
+        if self.end == self.mbuf.shape[1]:  # buffer full on the right: move the live block back to column 0
+            self._move(0)
         # One batched decode step for every row: its newest token.
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # (B, T+1)
+        self.mbuf[:, self.end] = 1
+        mask = self.mbuf[:, self.start : self.end + 1]  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        cache = DynamicCache(ddp_cache_data=list(zip(self.keys, self.values, strict=True))) if self.width else None
-        out = self.base(
-            input_ids=obs[:, -1:], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
-        )
-        new = out.cache
-        self.keys = [layer.keys for layer in new.layers]
-        self.values = [layer.values for layer in new.layers]
-        self.mask = mask
+        layers = [_SlotLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
+        out = self.base(input_ids=obs[:, -1:], attention_mask=mask, position_ids=pos, cache=Cache(layers=layers),
+                        use_cache=True)  # fmt: skip
+        self.end += 1
         self.last_obs = obs.clone()
         self._trim()
         return out.last_hidden_state[:, -1]  # (B, C)
 
-    def _allocate(self, batch: int, device: torch.device) -> None:
-        self.keys = self.values = None
-        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
-
-    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor) -> None:
-        """Encode each restarted row's tokens but its last, and write them right-aligned into the cache."""
-        pmask = attention_mask(prefix, self.pad_token_id)  # (R, L-1)
+    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor, capacity: int = 0) -> torch.Tensor | None:
+        """Encode the restarted rows' `prefix` tokens and write their keys/values right-aligned in the cache;
+        returns the hidden state at each prefix's last position (None for empty prefixes)."""
+        pmask = attention_mask(prefix, self.pad_token_id)  # (R, L')
         width = int(pmask.sum(dim=1).max())
         if width == 0:  # one-token prompts: nothing to cache, just forget the rows
-            self.mask[rows] = 0
-            return
+            self.mbuf[rows, self.start : self.end] = 0
+            return None
         prefix, pmask = prefix[:, -width:], pmask[:, -width:]
         out = self.base(input_ids=prefix, attention_mask=pmask, position_ids=position_ids(pmask), use_cache=True)
         keep = pmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
         new_k = [torch.where(keep, layer.keys, 0.0) for layer in out.cache.layers]  # (R, H, W, D) each
         new_v = [torch.where(keep, layer.values, 0.0) for layer in out.cache.layers]
-        if self.keys is None:  # first prefill: allocate the cache at this width
-            batch = self.mask.shape[0]
-            self.keys = [k.new_zeros(batch, *k.shape[1:]) for k in new_k]
-            self.values = [v.new_zeros(batch, *v.shape[1:]) for v in new_v]
-            self.mask = torch.zeros(batch, width, dtype=torch.long, device=prefix.device)
-        elif width > self.width:  # widen every row on the left with masked zeros
-            grow = width - self.width
-            self.keys = [torch.nn.functional.pad(k, (0, 0, grow, 0)) for k in self.keys]
-            self.values = [torch.nn.functional.pad(v, (0, 0, grow, 0)) for v in self.values]
-            self.mask = torch.nn.functional.pad(self.mask, (grow, 0))
-        start = self.width - width
-        for k, v, nk, nv in zip(self.keys, self.values, new_k, new_v, strict=True):
-            k[rows] = 0.0
-            v[rows] = 0.0
-            k[rows, :, start:] = nk
-            v[rows, :, start:] = nv
-        self.mask[rows] = 0
-        self.mask[rows, start:] = pmask
+        if self.kbuf is None:  # allocate from the shapes the model produced
+            batch, capacity = self.mbuf.shape[0] if self.mbuf is not None else len(rows), max(capacity, 2 * width)
+            self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in new_k]
+            self.vbuf = [v.new_zeros(batch, v.shape[1], capacity, v.shape[3]) for v in new_v]
+            self.mbuf = torch.zeros(batch, capacity, dtype=torch.long, device=prefix.device)
+            self.start = self.end = 0
+        grow = width - self.width
+        if grow > 0:  # widen every row on the left with masked columns
+            if self.start < grow:
+                self._move(grow)
+            self.start -= grow
+            self.mbuf[:, self.start : self.start + grow] = 0
+        col = self.end - width
+        for k, v, nk, nv in zip(self.kbuf, self.vbuf, new_k, new_v, strict=True):
+            k[rows, :, col : self.end] = nk
+            v[rows, :, col : self.end] = nv
+        self.mbuf[rows, self.start : self.end] = 0
+        self.mbuf[rows, col : self.end] = pmask
+        return out.last_hidden_state[:, -1]
+
+    def _move(self, first: int) -> None:
+        """Place the live columns at [first, first + width), growing the buffers if they do not fit with a
+        free column after them."""
+        width, capacity = self.width, self.mbuf.shape[1]
+        if first + width + 1 > capacity:
+            capacity = 2 * (first + width + 1)
+            grown = [b.new_zeros(*b.shape[:2], capacity, b.shape[3]) for b in self.kbuf + self.vbuf]
+            mbuf = self.mbuf.new_zeros(self.mbuf.shape[0], capacity)
+        else:
+            grown, mbuf = self.kbuf + self.vbuf, self.mbuf
+        for new, old in zip(grown, self.kbuf + self.vbuf, strict=True):
+            new[:, :, first : first + width] = old[:, :, self.start : self.end].clone()  # clone: ranges may overlap
+        mbuf[:, first : first + width] = self.mbuf[:, self.start : self.end].clone()
+        n = len(self.kbuf)
+        self.kbuf, self.vbuf, self.mbuf = grown[:n], grown[n:], mbuf
+        self.start, self.end = first, first + width
 
     def _trim(self) -> None:
         """Drop leading columns that every row has masked, so the cache stays as wide as the longest row."""
         live = self.mask.any(dim=0).nonzero()
-        first = int(live[0]) if len(live) else self.width
-        if first > 0:
-            self.keys = [k[:, :, first:] for k in self.keys]
-            self.values = [v[:, :, first:] for v in self.values]
-            self.mask = self.mask[:, first:]
+        self.start += int(live[0]) if len(live) else self.width

@@ -1,0 +1,209 @@
+"""Rollout throughput: TextEnv + GPTAgent (KV-cached, one token per env step) vs HF `generate` vs naive.
+
+Generated tokens per second of the same GPT-2-architecture model on the same prompts, in one run:
+
+- `textenv+gptagent`: `TextVectorEnv` stepped by `GPTAgent.get_action_and_value` under no_grad, exactly as the
+  PPO rollout drives it (obs -> tensor, sample, `envs.step`), counting the tokens of valid (non-autoreset) steps.
+- `gptagent (no env)`: the same agent loop with the env replaced by a tensor shift: the agent's own cost.
+- `hf generate`: `model.generate` with KV cache, pure sampling (do_sample, top_k=0, temperature 1) and a fixed
+  number of new tokens (min = max), as the seed recipe samples.
+- `naive recompute`: a loop that re-encodes the whole prefix for every token (what a token-step env costs
+  without an agent-side cache).
+
+Every episode generates exactly `--new-tokens` tokens (`min_new_tokens` = max, so EOS does not end it early).
+The machine is shared and noisy: each round times all methods back to back, and the targets use the median
+over rounds of the per-round ratios.
+
+    python benchmarks/rollout.py                      # CPU: 4 layers x 256, 4k vocab, batch 64, 8 + 16 tokens
+    python benchmarks/rollout.py --device cuda --dtype bf16 --preset gpt2-small --batch 256
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from _common import print_table, target, write_result
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from agents.gpt_policy import GPTAgent
+from textenv.lm_cache import attention_mask, position_ids
+from textenv.vector import TextVectorEnv
+
+IMDB = Path(__file__).resolve().parents[2] / "shared/data/imdb"
+PRESETS = {  # (n_layer, n_embd, n_head, vocab)
+    "small": (4, 256, 4, 4096),  # DESIGN.md's CPU reference model (4.2M parameters)
+    "gpt2-small": (12, 768, 12, 50257),  # GPT-2 124M shape
+}
+
+
+@dataclass
+class Args:
+    preset: str = "small"
+    """model shape: "small" (4 layers x 256, 4k vocab) or "gpt2-small" (12 x 768, 50k vocab)"""
+    batch: int = 64
+    """prompts per batch (= num_envs)"""
+    prompt_tokens: int = 8
+    """tokens per prompt"""
+    new_tokens: int = 16
+    """generated tokens per episode"""
+    episodes: int = 4
+    """batches of episodes per method per round"""
+    rounds: int = 5
+    """timing rounds (all methods back to back in each)"""
+    device: str = "cpu"
+    """torch device"""
+    dtype: str = "float32"
+    """"float32" or "bf16" (autocast, the same for every method)"""
+    quick: bool = False
+    """smoke run: 1 episode batch, 2 rounds"""
+    out: str | None = None
+    """JSON path (default benchmarks/results/rollout[-gpu].json)"""
+
+
+def tokenizer(vocab: int):
+    """A byte-level BPE of `vocab` tokens, trained on IMDb when present, else on the embedded corpus."""
+    from textenv.bpe import train_bpe
+    from textenv.data import load_texts
+
+    texts = load_texts(IMDB, "train", limit=3000) if IMDB.is_dir() else load_texts("embedded", "train")
+    return train_bpe(texts.texts, vocab_size=vocab), texts.texts
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def env_loop(agent: GPTAgent, envs: TextVectorEnv, episodes: int, args: Args) -> int:
+    """PPO's rollout loop: one get_action_and_value per vector step. Returns tokens generated."""
+    next_obs, _ = envs.reset(seed=0)
+    tokens, ended = 0, np.zeros(envs.num_envs, dtype=bool)
+    for _ in range(episodes * (args.new_tokens + 1)):  # +1: the NEXT_STEP autoreset step of each episode
+        obs = torch.as_tensor(next_obs).to(args.device, non_blocking=True)
+        with torch.no_grad():
+            action, _, _, _ = agent.get_action_and_value(obs)
+        next_obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
+        tokens += int((~ended).sum())  # the step after an episode end only resets: no token
+        ended = terminated | truncated
+    agent.reset_cache()
+    return tokens
+
+
+def agent_loop(agent: GPTAgent, prompts: torch.Tensor, episodes: int, args: Args) -> int:
+    """The agent alone: the env replaced by a tensor shift (prompt window + new tokens, left-padded)."""
+    B, P = prompts.shape
+    window = P + args.new_tokens
+    for _ in range(episodes):
+        obs = torch.full((B, window), agent.pad_token_id, dtype=torch.long, device=args.device)
+        obs[:, -P:] = prompts
+        for _ in range(args.new_tokens):
+            with torch.no_grad():
+                action = agent.get_action_and_value(obs)[0]
+            obs = torch.cat([obs[:, 1:], action[:, None]], dim=1)
+    agent.reset_cache()
+    return episodes * B * args.new_tokens
+
+
+def generate_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, args: Args, pad: int) -> int:
+    for _ in range(episodes):
+        with torch.no_grad(), autocast(args):
+            out = model.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0, top_p=1.0,
+                temperature=1.0, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens, pad_token_id=pad,
+            )  # fmt: skip
+        assert out.shape[1] == prompts.shape[1] + args.new_tokens
+    return episodes * prompts.shape[0] * args.new_tokens
+
+
+def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, args: Args, pad: int) -> int:
+    for _ in range(episodes):
+        ids = prompts
+        for _ in range(args.new_tokens):
+            mask = attention_mask(ids, pad)
+            with torch.no_grad(), autocast(args):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+            action = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+            ids = torch.cat([ids, action], dim=1)
+    return episodes * prompts.shape[0] * args.new_tokens
+
+
+def autocast(args: Args):
+    dtype = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else None
+    return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
+
+def main(args: Args) -> None:
+    if args.quick:
+        args.episodes, args.rounds = 1, 2
+    n_layer, n_embd, n_head, vocab = PRESETS[args.preset]
+    tok, texts = tokenizer(vocab)
+    vocab = len(tok)  # the embedded corpus may give fewer merges than asked
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = GPT2LMHeadModel(cfg).to(args.device).eval()
+    pad = tok.pad_token_id
+    agent = GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype)
+
+    def zero_reward(texts: list[str]) -> list[float]:
+        return [0.0] * len(texts)
+
+    envs = TextVectorEnv(args.batch, tokenizer=tok, reward_model=zero_reward, prompts=texts,
+                         max_prompt_tokens=args.prompt_tokens, max_new_tokens=args.new_tokens,
+                         min_new_tokens=args.new_tokens, query_tokens=(args.prompt_tokens, args.prompt_tokens))  # fmt: skip
+    first, _ = envs.reset(seed=0)  # the same prompts for every method
+    prompts = torch.as_tensor(first[:, -args.prompt_tokens :]).to(args.device)
+    assert (prompts != pad).all(), "prompts must be exactly --prompt-tokens long"
+
+    methods = {
+        "textenv+gptagent": lambda n: env_loop(agent, envs, n, args),
+        "gptagent (no env)": lambda n: agent_loop(agent, prompts, n, args),
+        "hf generate": lambda n: generate_loop(model, prompts, n, args, pad),
+        "naive recompute": lambda n: naive_loop(model, prompts, n, args, pad),
+    }
+    for fn in methods.values():  # warm-up (allocator, autocast caches, lazy imports)
+        fn(1)
+    rates: dict[str, list[float]] = {k: [] for k in methods}
+    for r in range(args.rounds):
+        order = list(methods) if r % 2 == 0 else list(reversed(methods))
+        for name in order:
+            sync(args.device)
+            t0 = time.perf_counter()
+            tokens = methods[name](args.episodes)
+            sync(args.device)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
+
+    ours = np.array(rates["textenv+gptagent"])
+    vs_generate = statistics.median(ours / np.array(rates["hf generate"]))
+    vs_naive = statistics.median(ours / np.array(rates["naive recompute"]))
+    rows = [[k, statistics.median(v), min(v), max(v), statistics.median(np.array(v) / np.array(rates["hf generate"]))]
+            for k, v in rates.items()]  # fmt: skip
+    print_table(["method", "tokens/s (median)", "min", "max", "x generate"], rows)
+    gpu = args.device.startswith("cuda")
+    targets = [target("tokens_per_s_ratio_vs_generate", round(vs_generate, 3), ">= 1.0" if gpu else ">= 0.8",
+                      vs_generate >= (1.0 if gpu else 0.8))]  # fmt: skip
+    if not gpu:
+        targets.append(target("tokens_per_s_ratio_vs_naive", round(vs_naive, 2), ">= 3.0", vs_naive >= 3.0))
+    for t in targets:
+        print(f"target {t['name']}: {t['value']} (want {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
+    results = {
+        "model": {"preset": args.preset, "n_layer": n_layer, "n_embd": n_embd, "vocab": vocab,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "episodes_per_round": args.episodes, "rounds": args.rounds, "device": args.device, "dtype": args.dtype,
+        "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "median_tokens_per_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+        "ratio_vs_generate": round(vs_generate, 3), "ratio_vs_naive": round(vs_naive, 2),
+    }  # fmt: skip
+    print(f"wrote {write_result('rollout', results, targets, args.quick, args.out)}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
