@@ -29,8 +29,8 @@ def categorical(logits: torch.Tensor, action: torch.Tensor | None) -> tuple[torc
     Written out instead of `torch.distributions.Categorical`, whose argument checks cost more than the
     tiny MLP itself at one call per environment step."""
     logp = logits.log_softmax(-1)  # (B, A)
-    if action is None:
-        action = torch.multinomial(logp.exp(), 1).squeeze(-1)
+    if action is None:  # Gumbel-max: argmax(logp + Gumbel noise) is an exact sample, cheaper than multinomial
+        action = (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)
     logprob = logp.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return action, logprob, entropy

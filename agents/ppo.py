@@ -352,9 +352,11 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
     by_env = args.minibatch_by_env
     b = {"obs": obs.reshape((T * E,) + obs.shape[2:]), "actions": actions.reshape(-1), "logprobs": logprobs.reshape(-1),
          "values": values.reshape(-1), "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
-    sums, n, first_dev = torch.zeros(6), 0, float("nan")
+    first_dev = float("nan")
     for epoch in range(args.update_epochs):
-        approx_kls = []
+        # statistics of the last epoch are logged; every epoch's when target_kl may stop early
+        track = args.target_kl is not None or epoch == args.update_epochs - 1
+        sums, n = torch.zeros(6), 0
         parts = env_minibatches(E, args.num_minibatches) if by_env else flat_minibatches(valid.reshape(-1), args.num_minibatches)
         for mb_i, idx in enumerate(parts):
             if by_env:  # all T steps of the env columns `idx`: (T, E_mb)
@@ -378,17 +380,13 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
             mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: torch.where(m, x, 0).sum() / m.sum().clamp(min=1))
             logratio = newlogprob - sel["logprobs"]
             ratio = logratio.exp()
-            with torch.no_grad():
-                if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
-                    dev = (ratio - 1).abs() if m is None else torch.where(m, ratio - 1, 0).abs()
-                    first_dev = dev.max().item()
-                    if first_dev > 1e-4:
-                        warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {first_dev:.2e}: the "
-                                      "update does not score actions as the rollout did (dropout on? sampling "
-                                      "from a different distribution? stale cache?)", stacklevel=3)
-                old_approx_kl = mean(-logratio)
-                approx_kl = mean((ratio - 1) - logratio)
-                clipfrac = mean(((ratio - 1.0).abs() > clip).float())
+            if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
+                dev = (ratio - 1).abs() if m is None else torch.where(m, ratio - 1, 0).abs()
+                first_dev = dev.max().item()
+                if first_dev > 1e-4:
+                    warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {first_dev:.2e}: the "
+                                  "update does not score actions as the rollout did (dropout on? sampling "
+                                  "from a different distribution? stale cache?)", stacklevel=3)
             mb_adv = sel["advantages"]
             if args.norm_adv:
                 mu = mean(mb_adv)
@@ -410,11 +408,12 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
-            sums += torch.stack([pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), old_approx_kl,
-                                 approx_kl, clipfrac]).float().cpu()
-            n += 1
-            approx_kls.append(approx_kl)
-        if args.target_kl is not None and torch.stack(approx_kls).mean().item() > args.target_kl:
+            if track:
+                with torch.no_grad():
+                    sums += torch.stack([pg_loss, v_loss, entropy_loss, mean(-logratio), mean((ratio - 1) - logratio),
+                                         mean(((ratio - 1.0).abs() > clip).float())]).float().cpu()
+                n += 1
+        if args.target_kl is not None and sums[4] / max(n, 1) > args.target_kl:
             break
     keys = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
             "losses/approx_kl", "losses/clipfrac"]
