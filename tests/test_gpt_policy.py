@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.gpt_policy import GPTAgent
+from agents.gpt_policy import GPTAgent, sample
 
 PAD, VOCAB, MAX_PROMPT, MAX_NEW = 0, 50, 5, 7
 WINDOW = MAX_PROMPT + MAX_NEW
@@ -175,3 +175,89 @@ def test_bf16_autocast_gives_float32_outputs_close_to_float32():
     b = bf16.get_action_and_value(obs, action)
     assert b[1].dtype == torch.float32 and b[3].dtype == torch.float32
     torch.testing.assert_close(a[1], b[1], atol=0.1, rtol=0.05)
+
+
+def test_sample_never_draws_zero_probability_tokens():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]).repeat(2000, 1)
+    draws = sample(probs).view(-1, 3)
+    assert set(draws[:, 0].tolist()) == {1, 3} and (draws[:, 1] == 3).all() and (draws[:, 2] == 0).all()
+    assert abs((draws[:, 0] == 1).float().mean().item() - 0.5) < 0.05
+
+
+# --- through agents.ppo on a TextEnv -----------------------------------------------------------------------
+
+
+def keyword_envs(num_envs: int = 16):
+    import gymnasium as gym
+
+    import textenv
+
+    tok = textenv.char_tokenizer("ab")
+    envs = gym.make_vec(
+        "TextEnv-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", tokenizer=tok,
+        reward_model=textenv.KeywordReward("a"), prompts=["b", "bb", "ba", "ab"], max_prompt_tokens=2,
+        max_new_tokens=4, min_new_tokens=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=2, n_head=2, embd_pdrop=0.3)
+    return envs, GPTAgent(GPT2LMHeadModel(cfg), tok.pad_token_id, vocab_size=len(tok))
+
+
+def ppo_args(tmp_path, iterations: int, **kw):
+    from agents.ppo import Args
+
+    return Args(
+        num_envs=16, num_steps=20, total_timesteps=16 * 20 * iterations, learning_rate=3e-3, minibatch_by_env=True,
+        num_minibatches=4, update_epochs=4, gamma=1.0, bootstrap_truncated=False, ent_coef=0.0, eval_episodes=0,
+        save_every=1, run_dir=str(tmp_path / "run"), log_every=0, **kw,
+    )  # fmt: skip
+
+
+def ratio_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "ratio" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_ppo_with_gptagent_learns_a_keyword_reward(tmp_path):
+    import warnings
+
+    from agents.ppo import train
+
+    envs, agent = keyword_envs()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = train(ppo_args(tmp_path, 8), envs=envs, agent=agent)
+    assert not ratio_warnings(record)  # the first minibatch of every update saw ratio 1
+    scores = torch.tensor([r for _, r in result["episode_returns"]])
+    first, last = scores[:64], scores[-64:]  # a random policy writes "a" 1 time in 5; the optimum is 4 of 4
+    assert last.mean() > first.mean() + max(1.0, 6 * first.std().item() / 64**0.5)
+
+
+def test_ppo_with_gptagent_resumes_from_a_checkpoint(tmp_path):
+    import warnings
+
+    from agents.ppo import train
+
+    envs, agent = keyword_envs()
+    first = train(ppo_args(tmp_path, 2), envs=envs, agent=agent)
+    saved = torch.load(first["checkpoint"], weights_only=False)["agent"]
+
+    class Seen:
+        def __init__(self) -> None:
+            self.iterations: list[int] = []
+
+        def on_iteration(self, iteration, global_step, rollout, writer):
+            self.iterations.append(iteration)
+
+    envs, fresh = keyword_envs()
+    with torch.no_grad():
+        fresh.lm.transformer.wte.weight.add_(1.0)  # far from the checkpoint: only a real load brings it back
+    seen = Seen()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        second = train(ppo_args(tmp_path, 4, resume=True), envs=envs, agent=fresh, hooks=seen)
+    assert seen.iterations == [3, 4] and second["global_step"] == 4 * 16 * 20
+    assert second["episode_returns"][: len(first["episode_returns"])] == first["episode_returns"]
+    assert not ratio_warnings(record)  # no stale cache from before the load
+    drift = (fresh.lm.transformer.wte.weight - saved["lm.transformer.wte.weight"]).abs().max()
+    assert drift < 0.5  # continued from the checkpoint (2 more iterations of small Adam steps), not from +1.0
