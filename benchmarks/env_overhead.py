@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -107,6 +108,13 @@ def time_vector(envs: gym.vector.VectorEnv, actions: np.ndarray) -> float:
     return (time.perf_counter() - start) / len(actions) * 1e6
 
 
+def sample(logits: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling (B, 1): same law as torch.multinomial, ~8x cheaper on CPU."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+
+
 @torch.inference_mode()
 def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab: int) -> float:
     """Microseconds per KV-cached decode step at `batch` (prefill of `prompt` tokens not counted)."""
@@ -117,7 +125,7 @@ def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab
     for _ in range(new):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache = out.cache
-        token = torch.multinomial(torch.softmax(out.logits[:, -1, :vocab], -1), 1)  # (B, 1)
+        token = sample(out.logits[:, -1, :vocab])  # (B, 1)
     return (time.perf_counter() - start) / new * 1e6
 
 
@@ -131,7 +139,7 @@ def time_cached_rollout(model: GPT2LMHeadModel, envs: TextVectorEnv, steps: int)
     for _ in range(steps):
         t0 = time.perf_counter()
         logits, _ = lm.step(torch.as_tensor(obs))
-        actions = torch.multinomial(torch.softmax(logits[:, :n], -1), 1)[:, 0].numpy()
+        actions = sample(logits[:, :n])[:, 0].numpy()
         t1 = time.perf_counter()
         obs, *_ = envs.step(actions)
         t_lm, t_env = t_lm + t1 - t0, t_env + time.perf_counter() - t1
@@ -205,8 +213,16 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     med_score = {k: statistics.median(v) for k, v in scoring.items()}
     decode = med["gpt_decode"]
-    results: dict = {"batch": E, "torch_threads": args.threads, "text_source": text_source, "vocab": V,
-                     "episode": "queries of 2-8 tokens, responses of 4-16 tokens (random tokens)"}  # fmt: skip
+    results: dict = {
+        "batch": E,
+        "torch_threads": args.threads,
+        "text_source": text_source,
+        "vocab": V,
+        "episode": "queries of 2-8 tokens, responses of 4-16 tokens (random tokens)",
+        "load_average_1min_at_end": round(
+            os.getloadavg()[0], 2
+        ),  # other jobs on the machine inflate all times
+    }
     rows = []
     for key, label, batch in [
         ("gpt_decode", "tiny GPT decode step (KV cache, raw HF)", E),
