@@ -36,6 +36,7 @@ from agents.rollout import (
     compute_gae,
     env_info,
     env_minibatches,
+    explained_variance,
     flat_minibatches,
     kl_penalty_rewards,
 )
@@ -283,9 +284,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             # ---- logging, KL controller, hooks, checkpoint
             sps = (global_step - start_step) / (time.time() - start_time)
             stats.update({"charts/learning_rate": lr, "charts/clip_coef": clip, "charts/SPS": sps})
-            y_pred, y_true = values[valid], returns[valid]
-            var_y = y_true.var().item() if y_true.numel() > 1 else float("nan")
-            stats["losses/explained_variance"] = float("nan") if var_y == 0 else 1 - (y_true - y_pred).var().item() / var_y
+            stats["losses/explained_variance"] = explained_variance(values[valid], returns[valid])
             if iter_returns:
                 stats["charts/episodic_return"] = float(np.mean(iter_returns))
                 stats["charts/episodic_length"] = float(np.mean(iter_lengths))
@@ -330,7 +329,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         save_checkpoint(ckpt_path, state(iteration))
     eval_returns: list[float] = []
     if args.eval_episodes > 0 and not interrupted:
-        eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # a fresh copy of envs we built ourselves
+        eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # fresh copies if ours
         eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000)
         if own_envs:
             eval_envs.close()

@@ -80,6 +80,12 @@ def env_minibatches(num_envs: int, num_minibatches: int) -> list[torch.Tensor]:
     return list(torch.randperm(num_envs).tensor_split(num_minibatches))
 
 
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
+    """1 - Var[y_true - y_pred] / Var[y_true]: 1 is a perfect value function, 0 no better than a constant."""
+    var_y = y_true.var().item() if y_true.numel() > 1 else float("nan")
+    return float("nan") if var_y == 0 else 1 - (y_true - y_pred).var().item() / var_y
+
+
 def env_info(infos: dict, i: int) -> dict:
     """Env `i`'s entries of a vector env's `infos` dict (Gymnasium's `_key` masks respected, nested dicts too)."""
     out = {}
