@@ -325,9 +325,12 @@ def write_report(
              f"(standard error before {summary_b['reward_sem']:.3f}, after {summary_a['reward_sem']:.3f}).", "",
              "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(summary_b.get(k))} | {_fmt(summary_a.get(k))} |" for name, k in _ROWS]
-    if extra:
+    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in (extra or {}).items()
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+    flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}
+    if flat:
         lines += ["", "| run | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in extra.items() if not isinstance(v, dict | list)]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
     lines += ["", f"## {len(pairs)} sample pairs", "",
               "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
     lines += [f"| {_cell(p['prompt'])} | {_cell(p['before'])} | {_fmt(p['reward_before'])} | "

@@ -117,8 +117,13 @@ class RLHFConfig:
     """TensorBoard text table of samples every N iterations"""
     eval_prompts: int = 256
     """held-out prompts for the before/after report"""
-    build: dict[str, Any] = field(default_factory=dict)
-    """extra settings for textenv.build.build_all (sizes, steps); see that module"""
+    # --- model building (textenv.build presets; these override them when set)
+    train_limit: int | None = None
+    """build the models from at most this many training texts"""
+    gpt_steps: int | None = None
+    """pretraining steps of the built GPT"""
+    reward_epochs: float | None = None
+    """epochs of the built reward model"""
 
 
 def embedded() -> RLHFConfig:
@@ -393,9 +398,6 @@ def main() -> None:
     run(parse_args())
 
 
-if __name__ == "__main__":
-    main()
-
 
 def load_judge(name: str, device: torch.device) -> TextScorer:
     """A judge folder (`textenv.judge`), or any sequence classifier (its positive probability)."""
@@ -442,7 +444,49 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
                   judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
 
 
+def build_args(cfg: RLHFConfig, device: torch.device):
+    """`textenv.build` settings for this run: its preset of the same name, with this config's overrides."""
+    from textenv.build import preset
+
+    args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
+    if cfg.train_limit is not None:
+        args.train_limit = cfg.train_limit
+    if cfg.gpt_steps is not None:
+        args.gpt.max_steps = cfg.gpt_steps
+        args.gpt.warmup_steps = min(args.gpt.warmup_steps, max(1, cfg.gpt_steps // 10))
+    if cfg.reward_epochs is not None:
+        args.reward.epochs = cfg.reward_epochs
+    if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
+        args.gpt.device = args.reward.device = str(device)
+    return args
+
+
 def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,
                  need_judge: bool) -> dict:
     """Build (or reuse from `artifacts_dir`) the tokenizer + GPT, reward model and judge from the data."""
-    raise NotImplementedError
+    from textenv.build import build, build_all
+
+    args = build_args(cfg, device)
+    check_context(cfg, args.gpt.block_size, f"the GPT to build (block size {args.gpt.block_size})")
+    if need_policy and need_reward and need_judge:
+        paths = build_all(args)
+    else:
+        paths = None
+        for step, needed in (("pretrain", need_policy), ("reward", need_reward), ("judge", need_judge)):
+            if needed:
+                got = build(dataclasses.replace(args, step=step))
+                paths = got if paths is None else dataclasses.replace(
+                    paths, **{k: v for k, v in dataclasses.asdict(got).items() if v is not None})
+    out: dict = {"info": {k: str(v) for k, v in dataclasses.asdict(paths).items() if v is not None}
+                 | {"metrics": paths.metrics()}}
+    if need_policy:
+        out["policy"], out["tokenizer"] = paths.load_gpt()
+    if need_reward:
+        out["reward"] = load_classifier(str(paths.reward), device, "built reward model")
+    if need_judge:
+        out["judge"] = paths.load_judge()
+    return out
+
+
+if __name__ == "__main__":
+    main()

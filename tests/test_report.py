@@ -103,13 +103,13 @@ def test_write_report_files(tok, tmp_path):
     after = evaluate(model, model, tok, PROMPTS, reward_fn=count_a, judge_fn=lambda t: [0.1] * len(t),
                      max_new_tokens=4, seed=1)
     history = [{"global_step": 10 * i, "score_mean": float(i), "kl": 0.1 * i, "kl_coef": 0.2} for i in range(5)]
-    rec = write_report(tmp_path, before, after, history=history, config={"x": 1})
+    rec = write_report(tmp_path, before, after, history=history, config={"x": 1}, extra={"timing": {"total_s": 1.5}})
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["before"]["positive_rate_judge"] == 1.0 and data["after"]["positive_rate_judge"] == 0.0
     assert len(data["samples"]) == 16 and data == json.loads(json.dumps(rec, default=str))
     assert data["gain"]["reward_mean"] == pytest.approx(after[0]["reward_mean"] - before[0]["reward_mean"])
     md = (tmp_path / "report.md").read_text()
-    assert "positive rate (held-out judge)" in md and "training.png" in md
+    assert "positive rate (held-out judge)" in md and "training.png" in md and "| timing.total_s | 1.500 |" in md
     assert (tmp_path / "training.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="different prompts"):
         write_report(tmp_path, before, evaluate(model, model, tok, PROMPTS[:3], reward_fn=count_a,
