@@ -94,7 +94,7 @@ class CachedLM:
         self.kbuf: list[torch.Tensor] | None = None  # per layer (B, H, capacity, D)
         self.vbuf: list[torch.Tensor] | None = None
         self.mbuf: torch.Tensor | None = None  # (B, capacity) long: which columns are real for each row
-        self.start = self.end = 0
+        self.start = self.end = self.capacity = 0
         self.last_obs: torch.Tensor | None = None
 
     @property
@@ -139,9 +139,10 @@ class CachedLM:
             self.reset()
         if bool(restart.all()):  # first call, or every episode restarted at once: one forward over whole rows
             self.start = self.end = 0
-            hidden = self._prefill(torch.arange(obs.shape[0], device=obs.device), obs, capacity=2 * obs.shape[1])
+            self.capacity = 2 * obs.shape[1]  # room to slide: the live block moves back left every ~L steps
+            self._prefill(torch.arange(obs.shape[0], device=obs.device), obs)
             self.last_obs = obs.clone()
-            return hidden
+            return self.prefill_hidden
         if bool(restart.any()):
             self._prefill(restart.nonzero().squeeze(1), obs[restart, :-1])
         if self.end == self.mbuf.shape[1]:  # buffer full on the right: move the live block back to column 0
@@ -158,21 +159,22 @@ class CachedLM:
         self._trim()
         return out.last_hidden_state[:, -1]  # (B, C)
 
-    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor, capacity: int = 0) -> torch.Tensor | None:
+    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor) -> None:
         """Encode the restarted rows' `prefix` tokens and write their keys/values right-aligned in the cache;
-        returns the hidden state at each prefix's last position (None for empty prefixes)."""
+        `self.prefill_hidden` is the hidden state at each prefix's last position (None for empty prefixes)."""
+        self.prefill_hidden: torch.Tensor | None = None
         pmask = attention_mask(prefix, self.pad_token_id)  # (R, L')
         width = int(pmask.sum(dim=1).max())
         if width == 0:  # one-token prompts: nothing to cache, just forget the rows
             self.mbuf[rows, self.start : self.end] = 0
-            return None
+            return
         prefix, pmask = prefix[:, -width:], pmask[:, -width:]
         out = self.base(input_ids=prefix, attention_mask=pmask, position_ids=position_ids(pmask), use_cache=True)
         keep = pmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
         new_k = [torch.where(keep, layer.keys, 0.0) for layer in out.cache.layers]  # (R, H, W, D) each
         new_v = [torch.where(keep, layer.values, 0.0) for layer in out.cache.layers]
         if self.kbuf is None:  # allocate from the shapes the model produced
-            batch, capacity = self.mbuf.shape[0] if self.mbuf is not None else len(rows), max(capacity, 2 * width)
+            batch, capacity = self.mbuf.shape[0] if self.mbuf is not None else len(rows), max(self.capacity, 2 * width)
             self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in new_k]
             self.vbuf = [v.new_zeros(batch, v.shape[1], capacity, v.shape[3]) for v in new_v]
             self.mbuf = torch.zeros(batch, capacity, dtype=torch.long, device=prefix.device)
@@ -189,7 +191,7 @@ class CachedLM:
             v[rows, :, col : self.end] = nv
         self.mbuf[rows, self.start : self.end] = 0
         self.mbuf[rows, col : self.end] = pmask
-        return out.last_hidden_state[:, -1]
+        self.prefill_hidden = out.last_hidden_state[:, -1]  # (R, C)
 
     def _move(self, first: int) -> None:
         """Place the live columns at [first, first + width), growing the buffers if they do not fit with a
