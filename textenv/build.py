@@ -68,6 +68,9 @@ class BuildArgs:
     """evaluate on at most this many test texts"""
     force: bool = False
     """rebuild even when a cached artefact exists"""
+    threads: int | None = None
+    """torch CPU threads; None: torch's default, or 1 when the machine is already busy (load >= cores), where
+    more threads fighting for shared cores run several times slower"""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     gpt: PretrainConfig = field(default_factory=PretrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -89,8 +92,8 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
         args = BuildArgs(
             preset="imdb", data_dir="../shared/data/imdb", test_limit=5000,
             tokenizer=TokenizerConfig(vocab_size=4096),
-            gpt=PretrainConfig(model="small", block_size=128, batch_size=16, max_steps=3000, warmup_steps=100,
-                               eval_every=500, log_every=50, max_minutes=10.0),
+            gpt=PretrainConfig(model="small", block_size=128, batch_size=16, max_steps=3000, warmup_steps=50,
+                               eval_every=100, log_every=50, save_every=100, max_minutes=10.0),
             reward=RewardConfig(vocab_size=8192, dim=64, n_layers=1, n_heads=2, hidden_dim=256, max_length=256,
                                 lr=2e-3, batch_size=32, epochs=3.0, max_minutes=10.0),
             judge=JudgeConfig(epochs=4))
@@ -171,6 +174,8 @@ class _Builder:
         from textenv.bpe import train_bpe
 
         cfg = self.args.tokenizer
+        if self.paths.tokenizer is not None:  # already built or found in this run
+            return self.paths.tokenizer
 
         def build(path: Path) -> dict:
             tok = train_bpe(self.data("train").head(cfg.max_texts).texts, cfg.vocab_size, cfg.min_frequency, path)
@@ -222,8 +227,23 @@ class _Builder:
         return self.paths.judge
 
 
+def set_threads(threads: int | None) -> int:
+    """Apply `BuildArgs.threads`; returns the torch thread count in use."""
+    import os
+
+    import torch
+
+    if threads is None and hasattr(os, "getloadavg"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = 1 if os.getloadavg()[0] >= cores else None
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def build(args: BuildArgs, log: Callable[[str], None] = print) -> Artifacts:
     """Build (or reuse) `args.step` and what it needs; returns the artefact folders built."""
+    log(f"building '{args.step}' from {args.data_dir} into {args.out_dir} ({set_threads(args.threads)} torch threads)")
     b = _Builder(args, log)
     for step in STEPS if args.step == "all" else (args.step,):
         getattr(b, step)()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "test", "unsup")
-_BR = re.compile(r"\s*<br\s*/?>\s*", re.IGNORECASE)
+_BR = re.compile(r"(?:\s*<br\s*/?>\s*)+", re.IGNORECASE)
 
 
 class DataError(ValueError):

@@ -125,11 +125,12 @@ def unigram_perplexity(train: torch.Tensor, heldout: torch.Tensor, vocab_size: i
     return math.exp(-logp[heldout].mean().item())
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+def lr_at(step: int, cfg: PretrainConfig, time_frac: float = 0.0) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps` (or, with a time budget,
+    at the budget's end if that comes first: `time_frac` is the share of `max_minutes` used)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    frac = min(1.0, max(time_frac, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -219,8 +220,9 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
         writer = SummaryWriter(str(out / "tb"))
     tokens_seen, t_train, t_last = 0, 0.0, time.time()
     while step < cfg.max_steps:
+        time_frac = t_train / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, time_frac)
         starts = torch.randint(0, len(train_ids) - block, (cfg.batch_size,), generator=gen)
         x = torch.stack([train_ids[s:s + block] for s in starts.tolist()]).to(device)  # (B, T)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

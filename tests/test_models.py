@@ -1,0 +1,197 @@
+"""Tokenizer, GPT pretraining, reward model, judge and the cached build, with tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
+
+from textenv.bpe import CLS, classifier_tokenizer, train_bpe
+from textenv.build import Artifacts, BuildArgs, TokenizerConfig, build_all, main, preset
+from textenv.corpus import corpus_split
+from textenv.data import Texts
+from textenv.judge import Judge, JudgeConfig, train_judge
+from textenv.pretrain import PretrainConfig, lr_at, pretrain
+from textenv.reward_train import RewardConfig, encode, train_reward
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on shared, busy cores more threads are several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TRAIN = corpus_split("train")
+TEST = corpus_split("test")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(TRAIN.texts[:3000], vocab_size=512)
+
+
+def _tiny_gpt(**kw) -> PretrainConfig:
+    base = dict(model="tiny", block_size=32, batch_size=16, max_steps=40, warmup_steps=5, lr=3e-3, eval_every=20,
+                eval_windows=32, log_every=10, save_every=0, n_samples=2, tensorboard=False)
+    return PretrainConfig(**(base | kw))
+
+
+def _tiny_rm(**kw) -> RewardConfig:
+    base = dict(vocab_size=512, dim=64, n_layers=1, n_heads=2, hidden_dim=128, max_length=48, lr=2e-3, batch_size=32,
+                epochs=2.0, dropout=0.0)
+    return RewardConfig(**(base | kw))
+
+
+def test_tokenizer_round_trip_and_specials(tok, tmp_path: Path) -> None:
+    for s in ["The film was wonderful.", "  two  spaces, é, 😀 and\ttabs\n", "Zyxq unseen wordz!"]:
+        assert tok.decode(tok(s)["input_ids"]) == s
+    assert len(tok) == 512 and tok.eos_token == "<|endoftext|>" and tok.pad_token == "<pad>"
+    assert tok.eos_token_id != tok.pad_token_id
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("I loved it.")["input_ids"] == tok("I loved it.")["input_ids"] and again.pad_token_id == tok.pad_token_id
+    cls = classifier_tokenizer(tok, max_length=16)
+    enc = cls(["good", "a much longer text here"], padding=True, truncation=True)
+    assert set(enc) == {"input_ids", "attention_mask"}  # DistilBERT takes no token_type_ids
+    assert enc["input_ids"][0][0] == tok.convert_tokens_to_ids(CLS) and enc["attention_mask"][0][-1] == 0
+    assert tok("good")["input_ids"][0] != tok.convert_tokens_to_ids(CLS)  # the LM tokenizer adds nothing
+    with pytest.raises(ValueError, match="at least 260"):
+        train_bpe(["x"], vocab_size=100)
+
+
+def test_lr_schedule() -> None:
+    cfg = PretrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(20, cfg, time_frac=0.5) == pytest.approx(0.55)  # a time budget half used: half way down
+
+
+def test_pretrain_loss_falls_and_save_load_round_trip(tok, tmp_path: Path) -> None:
+    m = pretrain(_tiny_gpt(), TRAIN.texts[:1500], TEST.texts[:200], tmp_path, tokenizer=tok, log=lambda s: None)
+    first, last = m["history"][0]["heldout_loss"], m["history"][-1]["heldout_loss"]
+    assert last < first - 0.3 and m["heldout_loss"] < torch.log(torch.tensor(512.0)).item() - 1.5
+    assert m["heldout_perplexity"] < m["unigram_perplexity"] and len(m["samples"]) == 2
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoint").exists()
+    model = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = tok(["The film was", "I hated"], return_tensors="pt", padding=True)["input_ids"]
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    fresh = GPT2LMHeadModel(model.config).eval()
+    fresh.load_state_dict(sd, strict=False)
+    fresh.tie_weights()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, fresh(x).logits)
+    assert AutoTokenizer.from_pretrained(tmp_path)("hi")["input_ids"] == tok("hi")["input_ids"]
+
+
+def test_pretrain_resume_matches_uninterrupted_run(tok, tmp_path: Path) -> None:
+    cfg = _tiny_gpt(max_steps=20, save_every=10, log_every=5, eval_every=100)
+    pretrain(cfg, TRAIN.texts[:600], TEST.texts[:100], tmp_path / "a", tokenizer=tok, log=lambda s: None)
+
+    def interrupt(line: str) -> None:
+        if line.startswith("step 15/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, TRAIN.texts[:600], TEST.texts[:100], tmp_path / "b", tokenizer=tok, log=interrupt)
+    assert (tmp_path / "b" / "checkpoint" / "state.pt").exists()
+    lines: list[str] = []
+    pretrain(cfg, TRAIN.texts[:600], TEST.texts[:100], tmp_path / "b", tokenizer=tok, log=lines.append)
+    assert any("resumed" in s and "step 10" in s for s in lines)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_by_name_from_local_dir(tok, tmp_path: Path) -> None:
+    pretrain(_tiny_gpt(max_steps=5), TRAIN.texts[:300], TEST.texts[:100], tmp_path / "base", tokenizer=tok,
+             log=lambda s: None)
+    m = pretrain(_tiny_gpt(model=str(tmp_path / "base"), max_steps=5, lr=1e-4), TRAIN.texts[:300], TEST.texts[:100],
+                 tmp_path / "tuned", log=lambda s: None)  # no tokenizer passed: loaded from the folder
+    assert m["steps"] == 5 and (tmp_path / "tuned" / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        pretrain(_tiny_gpt(), TRAIN.texts[:100], TEST.texts[:50], tmp_path / "x")
+
+
+def test_head_tail_truncation(tok) -> None:
+    cls = classifier_tokenizer(tok)
+    text = " ".join(f"w{i}" for i in range(200))
+    (ids,) = encode(cls, [text], max_length=21, head_fraction=0.5)
+    full = tok(text)["input_ids"]
+    assert len(ids) == 21 and ids[0] == cls.cls_token_id and ids[1:11] == full[:10] and ids[11:] == full[-10:]
+
+
+@pytest.mark.slow
+def test_reward_model_separates_and_round_trips(tmp_path: Path) -> None:
+    m = train_reward(_tiny_rm(), TRAIN.head(3000), TEST.head(300), tmp_path / "rm", log=lambda s: None)
+    assert m["test_accuracy"] > 0.9
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert model.config.id2label == {0: "NEGATIVE", 1: "POSITIVE"} and type(model).__name__.startswith("DistilBert")
+    texts = ["The acting was wonderful and the story moved me.", "The plot was dull and lifeless; avoid it."]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        logits = model(**tok(texts, return_tensors="pt", padding=True)).logits
+    assert logits[0, 1] - logits[0, 0] > 0 > logits[1, 1] - logits[1, 0]
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**tok(texts, return_tensors="pt", padding=True)).logits, logits)
+    try:
+        from textenv.rewards import HFRewardModel
+    except ImportError:
+        pytest.skip("textenv.rewards.HFRewardModel not available")
+    scores = HFRewardModel.from_pretrained(str(tmp_path / "rm"))(texts)
+    assert scores == pytest.approx(logits[:, 1].tolist(), abs=1e-5)
+    # "by name": the same folder fine-tuned through the from_pretrained path with the seed-recipe settings
+    cfg = dataclasses.replace(RewardConfig.seed_recipe(str(tmp_path / "rm")), epochs=0.1, max_length=40)
+    m2 = train_reward(cfg, TRAIN.head(200), TEST.head(100), tmp_path / "rm2", log=lambda s: None)
+    assert m2["steps"] == 2 and m2["test_accuracy"] > 0.85
+
+
+def test_judge_learns_and_round_trips(tmp_path: Path) -> None:
+    judge = train_judge(JudgeConfig(epochs=2, n_features=2**14), TRAIN.head(2000), TEST.head(300), tmp_path,
+                        log=lambda s: None)
+    assert judge.metrics["test_accuracy"] > 0.9
+    again = Judge.load(tmp_path)
+    texts = ["Wonderful acting, I loved it!", "Boring and awful, avoid it."]
+    assert again(texts) == judge(texts) and judge(texts)[0] > 0.5 > judge(texts)[1]
+    assert again.cfg == judge.cfg and again.metrics == judge.metrics
+    with pytest.raises(FileNotFoundError, match="holds no judge"):
+        Judge.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="labelled"):
+        train_judge(JudgeConfig(), Texts(["a"]), TEST.head(5))
+
+
+@pytest.mark.slow
+def test_build_all_caches_and_loads(tmp_path: Path) -> None:
+    args = preset("embedded", out_dir=str(tmp_path), train_limit=800, test_limit=100,
+                  tokenizer=TokenizerConfig(vocab_size=400), gpt=_tiny_gpt(max_steps=10, block_size=32),
+                  reward=_tiny_rm(epochs=1.0), judge=JudgeConfig(epochs=1, n_features=2**12))
+    lines: list[str] = []
+    paths = build_all(args, log=lines.append)
+    assert all(isinstance(p, Path) and (p / "build.json").exists() for p in (paths.tokenizer, paths.gpt,
+                                                                               paths.reward, paths.judge))
+    assert not any("reusing" in s for s in lines)
+    lines.clear()
+    again = build_all(args, log=lines.append)
+    assert again == paths and sum("reusing" in s for s in lines) == 4
+    changed = build_all(dataclasses.replace(args, judge=JudgeConfig(epochs=2, n_features=2**12)), log=lines.append)
+    assert changed.judge != paths.judge and changed.reward == paths.reward
+    model, tok = paths.load_gpt()
+    assert model.config.vocab_size == len(tok) == 400
+    assert 0.0 <= paths.load_judge()(["great"])[0] <= 1.0
+    assert set(paths.metrics()) == {"tokenizer", "gpt", "reward", "judge"}
+    assert isinstance(Artifacts(), Artifacts)
+
+
+def test_cli_parses_presets_and_builds_a_step(tmp_path: Path) -> None:
+    paths = main(["tokenizer", "--out-dir", str(tmp_path), "--tokenizer.vocab-size", "300", "--train-limit", "200"])
+    assert paths.tokenizer is not None and len(AutoTokenizer.from_pretrained(paths.tokenizer)) == 300
+    assert paths.gpt is None
+    assert preset("imdb").reward.max_length == 256 and isinstance(preset(), BuildArgs)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("nope")
