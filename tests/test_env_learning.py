@@ -49,7 +49,7 @@ def test_sb3_ppo_learns_text_env():
     venv = make_vec_env(lambda: TextEnv(**KW), n_envs=4, seed=0)
     model = PPO("MlpPolicy", venv, n_steps=64, batch_size=64, n_epochs=4, learning_rate=3e-3, gamma=1.0, seed=0,
                 policy_kwargs=dict(net_arch=[32]), device="cpu")  # fmt: skip
-    model.learn(total_timesteps=6_000)
+    model.learn(total_timesteps=4_096)
     learned = mean_score(lambda obs: model.predict(obs, deterministic=False)[0], seed=100)
     random = mean_score(random_policy(1), seed=100)
     # 0.4 is more than 10 standard deviations of the difference of two 400-episode means.
@@ -63,7 +63,7 @@ def test_agents_ppo_learns_text_env(tmp_path):
 
     envs = TextVectorEnv(8, **KW)
     agent = MLPAgent(envs.single_observation_space, envs.single_action_space)
-    args = ppo.Args(total_timesteps=6_144, num_envs=8, num_steps=32, learning_rate=3e-3, gamma=1.0, seed=0,
+    args = ppo.Args(total_timesteps=4_096, num_envs=8, num_steps=32, learning_rate=3e-3, gamma=1.0, seed=0,
                     bootstrap_truncated=False, run_dir=str(tmp_path), eval_episodes=0, save_every=0)  # fmt: skip
     ppo.train(args, envs=envs, agent=agent)
 
