@@ -15,7 +15,7 @@ TOK = char_tokenizer("abcd ")
 A, B, C, D, SPACE = (TOK.convert_tokens_to_ids(c) for c in "abcd ")
 EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
 PROMPTS = ["a", "ab", "abc d", "dd"]
-TEXTS = ["abcd abcd abcd", "dcba", "a b c d", "cc"]
+TEXTS = ["abcd abcd abcd", "dcba", "a b c d", "cc", "dcb " * 40]  # the last is cut before tokenizing
 
 
 def make(**kw) -> TextEnv:
@@ -208,7 +208,7 @@ def test_bad_construction():
         make(prompts=["abcdabcd"], max_prompt_tokens=4)
     with pytest.raises(ValueError, match="prompts is empty"):
         make(prompts=[])
-    with pytest.raises(ValueError, match="no tokens"):
+    with pytest.raises(ValueError, match="prompt 1 is an empty string"):
         make(prompts=["a", ""])
     with pytest.raises(TypeError, match="list of strings"):
         make(prompts="abc")

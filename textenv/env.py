@@ -180,8 +180,9 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
 
     # -- pieces shared with the batched TextVectorEnv ------------------------------------------------
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[str] | None]:
-        """Tokenize the prompt source once. Returns the id lists and, for whole prompts, their decoded text."""
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[list, list[str] | None]:
+        """Whole prompts: tokenized and checked once, here. Texts to cut queries from: kept as text and
+        tokenized on first draw (`_query_ids`), so 25k reviews cost nothing up front."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(
                 "prompts must be a list of strings (whole prompts, or texts with query_tokens=(lo, hi))."
@@ -190,33 +191,46 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(
                 "prompts is empty; pass at least one prompt string (or text to cut queries from)."
             )
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is an empty string; remove empty prompts.")
         if self.query_tokens:
-            # Only the first hi tokens are used: cut long texts at a whitespace so tokenizing 25k reviews is cheap.
-            cut = 64 * self.query_tokens[1]
-            prompts = [
-                p if len(p) <= cut or " " not in p[:cut] else p[: p.rindex(" ", 0, cut)] for p in prompts
-            ]
+            self._query_cache: dict[int, list[int]] = {}
+            return list(prompts), None
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         for i, row in enumerate(ids):
             if len(row) == 0:
                 raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) has no tokens; remove empty prompts.")
-            if not self.query_tokens and len(row) > self.max_prompt_tokens:
+            if len(row) > self.max_prompt_tokens:
                 raise ValueError(
                     f"prompt {i} ({prompts[i][:40]!r}) is {len(row)} tokens, longer than max_prompt_tokens="
                     f"{self.max_prompt_tokens}; raise max_prompt_tokens or shorten the prompt "
                     "(or cut queries with query_tokens=(lo, hi))."
                 )
-        if self.query_tokens:
-            hi = self.query_tokens[1]
-            return [list(row[:hi]) for row in ids], None
         return [list(row) for row in ids], decode_rows(self.tokenizer, ids)
+
+    def _query_ids(self, i: int) -> list[int]:
+        """The first `hi` tokens of text `i` (cached). Only the text's head is encoded: cut at a space, so
+        the tokens before the cut are those of the full text; the full text if the head is too short."""
+        ids = self._query_cache.get(i)
+        if ids is None:
+            text, hi = self._prompt_ids[i], self.query_tokens[1]
+            space = text.rfind(" ", 0, 16 * hi)
+            head = text[:space] if len(text) > 16 * hi and space > 0 else text
+            ids = self.tokenizer.encode(head, add_special_tokens=False)
+            if len(ids) < hi + 2 and head is not text:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"text {i} ({text[:40]!r}) has no tokens; remove it from prompts.")
+            ids = self._query_cache[i] = list(ids[:hi])
+        return ids
 
     def draw_episode(self, rng: np.random.Generator) -> tuple[list[int], str, int]:
         """(prompt ids, prompt text, token budget) of a new episode, drawn from `rng` in a fixed order."""
         i = int(rng.integers(len(self._prompt_ids)))
         if self.query_tokens:
             n = int(rng.integers(self.query_tokens[0], self.query_tokens[1] + 1))
-            ids = self._prompt_ids[i][:n]
+            ids = self._query_ids(i)[:n]
             text = decode_rows(self.tokenizer, [ids])[0]
         else:
             ids, text = self._prompt_ids[i], self._prompt_texts[i]
