@@ -115,6 +115,11 @@ class GPTAgent(nn.Module):
         self.lm.eval()
         return self
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): cached keys are on the old device/dtype
+        out = super()._apply(fn, *args, **kwargs)
+        self.reset_cache()
+        return out
+
     def reset_cache(self) -> None:
         """Forget cached keys/values (PPO calls this after each update and after loading a checkpoint)."""
         self._rollout = CachedLM(self.lm, self.pad_token_id)
@@ -146,7 +151,7 @@ class GPTAgent(nn.Module):
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
-            return self.value_head(hidden.float()).squeeze(-1)
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
 
     def _trunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Final hidden states (B, W, C) of rows cropped to the longest real row; returns (hidden, W)."""
