@@ -20,6 +20,7 @@ over rounds of the per-round ratios.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,9 +53,9 @@ class Args:
     """tokens per prompt"""
     new_tokens: int = 16
     """generated tokens per episode"""
-    episodes: int = 4
+    episodes: int = 2
     """batches of episodes per method per round"""
-    rounds: int = 5
+    rounds: int = 6
     """timing rounds (all methods back to back in each)"""
     device: str = "cpu"
     """torch device"""
@@ -170,6 +171,7 @@ def main(args: Args) -> None:
     for fn in methods.values():  # warm-up (allocator, autocast caches, lazy imports)
         fn(1)
     rates: dict[str, list[float]] = {k: [] for k in methods}
+    load_before = os.getloadavg()[0]  # the CPU is shared: say how busy it was
     for r in range(args.rounds):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
         for name in order:
@@ -201,6 +203,7 @@ def main(args: Args) -> None:
         "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "median_tokens_per_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
         "ratio_vs_generate": round(vs_generate, 3), "ratio_vs_naive": round(vs_naive, 2),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }  # fmt: skip
     print(f"wrote {write_result('rollout', results, targets, args.quick, args.out)}")
 
