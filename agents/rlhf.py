@@ -63,9 +63,10 @@ class RLHFConfig:
     seed: int = 1
     """seed of PPO, the envs and the report's sampling"""
     torch_threads: int = 0
-    """torch CPU threads (0 = all cores)"""
+    """torch CPU threads (0 = all cores, or 1 when the machine is already busy: threads fighting over shared
+    cores run several times slower)"""
     quick: bool = False
-    """a smoke run of a minute or two (small models, few iterations)"""
+    """a smoke run: 6 PPO iterations and 64 held-out prompts"""
     # --- environment (the seed's shapes)
     max_prompt_tokens: int = 8
     """prompt part of the observation window"""
@@ -140,7 +141,7 @@ def imdb() -> RLHFConfig:
 PRESETS = {"embedded": embedded, "imdb": imdb}
 
 
-# ---------------------------------------------------------------------------------------------- the pieces
+# ---------------------------------------------------------------------------------------- the pieces
 
 
 @dataclass
@@ -167,6 +168,24 @@ class Pieces:
 
 def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def check_config(cfg: RLHFConfig) -> None:
+    """Settings that cannot work, caught before anything is built."""
+    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
+        raise ValueError(f"need 0 <= min_new_tokens ({cfg.min_new_tokens}) <= max_new_tokens ({cfg.max_new_tokens}) "
+                         "and max_new_tokens >= 1")
+    if cfg.query_tokens is not None:
+        lo, hi = cfg.query_tokens
+        if not 1 <= lo <= hi <= cfg.max_prompt_tokens:
+            raise ValueError(f"query_tokens={cfg.query_tokens} must satisfy 1 <= lo <= hi <= max_prompt_tokens "
+                             f"({cfg.max_prompt_tokens}); raise --max-prompt-tokens or narrow --query-tokens")
+    if cfg.num_envs % cfg.num_minibatches:
+        raise ValueError(f"num_envs ({cfg.num_envs}) must be divisible by num_minibatches ({cfg.num_minibatches}): "
+                         "minibatches are sets of whole env columns")
+    if cfg.total_timesteps < cfg.num_envs * cfg.num_steps:
+        raise ValueError(f"total_timesteps ({cfg.total_timesteps}) is less than one rollout "
+                         f"({cfg.num_envs} x {cfg.num_steps}); raise it")
 
 
 def check_tokenizer(tokenizer: Any, where: str) -> None:
@@ -201,24 +220,6 @@ def check_context(cfg: RLHFConfig, n_positions: int | None, where: str) -> None:
                          "--max-prompt-tokens or use a model with a longer context")
 
 
-def check_config(cfg: RLHFConfig) -> None:
-    """Settings that cannot work, caught before anything is built."""
-    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
-        raise ValueError(f"need 0 <= min_new_tokens ({cfg.min_new_tokens}) <= max_new_tokens ({cfg.max_new_tokens}) "
-                         "and max_new_tokens >= 1")
-    if cfg.query_tokens is not None:
-        lo, hi = cfg.query_tokens
-        if not 1 <= lo <= hi <= cfg.max_prompt_tokens:
-            raise ValueError(f"query_tokens={cfg.query_tokens} must satisfy 1 <= lo <= hi <= max_prompt_tokens "
-                             f"({cfg.max_prompt_tokens}); raise --max-prompt-tokens or narrow --query-tokens")
-    if cfg.num_envs % cfg.num_minibatches:
-        raise ValueError(f"num_envs ({cfg.num_envs}) must be divisible by num_minibatches ({cfg.num_minibatches}): "
-                         "minibatches are sets of whole env columns")
-    if cfg.total_timesteps < cfg.num_envs * cfg.num_steps:
-        raise ValueError(f"total_timesteps ({cfg.total_timesteps}) is less than one rollout "
-                         f"({cfg.num_envs} x {cfg.num_steps}); raise it")
-
-
 def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
@@ -242,6 +243,15 @@ def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextSco
     logit = HFRewardModel.from_pretrained(name, device=device, output="logit")
     prob = HFRewardModel(logit.model, logit.tokenizer, output="prob", device=device)
     return logit, prob
+
+
+def load_judge(name: str, device: torch.device) -> TextScorer:
+    """A judge folder (`textenv.judge`), or any sequence classifier (its positive probability)."""
+    if (Path(name).expanduser() / "judge.json").is_file():
+        from textenv.judge import Judge
+
+        return Judge.load(name)
+    return load_classifier(name, device, "judge")[1]
 
 
 def load_policy(name: str, tokenizer_name: str | None) -> tuple[torch.nn.Module, Any]:
@@ -275,137 +285,6 @@ def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
         raise ValueError(f"data source {cfg.data_dir} has no usable text (train: {len(train)}, test: {len(held)} "
                          "non-empty texts); point --data-dir at a folder with train/test reviews")
     return train, held
-
-
-# ------------------------------------------------------------------------------------------------ the job
-
-
-def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: torch.nn.Module, device: torch.device):
-    """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env) wrapped with the reference log-probs."""
-    import gymnasium as gym
-
-    import textenv  # noqa: F401  (registers TextEnv-v0)
-    from textenv.kl import RefLogprob
-
-    envs = gym.make_vec(
-        "TextEnv-v0", num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
-        tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
-        max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens, query_tokens=cfg.query_tokens)
-    return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
-
-
-def ppo_args(cfg: RLHFConfig, run_dir: Path, device: torch.device):
-    """The seed's PPO settings in `agents.ppo.Args` (minibatches of env columns, no truncation bootstrap)."""
-    from agents.ppo import Args
-
-    return Args(
-        exp_name="rlhf", seed=cfg.seed, device=str(device), torch_threads=cfg.torch_threads, env_id="TextEnv-v0",
-        total_timesteps=cfg.total_timesteps, learning_rate=cfg.learning_rate, num_envs=cfg.num_envs,
-        num_steps=cfg.num_steps, anneal_lr=cfg.anneal_lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
-        num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, clip_coef=cfg.clip_coef,
-        clip_vloss=True, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm,
-        minibatch_by_env=True, bootstrap_truncated=False, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target,
-        kl_horizon=cfg.kl_horizon, run_dir=str(run_dir), save_every=cfg.save_every, resume=cfg.resume,
-        eval_episodes=0, log_every=0)
-
-
-def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
-    """Build (or take) the pieces, train with PPO, write the report; returns the report record."""
-    from agents.gpt_policy import GPTAgent
-    from agents.ppo import train
-    from agents.report import evaluate, write_report
-    from agents.rlhf_logging import RLHFLogger
-
-    t0 = time.time()
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    if pieces is None:
-        pieces = prepare(cfg, device)
-    tok = pieces.tokenizer
-    check_tokenizer(tok, "the policy tokenizer")
-    check_policy(pieces.policy, tok, cfg, "the policy")
-    if not pieces.eval_prompts:
-        raise ValueError("no held-out prompts for the report; the data source's test split has no usable text")
-    t_built = time.time()
-    run_dir = Path(cfg.run_dir or f"runs/rlhf-{cfg.preset}-{cfg.seed}-{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
-    policy = pieces.policy.to(device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor and "before"
-    envs = make_envs(cfg, pieces, reference, device)
-    agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype)
-
-    eval_kwargs = dict(reward_fn=pieces.reward_fn, reward_positive_fn=pieces.reward_positive_fn,
-                       reward_threshold=0.5 if pieces.reward_positive_fn else 0.0, judge_fn=pieces.judge_fn,
-                       max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                       max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed + 12345)
-    before = evaluate(reference, reference, tok, pieces.eval_prompts, **eval_kwargs)
-    print(f"before: reward {before[0]['reward_mean']:+.3f}, positive {before[0]['positive_rate_reward_model']:.2f} "
-          f"(judge {before[0]['positive_rate_judge']}), distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
-    t_ppo = time.time()
-    args = ppo_args(cfg, run_dir, device)
-    logger = RLHFLogger(tok, args.total_timesteps // (args.num_envs * args.num_steps), cfg.sample_every)
-    result = train(args, envs=envs, agent=agent, hooks=logger)
-    envs.close()
-    t_eval = time.time()
-    after = evaluate(agent.lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
-    agent.lm.save_pretrained(run_dir / "policy")
-    tok.save_pretrained(run_dir / "policy")
-    timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval - 0.0,
-              "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
-              "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
-              "torch_threads": torch.get_num_threads()}
-    record = write_report(run_dir, before, after, history=logger.history,
-                          config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info})
-    a, b = record["after"], record["before"]
-    print(f"after:  reward {a['reward_mean']:+.3f} (gain {a['reward_mean'] - b['reward_mean']:+.3f}), positive "
-          f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "
-          f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
-          f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
-    print(f"report: {run_dir / 'report.md'}")
-    return record
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
-
-
-def parse_args(argv: list[str] | None = None) -> RLHFConfig:
-    """`--preset NAME` picks the defaults (a `--data-dir` other than `embedded` implies `imdb`)."""
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    name = None
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif a.startswith("--preset="):
-            name = a.split("=", 1)[1]
-        elif (a == "--data-dir" and i + 1 < len(argv) and argv[i + 1] != "embedded") or (
-                a.startswith("--data-dir=") and a != "--data-dir=embedded"):
-            name = name or "imdb"
-    name = name or "embedded"
-    if name not in PRESETS:
-        raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
-    return tyro.cli(RLHFConfig, default=PRESETS[name](), args=argv, description=__doc__)
-
-
-def main() -> None:
-    run(parse_args())
-
-
-
-def load_judge(name: str, device: torch.device) -> TextScorer:
-    """A judge folder (`textenv.judge`), or any sequence classifier (its positive probability)."""
-    if (Path(name).expanduser() / "judge.json").is_file():
-        from textenv.judge import Judge
-
-        return Judge.load(name)
-    return load_classifier(name, device, "judge")[1]
 
 
 def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
@@ -486,6 +365,130 @@ def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, ne
     if need_judge:
         out["judge"] = paths.load_judge()
     return out
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: torch.nn.Module, device: torch.device):
+    """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env) wrapped with the reference log-probs."""
+    import gymnasium as gym
+
+    import textenv  # noqa: F401  (registers TextEnv-v0)
+    from textenv.kl import RefLogprob
+
+    envs = gym.make_vec(
+        "TextEnv-v0", num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
+        tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
+        max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens, query_tokens=cfg.query_tokens)
+    return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
+
+
+def ppo_args(cfg: RLHFConfig, run_dir: Path, device: torch.device):
+    """The seed's PPO settings in `agents.ppo.Args` (minibatches of env columns, no truncation bootstrap)."""
+    from agents.ppo import Args
+
+    return Args(
+        exp_name="rlhf", seed=cfg.seed, device=str(device), torch_threads=cfg.torch_threads, env_id="TextEnv-v0",
+        total_timesteps=cfg.total_timesteps, learning_rate=cfg.learning_rate, num_envs=cfg.num_envs,
+        num_steps=cfg.num_steps, anneal_lr=cfg.anneal_lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+        num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, clip_coef=cfg.clip_coef,
+        clip_vloss=True, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm,
+        minibatch_by_env=True, bootstrap_truncated=False, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target,
+        kl_horizon=cfg.kl_horizon, run_dir=str(run_dir), save_every=cfg.save_every, resume=cfg.resume,
+        eval_episodes=0, log_every=0)
+
+
+def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
+    """Build (or take) the pieces, train with PPO, write the report; returns the report record."""
+    from agents.gpt_policy import GPTAgent
+    from agents.ppo import train
+    from agents.report import evaluate, write_report
+    from agents.rlhf_logging import RLHFLogger
+    from textenv.build import set_threads
+
+    t0 = time.time()
+    if cfg.quick:  # a smoke run: a few PPO iterations, a small report
+        cfg = dataclasses.replace(cfg, total_timesteps=6 * cfg.num_envs * cfg.num_steps,
+                                  eval_prompts=min(cfg.eval_prompts, 64))
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    set_threads(cfg.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
+    if pieces is None:
+        pieces = prepare(cfg, device)
+    tok = pieces.tokenizer
+    check_tokenizer(tok, "the policy tokenizer")
+    check_policy(pieces.policy, tok, cfg, "the policy")
+    if not pieces.eval_prompts:
+        raise ValueError("no held-out prompts for the report; the data source's test split has no usable text")
+    t_built = time.time()
+    run_dir = Path(cfg.run_dir or f"runs/rlhf-{cfg.preset}-{cfg.seed}-{int(time.time())}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+    policy = pieces.policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor and "before"
+    envs = make_envs(cfg, pieces, reference, device)
+    agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype)
+
+    eval_kwargs = dict(reward_fn=pieces.reward_fn, reward_positive_fn=pieces.reward_positive_fn,
+                       reward_threshold=0.5 if pieces.reward_positive_fn else 0.0, judge_fn=pieces.judge_fn,
+                       max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                       max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed + 12345)
+    before = evaluate(reference, reference, tok, pieces.eval_prompts, **eval_kwargs)
+    print(f"before: reward {before[0]['reward_mean']:+.3f}, positive {before[0]['positive_rate_reward_model']:.2f} "
+          f"(judge {before[0]['positive_rate_judge']}), distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
+    t_ppo = time.time()
+    args = ppo_args(cfg, run_dir, device)
+    logger = RLHFLogger(tok, args.total_timesteps // (args.num_envs * args.num_steps), cfg.sample_every)
+    result = train(args, envs=envs, agent=agent, hooks=logger)
+    envs.close()
+    t_eval = time.time()
+    after = evaluate(agent.lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
+    agent.lm.save_pretrained(run_dir / "policy")
+    tok.save_pretrained(run_dir / "policy")
+    timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval - 0.0,
+              "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
+              "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
+              "torch_threads": torch.get_num_threads()}
+    record = write_report(run_dir, before, after, history=logger.history,
+                          config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info})
+    a, b = record["after"], record["before"]
+    print(f"after:  reward {a['reward_mean']:+.3f} (gain {a['reward_mean'] - b['reward_mean']:+.3f}), positive "
+          f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "
+          f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
+          f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
+    print(f"report: {run_dir / 'report.md'}")
+    return record
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def parse_args(argv: list[str] | None = None) -> RLHFConfig:
+    """`--preset NAME` picks the defaults (a `--data-dir` other than `embedded` implies `imdb`)."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = None
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+        elif (a == "--data-dir" and i + 1 < len(argv) and argv[i + 1] != "embedded") or (
+                a.startswith("--data-dir=") and a != "--data-dir=embedded"):
+            name = name or "imdb"
+    name = name or "embedded"
+    if name not in PRESETS:
+        raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
+    return tyro.cli(RLHFConfig, default=PRESETS[name](), args=argv, description=__doc__)
+
+
+def main() -> None:
+    run(parse_args())
 
 
 if __name__ == "__main__":
