@@ -153,6 +153,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
                 "mapping list[str] -> list[float], e.g. textenv.HFRewardModel.from_pretrained(path)."
             )
         self.reward_model = reward_model
+        if not isinstance(max_prompt_tokens, (int, np.integer)):
+            raise TypeError(
+                f"max_prompt_tokens={max_prompt_tokens!r} must be an int (the prompt part of the window)."
+            )
         self.max_prompt_tokens = _range("max_prompt_tokens", max_prompt_tokens)[1]
         self.new_tokens = _range("max_new_tokens", max_new_tokens)  # per-episode budget range
         self.max_new_tokens = self.new_tokens[1]
