@@ -46,7 +46,7 @@ from agents.vector import obs_dtype, resolve_device, vector_env
 @dataclass
 class Args:
     preset: Literal["cleanrl", "zoo"] = "cleanrl"
-    """named preset the defaults come from (`cleanrl`, `zoo`); explicit flags override it"""
+    """preset the CLI takes its defaults from (in Python: `zoo()`, `cleanrl()`); explicit flags override it"""
     exp_name: str = "ppo"
     """the name of this experiment (part of the default run dir)"""
     seed: int = 1
