@@ -83,8 +83,8 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
         args = BuildArgs(
             preset="embedded", data_dir="embedded",
             tokenizer=TokenizerConfig(vocab_size=1024),
-            gpt=PretrainConfig(model="small", block_size=64, batch_size=32, max_steps=200, warmup_steps=20,
-                               eval_every=100, log_every=25, save_every=100, n_samples=4),
+            gpt=PretrainConfig(model="mini", block_size=64, batch_size=32, max_steps=250, lr=2e-3, warmup_steps=20,
+                               eval_every=50, log_every=25, save_every=100, n_samples=4),
             reward=RewardConfig(vocab_size=1024, dim=64, n_layers=1, n_heads=2, hidden_dim=256, max_length=64,
                                 lr=2e-3, batch_size=32, epochs=2.0),
             judge=JudgeConfig(epochs=4))

@@ -30,6 +30,7 @@ from transformers import (
 # name -> (n_layer, n_embd, n_head)
 SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 64, 2),  # tests: seconds
+    "mini": (4, 128, 4),  # the embedded corpus: a couple of minutes on 2 busy CPU cores
     "small": (4, 256, 4),  # 2 CPU cores: ~4M parameters with a 4k vocabulary
     "gpt2": (12, 768, 12),  # GPT-2 124M, for a GPU
 }
@@ -112,7 +113,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for start in range(0, len(texts), 1000):
-        for row in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+        for row in tokenizer(texts[start:start + 1000], add_special_tokens=False, verbose=False)["input_ids"]:
             ids.extend(row)
             ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
@@ -162,8 +163,9 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, dev
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 40,
-           device: torch.device | None = None, seed: int = 0) -> list[str]:
-    """Pure-sampling continuations (temperature 1, no top-k) of `prompts`, decoded with the prompt."""
+           device: torch.device | None = None, seed: int = 0, top_k: int = 0) -> list[str]:
+    """Sampled continuations of `prompts` (temperature 1; `top_k=0` is pure sampling, as RLHF rollouts use),
+    decoded with the prompt."""
     device = device or next(model.parameters()).device
     torch.manual_seed(seed)
     model.eval()
@@ -171,7 +173,7 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         room = getattr(model.config, "n_positions", 1024) - ids.shape[1]
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, top_p=1.0,
                              max_new_tokens=max(1, min(max_new_tokens, room)),
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
@@ -261,14 +263,16 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
     held_loss = history[-1]["heldout_loss"] if history else evaluate(model, held, cfg.batch_size * 2, device)
     prompts = (sample_prompts or [t[:20] for t in heldout_texts])[: cfg.n_samples]
     samples = sample(model, tokenizer, prompts, device=device, seed=cfg.seed)
-    for s in samples:
-        log(f"  sample: {s!r}")
+    samples_top_k = sample(model, tokenizer, prompts, device=device, seed=cfg.seed, top_k=50)
+    for s, s_k in zip(samples, samples_top_k, strict=True):
+        log(f"  sample (pure): {s!r}\n  sample (top-50): {s_k!r}")
     metrics = {
         "model": cfg.model, "params": sum(p.numel() for p in model.parameters()), "steps": step,
         "heldout_loss": held_loss, "heldout_perplexity": math.exp(held_loss),
         "unigram_perplexity": unigram_perplexity(train_ids, held[:, 1:].reshape(-1), len(tokenizer)),
         "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(t_train, 1e-9),
         "train_seconds": t_train, "wall_seconds": time.time() - t0, "history": history, "samples": samples,
+        "samples_top_k50": samples_top_k,
         "config": asdict(cfg), "device": str(device),
     }
     log(f"held-out perplexity {metrics['heldout_perplexity']:.1f} vs unigram {metrics['unigram_perplexity']:.1f}")
