@@ -45,7 +45,8 @@ class RLHFConfig:
     data_dir: str = "embedded"
     """`embedded` (the corpus shipped in the package), a folder of <split>.jsonl.gz or aclImdb/, or `hf:imdb`"""
     artifacts_dir: str = "artifacts"
-    """cache of built models (tokenizer, GPT, reward model, judge); reused when the settings match"""
+    """cache of built models (tokenizer, GPT, reward model, judge); reused when the settings match (build or
+    tune them apart with `python -m textenv.build`: same presets, same cache)"""
     run_dir: str | None = None
     """where TensorBoard logs, checkpoints and the report go (default runs/rlhf-{preset}-{seed}-{time})"""
     policy: str | None = None
@@ -118,13 +119,6 @@ class RLHFConfig:
     """TensorBoard text table of samples every N iterations"""
     eval_prompts: int = 256
     """held-out prompts for the before/after report"""
-    # --- model building (textenv.build presets; these override them when set)
-    train_limit: int | None = None
-    """build the models from at most this many training texts"""
-    gpt_steps: int | None = None
-    """pretraining steps of the built GPT"""
-    reward_epochs: float | None = None
-    """epochs of the built reward model"""
 
 
 def embedded() -> RLHFConfig:
@@ -134,8 +128,7 @@ def embedded() -> RLHFConfig:
 
 def imdb() -> RLHFConfig:
     """The seed recipe's shapes on IMDb with the project's own models (2 CPU cores: <= 20 minutes)."""
-    return RLHFConfig(preset="imdb", data_dir=str(Path(__file__).resolve().parents[2] / "shared/data/imdb"),
-                      total_timesteps=400_000)
+    return RLHFConfig(preset="imdb", data_dir="../shared/data/imdb", total_timesteps=400_000)
 
 
 PRESETS = {"embedded": embedded, "imdb": imdb}
@@ -148,22 +141,14 @@ PRESETS = {"embedded": embedded, "imdb": imdb}
 class Pieces:
     """Everything PPO and the report need; `prepare` builds it from a config, tests build it by hand."""
 
-    tokenizer: Any
-    """the policy's tokenizer (EOS and pad required)"""
-    policy: torch.nn.Module
-    """the pretrained causal LM; PPO tunes it, a frozen copy is the KL reference"""
-    reward_fn: TextScorer
-    """training reward: texts -> scores (e.g. the positive-class logit)"""
-    train_prompts: list[str]
-    """prompts (or texts to cut queries from, with `query_tokens`)"""
-    eval_prompts: list[str]
-    """held-out prompts for the report (whole prompts, already cut)"""
-    reward_positive_fn: TextScorer | None = None
-    """texts -> P(positive) by the reward model, for its positive rate (None: `reward_fn` > 0)"""
-    judge_fn: TextScorer | None = None
-    """held-out judge: texts -> P(positive)"""
-    info: dict = field(default_factory=dict)
-    """where the pieces came from (paths, metrics), copied into the report"""
+    tokenizer: Any  # the policy's tokenizer (EOS and pad required)
+    policy: torch.nn.Module  # the pretrained causal LM; PPO tunes it, a frozen copy is the KL reference
+    reward_fn: TextScorer  # training reward: texts -> scores (e.g. the positive-class logit)
+    train_prompts: list[str]  # prompts, or texts to cut queries from (with `query_tokens`)
+    eval_prompts: list[str]  # held-out prompts for the report (whole prompts, already cut)
+    reward_positive_fn: TextScorer | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
+    judge_fn: TextScorer | None = None  # held-out judge: texts -> P(positive)
+    info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
 
 
 def resolve_device(name: str) -> torch.device:
@@ -323,29 +308,14 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
                   judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
 
 
-def build_args(cfg: RLHFConfig, device: torch.device):
-    """`textenv.build` settings for this run: its preset of the same name, with this config's overrides."""
-    from textenv.build import preset
-
-    args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
-    if cfg.train_limit is not None:
-        args.train_limit = cfg.train_limit
-    if cfg.gpt_steps is not None:
-        args.gpt.max_steps = cfg.gpt_steps
-        args.gpt.warmup_steps = min(args.gpt.warmup_steps, max(1, cfg.gpt_steps // 10))
-    if cfg.reward_epochs is not None:
-        args.reward.epochs = cfg.reward_epochs
-    if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
-        args.gpt.device = args.reward.device = str(device)
-    return args
-
-
 def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,
                  need_judge: bool) -> dict:
     """Build (or reuse from `artifacts_dir`) the tokenizer + GPT, reward model and judge from the data."""
-    from textenv.build import build, build_all
+    from textenv.build import build, build_all, preset
 
-    args = build_args(cfg, device)
+    args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
+    if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
+        args.gpt.device = args.reward.device = str(device)
     check_context(cfg, args.gpt.block_size, f"the GPT to build (block size {args.gpt.block_size})")
     if need_policy and need_reward and need_judge:
         paths = build_all(args)
