@@ -15,11 +15,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     deterministic: bool = True,
+    next_step: bool = True,
 ) -> list[float]:
     """Returns of `n_episodes` episodes of `agent.act(obs, deterministic)`.
 
     Each env runs a fixed quota of episodes (as SB3's `evaluate_policy`), so short episodes are not
-    over-counted. Works with next-step autoreset: the step after an episode end is a reset and not counted."""
+    over-counted. With next-step autoreset (`next_step`) the step after an episode end is a reset, not counted."""
     n = envs.num_envs
     quota = np.array([(n_episodes + i) // n for i in range(n)])
     counts = np.zeros(n, dtype=int)
@@ -32,8 +33,9 @@ def evaluate(
         action = agent.act(torch.as_tensor(obs, dtype=dtype, device=device), deterministic=deterministic)
         obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
         ep_ret += np.where(prev_done, 0.0, reward)
-        prev_done = term | trunc
-        for i in np.flatnonzero(prev_done):
+        done = term | trunc
+        prev_done = done & next_step
+        for i in np.flatnonzero(done):
             if counts[i] < quota[i]:
                 returns.append(float(ep_ret[i]))
                 counts[i] += 1

@@ -4,9 +4,10 @@
     python -m agents.ppo --preset cleanrl --seed 2         # CleanRL's ppo.py defaults
     python -m agents.ppo --run-dir runs/a --resume         # continue a killed run from its checkpoint
 
-Beyond CleanRL: Gymnasium 1.x next-step autoreset (reset steps masked, truncation bootstrapped), a per-token
-KL penalty to a reference policy (`infos["ref_logprob"]`, fixed or adaptive coefficient, Ziegler et al. 2019),
-minibatches by env column for sequence agents, atomic checkpoints and `--resume`, a deterministic evaluation.
+Beyond CleanRL: Gymnasium 1.x autoreset, next-step (reset steps masked) or same-step, with truncated episodes
+bootstrapped from their final observation; a per-token KL penalty to a reference policy (`infos["ref_logprob"]`,
+fixed or adaptive coefficient, Ziegler et al. 2019); minibatches by env column for sequence agents; atomic
+checkpoints and `--resume`; a deterministic evaluation.
 This file imports only gymnasium, torch, numpy and the stdlib (a test checks it); agents are duck-typed
 (protocol in `agents.policies`).
 """
@@ -39,8 +40,9 @@ from agents.rollout import (
     explained_variance,
     flat_minibatches,
     kl_penalty_rewards,
+    warn_if_negative_kl,
 )
-from agents.vector import obs_dtype, resolve_device, vector_env
+from agents.vector import autoreset_mode, obs_dtype, resolve_device, vector_env
 
 
 @dataclass
@@ -160,6 +162,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     if own_envs:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
+    same_step = autoreset_mode(envs) == gym.vector.AutoresetMode.SAME_STEP  # else NEXT_STEP
     if envs.num_envs != args.num_envs:
         args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
     check_args(args)
@@ -211,6 +214,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     actions = torch.zeros((T, E), dtype=torch.long, device=device)
     logprobs = torch.zeros((T, E), device=device)
     values = torch.zeros((T, E), device=device)
+    final_values = torch.zeros((T, E), device=device)  # SAME_STEP: V(final obs) of episodes ending at t
     rewards = np.zeros((T, E), np.float32)
     terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
     ref_logprobs = np.zeros((T, E), np.float32)
@@ -256,25 +260,32 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                                      "action taken) each step; wrap the env with a reference model or set kl_coef=0")
                 ep_ret += reward * live  # the env's own reward, not the KL-shaped one
                 ep_len += live
-                prev_done = term | trunc
-                for i in np.flatnonzero(prev_done):
+                done = term | trunc
+                prev_done = done & (not same_step)  # NEXT_STEP: the next step of these envs is a reset
+                if same_step and trunc.any():  # the final obs is not the next obs: bootstrap from infos
+                    i = np.flatnonzero(trunc)
+                    with torch.no_grad():
+                        final_obs = torch.as_tensor(np.stack(infos["final_obs"][i]), dtype=obs_type).to(device)
+                        final_values[step, i] = agent.get_value(final_obs).flatten()
+                for i in np.flatnonzero(done):
                     episode_returns.append((global_step, float(ep_ret[i])))
                     iter_returns.append(ep_ret[i])
                     iter_lengths.append(ep_len[i])
                     iter_kls.append(ep_kl[i])
-                    finished_infos.append(env_info(infos, i))
+                    finished_infos.append(env_info(infos["final_info"] if same_step else infos, i))
                     ep_ret[i], ep_len[i], ep_kl[i] = 0.0, 0, 0.0
 
             # ---- advantages: masked autoreset steps, KL-shaped rewards, GAE
             with torch.no_grad():
                 next_value = agent.get_value(torch.as_tensor(next_obs, dtype=obs_type).to(device)).flatten()
-            valid = torch.from_numpy(autoreset_valid(terminated | truncated, prev_done_start)).to(device)
+            valid = torch.from_numpy(autoreset_valid((terminated | truncated) & (not same_step), prev_done_start)).to(device)
             env_rewards = torch.from_numpy(rewards).to(device)
             ref = torch.from_numpy(ref_logprobs).to(device)
             shaped = kl_penalty_rewards(env_rewards, logprobs, ref, valid, kl_coef) if kl_coef > 0 else env_rewards
             advantages, returns = compute_gae(
                 shaped, values, next_value, torch.from_numpy(terminated).to(device),
-                torch.from_numpy(truncated).to(device), valid, args.gamma, args.gae_lambda, args.bootstrap_truncated)
+                torch.from_numpy(truncated).to(device), valid, args.gamma, args.gae_lambda, args.bootstrap_truncated,
+                final_values if same_step else None)
 
             # ---- update: epochs x minibatches of the clipped surrogate
             stats = _update(agent, optimizer, args, clip, obs, actions, logprobs, values, advantages, returns, valid)
@@ -291,11 +302,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             if has_ref and iter_kls:
                 kl = float(np.mean(iter_kls))
                 stats["charts/kl"], stats["charts/kl_coef"] = kl, kl_coef
-                sem = float(np.std(iter_kls) / np.sqrt(len(iter_kls)))
-                if kl < -1e-3 and kl + 2 * sem < 0:
-                    warnings.warn(f"iteration {iteration}: measured KL to the reference is negative ({kl:.4f} nats per "
-                                  "episode): the actions were not sampled from the policy whose logprobs PPO sees "
-                                  "(temperature, top-k, masking?) or ref_logprob is wrong", stacklevel=2)
+                warn_if_negative_kl(iter_kls, iteration)
                 if args.kl_target is not None:
                     kl_coef = adaptive_kl_coef(kl_coef, kl, args.kl_target, len(iter_kls), args.kl_horizon)
             for k, v in stats.items():
@@ -330,7 +337,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     eval_returns: list[float] = []
     if args.eval_episodes > 0 and not interrupted:
         eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # fresh copies if ours
-        eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000)
+        eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000,
+                                next_step=own_envs or not same_step)
         if own_envs:
             eval_envs.close()
         writer.add_scalar("charts/eval_return", float(np.mean(eval_returns)), global_step)

@@ -8,6 +8,8 @@ its reward is 0). That reset step is not a transition and is masked out (`valid`
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -30,6 +32,7 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
     bootstrap_truncated: bool = True,
+    final_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438).
 
@@ -38,16 +41,21 @@ def compute_gae(
     is that episode's final observation, so a truncated episode bootstraps from it: the time limit is not part
     of the task. With `bootstrap_truncated=False` a truncation counts as a termination (RLHF: the score is given
     at the length limit, nothing follows). Masked (reset) steps get advantage 0. Returns (advantages, returns).
+    With SAME_STEP autoreset, obs[t + 1] after an episode end is already the next episode's first: pass
+    `final_values` (T, E), the value of the final observation of the episode that ended at step t.
     """
     # the loop runs in numpy: T small steps cost microseconds there, tens of microseconds as torch ops
     r, v, nv, term, trunc, ok = (x.detach().cpu().double().numpy() for x in
                                   (rewards, values, next_value, terminated, truncated, valid))
     done = np.maximum(term, trunc)
     no_future = term if bootstrap_truncated else done  # steps whose successor has no value
+    fv = None if final_values is None else final_values.detach().cpu().double().numpy()
     advantages = np.zeros_like(v)
     lastgaelam = np.zeros_like(nv)
     for t in reversed(range(r.shape[0])):
         nextvalues = nv if t == r.shape[0] - 1 else v[t + 1]
+        if fv is not None:
+            nextvalues = np.where(done[t] > 0, fv[t], nextvalues)
         delta = r[t] + gamma * nextvalues * (1.0 - no_future[t]) - v[t]
         lastgaelam = (delta + gamma * gae_lambda * (1.0 - done[t]) * lastgaelam) * ok[t]
         advantages[t] = lastgaelam
@@ -67,6 +75,19 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, n_episodes: int, hor
     """Ziegler et al.'s proportional controller: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
     error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
     return coef * (1.0 + error * n_episodes / horizon)
+
+
+def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:
+    """Warn when the mean per-episode KL to the reference is negative beyond float noise and sampling error.
+
+    sum_t log pi(a_t|s_t) - log p_ref(a_t|s_t) over sampled actions estimates KL(pi || p_ref) >= 0; a clearly
+    negative mean means the actions were not drawn from the distribution whose log-probs PPO sees."""
+    kl = float(np.mean(episode_kls))
+    sem = float(np.std(episode_kls) / np.sqrt(len(episode_kls)))
+    if kl < -1e-3 and kl + 2 * sem < 0:
+        warnings.warn(f"iteration {iteration}: measured KL to the reference is negative ({kl:.4f} nats per episode): "
+                      "the actions were not sampled from the policy whose logprobs PPO sees (temperature, top-k, "
+                      "masking?) or ref_logprob is wrong", stacklevel=3)
 
 
 def flat_minibatches(valid: torch.Tensor, num_minibatches: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 
 def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """`envs` as a vector env (None: `num_envs` copies of `env_id`), checked: Discrete actions, next-step autoreset."""
+    """`envs` as a vector env (None: `num_envs` copies of `env_id`), checked: Discrete actions, autoreset on."""
     if envs is None:
         envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
     elif not isinstance(envs, gym.vector.VectorEnv):
@@ -17,11 +17,15 @@ def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_env
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         raise TypeError(f"agents.ppo supports Discrete action spaces only, got {envs.single_action_space}; "
                         "use a discrete env (or discretize the actions with a wrapper)")
-    mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)  # Gymnasium 1.0 lacks the key
-    if gym.vector.AutoresetMode(mode) != gym.vector.AutoresetMode.NEXT_STEP:
-        raise ValueError(f"the vector env's autoreset_mode is {mode}; agents.ppo supports NEXT_STEP only "
-                         "(Gymnasium's default): build the vector env with autoreset_mode=AutoresetMode.NEXT_STEP")
+    if autoreset_mode(envs) == gym.vector.AutoresetMode.DISABLED:
+        raise ValueError("the vector env's autoreset_mode is DISABLED; agents.ppo needs envs that reset themselves: "
+                         "build it with autoreset_mode=AutoresetMode.NEXT_STEP (Gymnasium's default) or SAME_STEP")
     return envs
+
+
+def autoreset_mode(envs: gym.vector.VectorEnv) -> gym.vector.AutoresetMode:
+    """The vector env's declared autoreset mode; NEXT_STEP when it declares none (Gymnasium 1.0's only mode)."""
+    return gym.vector.AutoresetMode(envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -71,6 +71,18 @@ def test_gae_hand_computed_termination_and_truncation():
     torch.testing.assert_close(adv2[:, 0], f([1.67, 1.4, 0.0, 4.405, 3.1, 0.0]))
 
 
+def test_gae_same_step_autoreset_bootstraps_from_the_final_observation():
+    # SAME_STEP layout: no reset steps; env truncated at t1, obs[2] is already the next episode's first
+    f = torch.tensor
+    rewards, values = f([[1.0], [2.0], [3.0]]), f([[0.5], [0.6], [0.7]])
+    terminated, truncated = torch.zeros(3, 1, dtype=torch.bool), f([[0], [1], [0]]).bool()
+    final_values = f([[0.0], [2.0], [0.0]])
+    adv, _ = compute_gae(rewards, values, f([1.0]), terminated, truncated, torch.ones(3, 1, dtype=torch.bool),
+                         gamma=0.9, gae_lambda=0.5, final_values=final_values)
+    # t2: 3 + 0.9 * 1.0 - 0.7 = 3.2;  t1: 2 + 0.9 * 2.0 (final obs, not obs[2]) - 0.6 = 3.2;  t0: 1 + 0.54 - 0.5 + 0.45 * 3.2
+    torch.testing.assert_close(adv[:, 0], f([2.48, 3.2, 3.2]))
+
+
 def test_autoreset_valid_masks_the_step_after_each_episode_end():
     dones = np.array([[0, 1], [1, 0], [0, 0], [0, 1]], bool)  # (T=4, E=2)
     valid = autoreset_valid(dones, prev_done=np.array([True, False]))
@@ -192,10 +204,10 @@ def test_bad_args_and_spaces_give_clear_errors(tmp_path):
         train(small(tmp_path, num_envs=0))
     with pytest.raises(TypeError, match="Discrete"):
         train(small(tmp_path), envs=gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")] * 4))
-    same_step = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4,
-                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    disabled = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4,
+                                        autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     with pytest.raises(ValueError, match="NEXT_STEP"):
-        train(small(tmp_path), envs=same_step)
+        train(small(tmp_path), envs=disabled)
 
 
 class NaNReward(gym.vector.VectorWrapper):
@@ -249,8 +261,17 @@ class FixedLength(gym.Env):
         return obs, float(self.t == self.length), False, self.t == self.length, {"ref_logprob": math.log(0.5) - self.offset}
 
 
-def fixed_envs(n=4, **kw):
-    return gym.vector.SyncVectorEnv([lambda: FixedLength(**kw) for _ in range(n)])
+def fixed_envs(n=4, mode=gym.vector.AutoresetMode.NEXT_STEP, **kw):
+    return gym.vector.SyncVectorEnv([lambda: FixedLength(**kw) for _ in range(n)], autoreset_mode=mode)
+
+
+def test_same_step_autoreset_env_trains_without_reset_steps(tmp_path):
+    hook = Hook()
+    result = train(small(tmp_path, "same", num_steps=10, total_timesteps=80, num_minibatches=2, eval_episodes=4),
+                   envs=fixed_envs(mode=gym.vector.AutoresetMode.SAME_STEP), hooks=hook)
+    assert all(bool(r["valid"].all()) for r in hook.rollouts)  # no step is wasted on a reset
+    assert [ret for _, ret in result["episode_returns"]] == [1.0] * (80 // 4)  # every 4 steps, each env
+    assert result["eval_returns"] == [1.0] * 4
 
 
 def test_kl_penalty_shapes_rewards_per_token(tmp_path):
