@@ -163,6 +163,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
     same_step = autoreset_mode(envs) == gym.vector.AutoresetMode.SAME_STEP  # else NEXT_STEP
+    if same_step and args.kl_coef > 0:  # the last token's ref_logprob would sit in infos["final_info"]
+        raise ValueError("the KL penalty (kl_coef > 0) needs a NEXT_STEP autoreset vector env (Gymnasium's default)")
     if envs.num_envs != args.num_envs:
         args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
     check_args(args)

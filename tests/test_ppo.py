@@ -272,6 +272,8 @@ def test_same_step_autoreset_env_trains_without_reset_steps(tmp_path):
     assert all(bool(r["valid"].all()) for r in hook.rollouts)  # no step is wasted on a reset
     assert [ret for _, ret in result["episode_returns"]] == [1.0] * (80 // 4)  # every 4 steps, each env
     assert result["eval_returns"] == [1.0] * 4
+    with pytest.raises(ValueError, match="NEXT_STEP"):
+        train(small(tmp_path, "same_kl", kl_coef=0.1), envs=fixed_envs(mode=gym.vector.AutoresetMode.SAME_STEP))
 
 
 def test_kl_penalty_shapes_rewards_per_token(tmp_path):
