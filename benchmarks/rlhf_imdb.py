@@ -43,6 +43,12 @@ class Args:
     """PPO learning rate (default: the imdb preset's)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
+    policy: str | None = None
+    """a GPT folder to start from (default: built by textenv.build's imdb preset, cached in artifacts/)"""
+    reward_model: str | None = None
+    """a reward-model folder (default: built)"""
+    judge: str | None = None
+    """a judge folder (default: built)"""
     torch_threads: int = 0
     """torch CPU threads (0 = all cores)"""
     run_dir: str = "runs/bench-rlhf-imdb"
@@ -55,7 +61,8 @@ def main(a: Args) -> None:
     if not Path(a.data_dir).exists():
         raise SystemExit(f"IMDb not found at {a.data_dir}; pass --data-dir (a folder of <split>.jsonl.gz or aclImdb/)")
     cfg = dataclasses.replace(imdb(), data_dir=a.data_dir, seed=a.seed, torch_threads=a.torch_threads,
-                              run_dir=f"{a.run_dir}-{int(time.time())}")
+                              run_dir=f"{a.run_dir}-{int(time.time())}", policy=a.policy,
+                              reward_model=a.reward_model, judge=a.judge)
     if a.total_timesteps:
         cfg.total_timesteps = a.total_timesteps
     if a.learning_rate:
