@@ -261,3 +261,17 @@ def test_ppo_with_gptagent_resumes_from_a_checkpoint(tmp_path):
     assert not ratio_warnings(record)  # no stale cache from before the load
     drift = (fresh.lm.transformer.wte.weight - saved["lm.transformer.wte.weight"]).abs().max()
     assert drift < 0.5  # continued from the checkpoint (2 more iterations of small Adam steps), not from +1.0
+
+
+def test_cache_survives_a_change_of_window_and_batch():
+    agent = GPTAgent(tiny_lm(7), PAD)
+    g = torch.Generator().manual_seed(7)
+    for batch, window in [(3, 4), (3, 40), (5, 40), (2, 6)]:  # the buffers must grow, shrink and re-allocate
+        obs = torch.full((batch, window), PAD)
+        obs[:, -3:] = torch.randint(2, VOCAB, (batch, 3), generator=g)
+        for _ in range(window - 3):
+            with torch.no_grad():
+                action, logprob, _, _ = agent.get_action_and_value(obs)
+            full = agent.get_action_and_value(obs, action)[1]
+            torch.testing.assert_close(logprob, full, atol=1e-5, rtol=1e-5)
+            obs = torch.cat([obs[:, 1:], action[:, None]], dim=1)

@@ -156,7 +156,7 @@ class CachedLM:
                         use_cache=True)  # fmt: skip
         self.end += 1
         self.last_obs = obs.clone()
-        self._trim()
+        self._trim(obs.shape[1])
         return out.last_hidden_state[:, -1]  # (B, C)
 
     def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor) -> None:
@@ -210,7 +210,8 @@ class CachedLM:
         self.kbuf, self.vbuf, self.mbuf = grown[:n], grown[n:], mbuf
         self.start, self.end = first, first + width
 
-    def _trim(self) -> None:
-        """Drop leading columns that every row has masked, so the cache stays as wide as the longest row."""
-        live = self.mask.any(dim=0).nonzero()
-        self.start += int(live[0]) if len(live) else self.width
+    def _trim(self, window: int) -> None:
+        """Keep at most `window` (the obs width) columns: a row's real tokens fill the newest columns and number
+        at most `window`, so older columns are masked for every row. No device sync, unlike finding the first
+        column any row uses."""
+        self.start = max(self.start, self.end - window)
