@@ -6,7 +6,8 @@ scratch (test accuracy within a 10-minute training budget), held-out judge; wall
 
 It runs exactly what `python -m textenv.build all --data-dir ../shared/data/imdb` runs (the "imdb" preset),
 rebuilding every artefact (`force=True`) into a scratch folder, and reads each stage's `build.json`.
-Reward model: first half of IMDb train (12,500 reviews); judge: the second half; both scored on IMDb test.
+Reward model: all of IMDb train (25,000 reviews); judge: the first half of IMDb test (seeded, class by class);
+both scored on the second half of IMDb test (12,500 reviews), which neither trains on.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Args:
     data_dir: str = str(IMDB)
     """IMDb copy (JSON Lines folder or aclImdb/)"""
     quick: bool = False
-    """minutes-long smoke run (short budgets, 2,000 test reviews); its JSON says quick: true"""
+    """minutes-long smoke run (short budgets, 4,000 test reviews); its JSON says quick: true"""
     out: str | None = None
     """result JSON path (default benchmarks/results/models.json)"""
     work_dir: str | None = None
@@ -55,7 +56,7 @@ def main(args: Args) -> dict:
     if not Path(args.data_dir).is_dir():
         sys.exit(f"IMDb not found at {args.data_dir}; pass --data-dir (see ../shared/data/imdb/README.md)")
     if args.quick:
-        args = dataclasses.replace(args, gpt_minutes=1.0, reward_minutes=1.5, test_limit=args.test_limit or 2000)
+        args = dataclasses.replace(args, gpt_minutes=1.0, reward_minutes=1.5, test_limit=args.test_limit or 4000)
     base = preset("imdb")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="textenv-models-"))
     cfg = dataclasses.replace(
@@ -70,10 +71,10 @@ def main(args: Args) -> dict:
     gpt, rm, judge = rec["gpt"]["metrics"], rec["reward"]["metrics"], rec["judge"]["metrics"]
 
     # agreement of the two classifiers on the same test reviews (they never shared training data)
-    from textenv.data import load_texts
+    from textenv.build import eval_split
     from textenv.reward_train import predict
 
-    test = load_texts(args.data_dir, "test", seed=0, limit=min(args.test_limit or 25000, 5000))
+    test = eval_split(args.data_dir, args.test_limit)[1]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(paths.reward)

@@ -124,7 +124,7 @@ def test_embedded_corpus_is_varied_balanced_and_deterministic() -> None:
     assert len(sentences) > 5000, "thousands of distinct sentences"
     assert generate().texts == data.texts  # seeded
     train, test = corpus_split("train"), corpus_split("test")
-    assert len(train) == 7200 and len(test) == 800 and set(train.texts).isdisjoint(test.texts)
+    assert len(train) == 6400 and len(test) == 1600 and set(train.texts).isdisjoint(test.texts)
     assert 0.4 < sum(test.labels) / len(test) < 0.6
     assert load_texts("embedded", "test", seed=None).texts == test.texts
     assert all(p and not any(w in p.lower() for w in lexicon()["positive"]["adj"]) for p in prompts())

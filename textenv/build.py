@@ -9,10 +9,11 @@ sentiment classifier), `judge` (held-out n-gram classifier), `all`. Each artefac
 `<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data source's fingerprint and its
 inputs' hashes; a finished artefact has `build.json` and is reused by later runs with the same settings.
 
-Data split (why the judge is "held out"): the training split is shuffled with seed 0 and halved class
-by class; the reward model trains on the first half only, the judge on the second half only, and both
-report accuracy on the test split. The GPT trains on all training texts (labels unused) and reports
-perplexity on test texts.
+Data split (why the judge is "held out"): the reward model trains on the whole training split, as the
+seed's does. The test split is shuffled with seed 0 and halved class by class (`eval_split`): the judge
+trains on the first half, which the reward model never sees, and both classifiers report accuracy on
+the second half, which neither trains on. The GPT trains on all training texts (labels unused) and
+reports perplexity on second-half test texts.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from textenv.judge import Judge, JudgeConfig
 from textenv.pretrain import SIZES, PretrainConfig
 from textenv.reward_train import RewardConfig
 
-VERSION = 1  # bump to invalidate every cached artefact
+VERSION = 2  # bump to invalidate every cached artefact
 STEPS = ("tokenizer", "pretrain", "reward", "judge")
 
 
@@ -65,7 +66,7 @@ class BuildArgs:
     train_limit: int | None = None
     """use at most this many training texts (after the seeded shuffle)"""
     test_limit: int | None = None
-    """evaluate on at most this many test texts"""
+    """use at most this many test texts (half train the judge, half score both classifiers)"""
     force: bool = False
     """rebuild even when a cached artefact exists"""
     threads: int | None = None
@@ -90,7 +91,7 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
             judge=JudgeConfig(epochs=4))
     elif name == "imdb":
         args = BuildArgs(
-            preset="imdb", data_dir="../shared/data/imdb", test_limit=5000,
+            preset="imdb", data_dir="../shared/data/imdb",
             tokenizer=TokenizerConfig(vocab_size=4096),
             gpt=PretrainConfig(model="small", block_size=128, batch_size=16, max_steps=3000, warmup_steps=50,
                                eval_every=100, log_every=50, save_every=100, max_minutes=10.0),
@@ -136,6 +137,11 @@ class Artifacts:
                 for k, p in asdict(self).items() if p is not None and (Path(p) / "build.json").exists()}
 
 
+def eval_split(data_dir: str, test_limit: int | None = None) -> tuple[Texts, Texts]:
+    """(judge training texts, evaluation texts): the seeded test split halved class by class."""
+    return load_texts(data_dir, "test", seed=0, limit=test_limit).halves()
+
+
 def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -149,9 +155,12 @@ class _Builder:
         self.paths = Artifacts()
 
     def data(self, split: str) -> Texts:
+        """"train", "judge" (first half of test) or "eval" (second half of test)."""
         if split not in self._data:
-            limit = self.args.train_limit if split == "train" else self.args.test_limit
-            self._data[split] = load_texts(self.args.data_dir, split, seed=0, limit=limit)
+            if split == "train":
+                self._data[split] = load_texts(self.args.data_dir, "train", seed=0, limit=self.args.train_limit)
+            else:
+                self._data["judge"], self._data["eval"] = eval_split(self.args.data_dir, self.args.test_limit)
         return self._data[split]
 
     def cached(self, step: str, parts: dict, build: Callable[[Path], dict]) -> Path:
@@ -195,7 +204,7 @@ class _Builder:
 
         def build(path: Path) -> dict:
             tok = AutoTokenizer.from_pretrained(tok_path) if tok_path else None
-            held = self.data("test").head(2000).texts
+            held = self.data("eval").head(2000).texts
             m = pretrain(cfg, self.data("train").texts, held, path, tokenizer=tok, sample_prompts=prompts(), log=self.log)
             return {k: v for k, v in m.items() if k not in ("history", "config")}
 
@@ -208,8 +217,8 @@ class _Builder:
         cfg = self.args.reward
 
         def build(path: Path) -> dict:
-            m = train_reward(cfg, self.data("train").halves()[0], self.data("test"), path, log=self.log)
-            return {k: v for k, v in m.items() if k != "config"} | {"train_half": "first"}
+            m = train_reward(cfg, self.data("train"), self.data("eval"), path, log=self.log)
+            return {k: v for k, v in m.items() if k != "config"} | {"trained_on": "train", "scored_on": "test half 2"}
 
         self.paths.reward = self.cached("reward", {"cfg": asdict(cfg)}, build)
         return self.paths.reward
@@ -220,8 +229,8 @@ class _Builder:
         cfg = self.args.judge
 
         def build(path: Path) -> dict:
-            j = train_judge(cfg, self.data("train").halves()[1], self.data("test"), path, log=self.log)
-            return j.metrics | {"train_half": "second"}
+            j = train_judge(cfg, self.data("judge"), self.data("eval"), path, log=self.log)
+            return j.metrics | {"trained_on": "test half 1", "scored_on": "test half 2"}
 
         self.paths.judge = self.cached("judge", {"cfg": asdict(cfg)}, build)
         return self.paths.judge

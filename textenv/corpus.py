@@ -23,7 +23,7 @@ from textenv.data import Texts
 
 VERSION = 1  # bump when generate() changes its output, so cached artefacts are rebuilt
 N_RECORDS = 8000
-TEST_FRACTION = 0.1
+TEST_FRACTION = 0.2
 SEED = 1234
 _SLOT = re.compile(r"\{(\w+)\}")
 
@@ -97,7 +97,7 @@ def _splits(n: int, seed: int) -> tuple[Texts, Texts]:
 
 
 def corpus_split(split: str = "train", n: int = N_RECORDS, seed: int = SEED) -> Texts:
-    """The "train" (90%) or "test" (10%) part of `generate(n, seed)`."""
+    """The "train" (80%) or "test" (20%) part of `generate(n, seed)`."""
     train, test = _splits(n, seed)
     if split not in ("train", "test"):
         raise ValueError(f"the embedded corpus has splits 'train' and 'test', not '{split}'")

@@ -263,7 +263,7 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
     held_loss = history[-1]["heldout_loss"] if history else evaluate(model, held, cfg.batch_size * 2, device)
     prompts = (sample_prompts or [t[:20] for t in heldout_texts])[: cfg.n_samples]
     samples = sample(model, tokenizer, prompts, device=device, seed=cfg.seed)
-    samples_top_k = sample(model, tokenizer, prompts, device=device, seed=cfg.seed, top_k=50)
+    samples_top_k = sample(model, tokenizer, prompts, device=device, seed=cfg.seed + 1, top_k=50)
     for s, s_k in zip(samples, samples_top_k, strict=True):
         log(f"  sample (pure): {s!r}\n  sample (top-50): {s_k!r}")
     metrics = {
