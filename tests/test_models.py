@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
 from textenv.bpe import CLS, classifier_tokenizer, train_bpe
-from textenv.build import Artifacts, BuildArgs, TokenizerConfig, build_all, main, preset
+from textenv.build import Artifacts, BuildArgs, TokenizerConfig, build_all, main, parse_args, preset
 from textenv.corpus import corpus_split
 from textenv.data import Texts
 from textenv.judge import Judge, JudgeConfig, train_judge
@@ -193,5 +193,10 @@ def test_cli_parses_presets_and_builds_a_step(tmp_path: Path) -> None:
     assert paths.tokenizer is not None and len(AutoTokenizer.from_pretrained(paths.tokenizer)) == 300
     assert paths.gpt is None
     assert preset("imdb").reward.max_length == 256 and isinstance(preset(), BuildArgs)
+    for argv in (["reward", "--data-dir", "/data/imdb"], ["reward", "--data-dir=/data/imdb"]):
+        args = parse_args(argv)
+        assert (args.step, args.preset, args.data_dir, args.gpt.model) == ("reward", "imdb", "/data/imdb", "small")
+    args = parse_args(["--gpt.max-steps", "7"])
+    assert (args.step, args.preset, args.gpt.max_steps, args.gpt.model) == ("all", "embedded", 7, "mini")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")

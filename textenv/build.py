@@ -117,10 +117,10 @@ class Artifacts:
     """judge folder (textenv.judge.Judge.load)"""
 
     def load_gpt(self):
-        """(GPT2LMHeadModel in eval mode, its tokenizer)."""
-        from transformers import AutoTokenizer, GPT2LMHeadModel
+        """(causal LM in eval mode -- a GPT2LMHeadModel unless built from another hub model --, its tokenizer)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return GPT2LMHeadModel.from_pretrained(self.gpt).eval(), AutoTokenizer.from_pretrained(self.gpt)
+        return AutoModelForCausalLM.from_pretrained(self.gpt).eval(), AutoTokenizer.from_pretrained(self.gpt)
 
     def load_reward(self, **kwargs):
         """The frozen reward model: `textenv.rewards.HFRewardModel.from_pretrained(self.reward, **kwargs)`."""
@@ -275,16 +275,20 @@ def build_all(args: BuildArgs | None = None, *, data_dir: str | None = None, out
     return build(args, log)
 
 
-def main(argv: list[str] | None = None) -> Artifacts:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> BuildArgs:
+    """CLI arguments -> BuildArgs, on top of the preset named by --preset (or implied by --data-dir)."""
     # the preset decides the defaults tyro shows and fills in, so it is read before the full parse
-    opts = dict(zip(argv, argv[1:], strict=False))
+    flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
+    opts = dict(zip(flat, flat[1:], strict=False))
     name = opts.get("--preset") or ("imdb" if opts.get("--data-dir", "embedded") != "embedded" else "embedded")
     defaults = preset(name)
     if "--data-dir" in opts:
         defaults.data_dir = opts["--data-dir"]
-    args = tyro.cli(BuildArgs, default=defaults, args=argv, description=__doc__)
-    paths = build(args)
+    return tyro.cli(BuildArgs, default=defaults, args=argv, description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> Artifacts:
+    paths = build(parse_args(list(sys.argv[1:] if argv is None else argv)))
     for k, v in asdict(paths).items():
         if v is not None:
             print(f"{k}: {v}")
