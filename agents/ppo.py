@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agents import distributed
 from agents.checkpoint import StopOnCtrlC, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from agents.evaluate import evaluate
 from agents.policies import MLPAgent
@@ -66,7 +67,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 4
-    """the number of parallel game environments"""
+    """the number of parallel game environments (per process under torchrun: the batch grows with the ranks)"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -115,6 +116,8 @@ class Args:
     """deterministic evaluation episodes of the final policy (0 = none)"""
     log_every: int = 1
     """print a progress line every N iterations (0 = never)"""
+    dist_timeout: float = 600.0
+    """torchrun only: seconds a collective waits for a silent rank before the job fails"""
 
 
 def cleanrl() -> Args:
@@ -158,6 +161,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint` and `interrupted` (Ctrl-C)."""
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
+    dist, device_name = distributed.setup(args.device, args.dist_timeout)  # single process without torchrun
     own_envs = envs is None
     if own_envs:
         check_args(args)  # before building num_envs copies
@@ -170,43 +174,50 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     check_args(args)
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt is None and ckpt_path.exists():
+    ckpt = load_checkpoint(ckpt_path) if args.resume and dist.is_main else None
+    if ckpt is None and ckpt_path.exists() and not args.resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --run-dir")
+    ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
     if ckpt is not None and (ckpt["num_envs"], ckpt["num_steps"]) != (args.num_envs, args.num_steps):
         raise ValueError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
                          f"{args.num_envs, args.num_steps}: resume with the run's settings")
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = dist.seed(args.seed)  # each rank its own stream of envs and sampled actions
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    device = resolve_device(args.device)
-    T, E = args.num_steps, args.num_envs
-    num_iterations = args.total_timesteps // (T * E)
+    device = resolve_device(device_name)
+    T, E, W = args.num_steps, args.num_envs, dist.world_size
+    num_iterations = args.total_timesteps // (T * E * W)
     obs_space = envs.single_observation_space
     if agent is None:
         agent = MLPAgent(obs_space, envs.single_action_space)
     agent = agent.to(device)
+    distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_coef, start_iteration, global_step, episode_returns = args.kl_coef, 0, 0, []
-    env_seed = args.seed
+    env_seed = seed
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        start_iteration, global_step, kl_coef = ckpt["iteration"], ckpt["global_step"], ckpt["kl_coef"]
+        # a run saved with another number of ranks resumes at the same global step, in this run's iterations
+        global_step, kl_coef = ckpt["global_step"], ckpt["kl_coef"]
+        start_iteration = global_step // (T * E * W)
         episode_returns = [tuple(x) for x in ckpt["episode_returns"]]
         # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
-        env_seed = args.seed + 7919 * start_iteration
+        env_seed = dist.seed(args.seed + 7919 * start_iteration)
+        if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
+            torch.manual_seed(env_seed)
         if hasattr(agent, "reset_cache"):
             agent.reset_cache()
-        print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
+        dist.is_main and print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
 
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir)) if dist.is_main else distributed.NullWriter()  # rank 0 writes files
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
 
@@ -230,7 +241,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     def state(iteration: int) -> dict:
         return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                 "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": E,
-                "num_steps": T, "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
+                "num_steps": T, "world_size": W, "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
 
     iteration, interrupted = start_iteration, False
     with StopOnCtrlC() as ctrl_c:
@@ -242,9 +253,9 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
 
             # ---- rollout: T vector steps
-            prev_done_start, finished_infos, iter_returns, iter_lengths, iter_kls = prev_done, [], [], [], []
+            prev_done_start, finished_infos, new_returns, iter_lengths, iter_kls = prev_done, [], [], [], []
             for step in range(T):
-                global_step += E
+                global_step += E * W
                 obs[step] = torch.as_tensor(next_obs, dtype=obs_type).to(device, non_blocking=True)
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(obs[step])
@@ -270,10 +281,9 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                         final_obs = torch.as_tensor(np.stack(infos["final_obs"][i]), dtype=obs_type).to(device)
                         final_values[step, i] = agent.get_value(final_obs).flatten()
                 for i in np.flatnonzero(done):
-                    episode_returns.append((global_step, float(ep_ret[i])))
-                    iter_returns.append(ep_ret[i])
-                    iter_lengths.append(ep_len[i])
-                    iter_kls.append(ep_kl[i])
+                    new_returns.append((global_step, float(ep_ret[i])))
+                    iter_lengths.append(int(ep_len[i]))
+                    iter_kls.append(float(ep_kl[i]))
                     finished_infos.append(env_info(infos["final_info"] if same_step else infos, i))
                     ep_ret[i], ep_len[i], ep_kl[i] = 0.0, 0, 0.0
 
@@ -290,11 +300,16 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 final_values if same_step else None)
 
             # ---- update: epochs x minibatches of the clipped surrogate
-            stats = _update(agent, optimizer, args, clip, obs, actions, logprobs, values, advantages, returns, valid)
+            stats = _update(agent, optimizer, args, clip, obs, actions, logprobs, values, advantages, returns, valid,
+                            dist)
             if hasattr(agent, "reset_cache"):
                 agent.reset_cache()  # caches computed with the old weights must not be reused
 
-            # ---- logging, KL controller, hooks, checkpoint
+            # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
+            ranks = distributed.gather((new_returns, iter_lengths, iter_kls), dist)
+            new_returns, iter_lengths, iter_kls = ([x for r in ranks for x in r[i]] for i in range(3))
+            episode_returns += new_returns
+            iter_returns = [ret for _, ret in new_returns]
             sps = (global_step - start_step) / (time.time() - start_time)
             stats.update({"charts/learning_rate": lr, "charts/clip_coef": clip, "charts/SPS": sps})
             stats["losses/explained_variance"] = explained_variance(values[valid], returns[valid])
@@ -320,24 +335,25 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                     for k, v in logs.items():
                         if isinstance(v, (int, float)):
                             writer.add_scalar(k, v, global_step)
-            if args.log_every and (iteration % args.log_every == 0 or iteration == num_iterations):
+            if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == num_iterations):
                 ret = f"{np.mean(iter_returns):8.2f}" if iter_returns else "     n/a"
                 print(f"iter {iteration}/{num_iterations} step {global_step} return {ret} "
                       f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
                       f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
                       f"clipfrac {stats['losses/clipfrac']:.3f} | {sps:.0f} SPS", flush=True)
-            if ctrl_c.requested or (args.save_every and iteration % args.save_every == 0):
+            stop = any(distributed.gather(ctrl_c.requested, dist))  # Ctrl-C on any rank stops them all together
+            if dist.is_main and (stop or (args.save_every and iteration % args.save_every == 0)):
                 save_checkpoint(ckpt_path, state(iteration))
-            if ctrl_c.requested:
+            if stop:
                 interrupted = True
-                print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume --run-dir {run_dir}")
+                dist.is_main and print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume --run-dir {run_dir}")
                 break
 
     sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
-    if not interrupted:
+    if not interrupted and dist.is_main:
         save_checkpoint(ckpt_path, state(iteration))
     eval_returns: list[float] = []
-    if args.eval_episodes > 0 and not interrupted:
+    if args.eval_episodes > 0 and not interrupted and dist.is_main:
         eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # fresh copies if ours
         eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000,
                                 next_step=own_envs or not same_step)
@@ -348,15 +364,20 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     writer.close()
     if own_envs:
         envs.close()
+    distributed.cleanup(dist)
     return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
             "iterations": iteration, "eval_returns": eval_returns,
             "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_coef,
-            "checkpoint": str(ckpt_path), "interrupted": interrupted, **result_extra}
+            "checkpoint": str(ckpt_path), "interrupted": interrupted, "rank": dist.rank, "world_size": W,
+            **result_extra}
 
 
 def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, values, advantages, returns,
-            valid) -> dict:
-    """`update_epochs` passes of minibatch SGD on the clipped PPO objective; returns mean loss statistics."""
+            valid, dist: distributed.Dist = distributed.SINGLE) -> dict:
+    """`update_epochs` passes of minibatch SGD on the clipped PPO objective; returns mean loss statistics.
+
+    Under torchrun each rank runs the same number of minibatches on its own rollout and every step uses the
+    gradient averaged over the ranks; the statistics (and the `target_kl` stop) are means over the ranks."""
     T, E = valid.shape
     by_env = args.minibatch_by_env
     b = {"obs": obs.reshape((T * E,) + obs.shape[2:]), "actions": actions.reshape(-1), "logprobs": logprobs.reshape(-1),
@@ -383,7 +404,13 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b["obs"][idx], b["actions"][idx])
                 m = None
                 sel = {k: v[idx] for k, v in b.items() if k != "obs"}
-            else:  # fewer valid steps than minibatches
+            elif not dist.enabled:  # fewer valid steps than minibatches
+                continue
+            else:  # ... on this rank only: step with the others (a zero gradient from here)
+                optimizer.zero_grad(set_to_none=True)
+                distributed.all_reduce_grads(agent.parameters(), dist)
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
                 continue
             # masked mean: `where`, not `* m`, so garbage (inf, NaN) at masked steps cannot leak in
             mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: torch.where(m, x, 0).sum() / m.sum().clamp(min=1))
@@ -415,6 +442,7 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                     "the last good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(agent.parameters(), dist)  # the mean over ranks, before clipping
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             if track:
@@ -422,11 +450,12 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                     sums += torch.stack([pg_loss, v_loss, entropy_loss, mean(-logratio), mean((ratio - 1) - logratio),
                                          mean(((ratio - 1.0).abs() > clip).float())]).float().cpu()
                 n += 1
-        if args.target_kl is not None and sums[4] / max(n, 1) > args.target_kl:
+        sums = distributed.all_reduce_mean(sums / max(n, 1), dist)  # the same numbers (and decision) on all ranks
+        if args.target_kl is not None and sums[4] > args.target_kl:
             break
     keys = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
             "losses/approx_kl", "losses/clipfrac"]
-    out = dict(zip(keys, (sums / max(n, 1)).tolist(), strict=True))
+    out = dict(zip(keys, sums.tolist(), strict=True))
     out["debug/first_ratio_max_dev"] = first_dev
     out["debug/epochs"] = epoch + 1
     return out
@@ -454,7 +483,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def main() -> None:
-    result = train(parse_args())
+    from torch.distributed.elastic.multiprocessing.errors import record  # torchrun: a failed rank's traceback
+
+    result = record(train)(parse_args())
     if result["interrupted"]:
         sys.exit(130)
 
