@@ -209,7 +209,7 @@ def ppo_args(tmp_path, iterations: int, **kw):
     return Args(
         num_envs=16, num_steps=20, total_timesteps=16 * 20 * iterations, learning_rate=3e-3, minibatch_by_env=True,
         num_minibatches=4, update_epochs=4, gamma=1.0, bootstrap_truncated=False, ent_coef=0.0, eval_episodes=0,
-        save_every=1, run_dir=str(tmp_path / "run"), log_every=0, **kw,
+        save_every=1, run_dir=str(tmp_path / "run"), log_every=0, torch_threads=1, **kw,
     )  # fmt: skip
 
 
@@ -226,10 +226,11 @@ def test_ppo_with_gptagent_learns_a_keyword_reward(tmp_path):
     envs, agent = keyword_envs()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        result = train(ppo_args(tmp_path, 8), envs=envs, agent=agent)
+        result = train(ppo_args(tmp_path, 6), envs=envs, agent=agent)
     assert not ratio_warnings(record)  # the first minibatch of every update saw ratio 1
     scores = torch.tensor([r for _, r in result["episode_returns"]])
     first, last = scores[:64], scores[-64:]  # a random policy writes "a" 1 time in 5; the optimum is 4 of 4
+    print(f"first 64 episodes score {first.mean():.2f}, last 64 {last.mean():.2f}")  # ~1.5 -> ~3.7
     assert last.mean() > first.mean() + max(1.0, 6 * first.std().item() / 64**0.5)
 
 
