@@ -68,6 +68,32 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list]:
+    """Load a checkpoint's weights, optimizer and RNG states (and drop the agent's caches, computed with other
+    weights); returns (global_step, kl_coef, episode_returns)."""
+    agent.load_state_dict(ckpt["agent"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    if hasattr(agent, "reset_cache"):
+        agent.reset_cache()
+    return ckpt["global_step"], ckpt["kl_coef"], [tuple(x) for x in ckpt["episode_returns"]]
+
+
+def open_run(path: str | Path, resume: bool, num_envs: int, num_steps: int) -> dict | None:
+    """The checkpoint at `path` to resume (None for a new run), or a clear error: `--resume` with no or a corrupt
+    checkpoint, a new run over an existing one, or other rollout shapes (num_envs per process, num_steps)."""
+    path = Path(path)
+    if not resume:
+        if path.exists():
+            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or another --run-dir")
+        return None
+    ckpt = load_checkpoint(path)
+    if (ckpt["num_envs"], ckpt["num_steps"]) != (num_envs, num_steps):
+        raise ValueError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
+                         f"{num_envs, num_steps}: resume with the run's settings")
+    return ckpt
+
+
 class StopOnCtrlC:
     """Ctrl-C sets a flag: the loop finishes its iteration, saves a checkpoint and returns. Twice: stop now."""
 

@@ -126,6 +126,12 @@ def gather(obj: object, d: Dist) -> list:
     return out
 
 
+def gather_lists(lists: tuple[list, ...], d: Dist) -> tuple[list, ...]:
+    """Each list concatenated over the ranks, in rank order (e.g. the episode returns each rank saw)."""
+    ranks = gather(lists, d)
+    return tuple([x for r in ranks for x in r[i]] for i in range(len(lists)))
+
+
 def broadcast_object(obj: object, d: Dist) -> object:
     """Rank 0's `obj` on every rank (e.g. a checkpoint only rank 0 read)."""
     if not d.enabled:

@@ -3,11 +3,12 @@
     python -m agents.ppo --preset zoo                      # CartPole-v1 with rl-baselines3-zoo's tuning
     python -m agents.ppo --preset cleanrl --seed 2         # CleanRL's ppo.py defaults
     python -m agents.ppo --run-dir runs/a --resume         # continue a killed run from its checkpoint
+    torchrun --nproc-per-node 2 -m agents.ppo --preset zoo # data-parallel: num_envs per process (agents.distributed)
 
 Beyond CleanRL: Gymnasium 1.x autoreset, next-step (reset steps masked) or same-step, with truncated episodes
 bootstrapped from their final observation; a per-token KL penalty to a reference policy (`infos["ref_logprob"]`,
 fixed or adaptive coefficient, Ziegler et al. 2019); minibatches by env column for sequence agents; atomic
-checkpoints and `--resume`; a deterministic evaluation.
+checkpoints and `--resume` (also across numbers of processes); a deterministic evaluation.
 This file imports only gymnasium, torch, numpy and the stdlib (a test checks it); agents are duck-typed
 (protocol in `agents.policies`).
 """
@@ -18,7 +19,6 @@ import dataclasses
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from agents import distributed
-from agents.checkpoint import StopOnCtrlC, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from agents.checkpoint import StopOnCtrlC, open_run, restore, rng_state, save_checkpoint
 from agents.evaluate import evaluate
 from agents.policies import MLPAgent
 from agents.rollout import (
@@ -39,6 +39,7 @@ from agents.rollout import (
     env_info,
     env_minibatches,
     explained_variance,
+    first_ratio_deviation,
     flat_minibatches,
     kl_penalty_rewards,
     warn_if_negative_kl,
@@ -158,7 +159,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     """Train `agent` (default `MLPAgent`) with PPO on `envs` (default `num_envs` copies of `env_id`).
 
     Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`,
-    `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint` and `interrupted` (Ctrl-C)."""
+    `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank` and `world_size`.
+    Under torchrun (WORLD_SIZE > 1) it joins the process group itself: `envs` is this rank's, hooks run on rank 0."""
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
     dist, device_name = distributed.setup(args.device, args.dist_timeout)  # single process without torchrun
@@ -174,13 +176,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     check_args(args)
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume and dist.is_main else None
-    if ckpt is None and ckpt_path.exists() and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --run-dir")
+    ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
     ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
-    if ckpt is not None and (ckpt["num_envs"], ckpt["num_steps"]) != (args.num_envs, args.num_steps):
-        raise ValueError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
-                         f"{args.num_envs, args.num_steps}: resume with the run's settings")
 
     seed = dist.seed(args.seed)  # each rank its own stream of envs and sampled actions
     random.seed(seed)
@@ -202,19 +199,12 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     kl_coef, start_iteration, global_step, episode_returns = args.kl_coef, 0, 0, []
     env_seed = seed
     if ckpt is not None:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        # a run saved with another number of ranks resumes at the same global step, in this run's iterations
-        global_step, kl_coef = ckpt["global_step"], ckpt["kl_coef"]
-        start_iteration = global_step // (T * E * W)
-        episode_returns = [tuple(x) for x in ckpt["episode_returns"]]
+        global_step, kl_coef, episode_returns = restore(ckpt, agent, optimizer)  # weights, Adam, RNG states
+        start_iteration = global_step // (T * E * W)  # saved with another number of ranks: same global step
         # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
         env_seed = dist.seed(args.seed + 7919 * start_iteration)
         if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
             torch.manual_seed(env_seed)
-        if hasattr(agent, "reset_cache"):
-            agent.reset_cache()
         dist.is_main and print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
 
     writer = SummaryWriter(str(run_dir)) if dist.is_main else distributed.NullWriter()  # rank 0 writes files
@@ -241,7 +231,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     def state(iteration: int) -> dict:
         return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                 "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": E,
-                "num_steps": T, "world_size": W, "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
+                "num_steps": T, "world_size": W, "episode_returns": [list(x) for x in episode_returns],
+                "args": dataclasses.asdict(args)}
 
     iteration, interrupted = start_iteration, False
     with StopOnCtrlC() as ctrl_c:
@@ -306,8 +297,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 agent.reset_cache()  # caches computed with the old weights must not be reused
 
             # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
-            ranks = distributed.gather((new_returns, iter_lengths, iter_kls), dist)
-            new_returns, iter_lengths, iter_kls = ([x for r in ranks for x in r[i]] for i in range(3))
+            new_returns, iter_lengths, iter_kls = distributed.gather_lists((new_returns, iter_lengths, iter_kls), dist)
             episode_returns += new_returns
             iter_returns = [ret for _, ret in new_returns]
             sps = (global_step - start_step) / (time.time() - start_time)
@@ -324,7 +314,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                     kl_coef = adaptive_kl_coef(kl_coef, kl, args.kl_target, len(iter_kls), args.kl_horizon)
             for k, v in stats.items():
                 writer.add_scalar(k, v, global_step)
-            if hooks is not None and hasattr(hooks, "on_iteration"):
+            if dist.is_main and hasattr(hooks, "on_iteration"):  # rank 0, with its own rollout (1/W of the batch)
                 rollout = {"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": env_rewards,
                            "shaped_rewards": shaped, "valid": valid, "values": values, "advantages": advantages,
                            "dones": torch.from_numpy(terminated | truncated).to(device), "ref_logprobs": ref,
@@ -346,7 +336,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 save_checkpoint(ckpt_path, state(iteration))
             if stop:
                 interrupted = True
-                dist.is_main and print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume --run-dir {run_dir}")
+                dist.is_main and print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume "
+                                       f"--run-dir {run_dir}")
                 break
 
     sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
@@ -417,12 +408,7 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
             logratio = newlogprob - sel["logprobs"]
             ratio = logratio.exp()
             if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
-                dev = (ratio - 1).abs() if m is None else torch.where(m, ratio - 1, 0).abs()
-                first_dev = dev.max().item()
-                if first_dev > 1e-4:
-                    warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {first_dev:.2e}: the "
-                                  "update does not score actions as the rollout did (dropout on? sampling "
-                                  "from a different distribution? stale cache?)", stacklevel=3)
+                first_dev = first_ratio_deviation(ratio, m)
             mb_adv = sel["advantages"]
             if args.norm_adv:
                 mu = mean(mb_adv)
@@ -464,6 +450,8 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
 def parse_args(argv: list[str] | None = None) -> Args:
     """`--preset NAME` picks the defaults (with `--resume`: the run's saved args); other flags override them."""
     import tyro
+
+    from agents.checkpoint import load_checkpoint
 
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = {}

@@ -90,6 +90,17 @@ def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:
                       "masking?) or ref_logprob is wrong", stacklevel=3)
 
 
+def first_ratio_deviation(ratio: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """max |ratio - 1| over the (unmasked) entries of the first minibatch, with a warning when it is not ~0:
+    before any step the policy is the rollout's, so the update must score the actions as the rollout did."""
+    dev = ((ratio - 1).abs() if mask is None else torch.where(mask, ratio - 1, 0).abs()).max().item()
+    if dev > 1e-4:
+        warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {dev:.2e}: the update does not score "
+                      "actions as the rollout did (dropout on? sampling from a different distribution? stale "
+                      "cache?)", stacklevel=4)
+    return dev
+
+
 def flat_minibatches(valid: torch.Tensor, num_minibatches: int) -> list[torch.Tensor]:
     """Shuffled flat indices of the valid entries of a (T * E,) mask, split into `num_minibatches` parts."""
     idx = torch.nonzero(valid, as_tuple=False).squeeze(1)
