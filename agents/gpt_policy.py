@@ -243,11 +243,9 @@ class GPTAgent(nn.Module):
         ends = v & ~torch.cat([cont[1:], cont[:1] & False]).T.reshape(-1)
         steps = v.nonzero().squeeze(1)  # (S,) flat index of every valid step
         zeros = torch.zeros(T * E, device=self.device)
-        if steps.numel() == 0:
-            tie = 0.0 * sum(
-                p.sum() for p in self.parameters() if p.requires_grad
-            )  # keep a graph for backward
-            return (zeros + tie).view(E, T).T, zeros.view(E, T).T.clone(), (zeros + tie).view(E, T).T
+        if steps.numel() == 0:  # nothing to score; keep a graph so the caller's backward() still works
+            zeros = zeros + 0.0 * sum(p.sum() for p in self._params if p.requires_grad)
+            return zeros.view(E, T).T, zeros.view(E, T).T, zeros.view(E, T).T
         segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
         back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end

@@ -276,3 +276,14 @@ def test_cache_survives_a_change_of_window_and_batch():
             full = agent.get_action_and_value(obs, action)[1]
             torch.testing.assert_close(logprob, full, atol=1e-5, rtol=1e-5)
             obs = torch.cat([obs[:, 1:], action[:, None]], dim=1)
+
+
+def test_evaluate_sequences_with_no_valid_step_is_zero_and_differentiable():
+    agent = GPTAgent(tiny_lm(8), PAD)
+    obs = torch.full((3, 2, 6), PAD)
+    obs[..., -1] = 5
+    logprob, entropy, value = agent.evaluate_sequences(
+        obs, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bool)
+    )
+    assert logprob.shape == (3, 2) and (logprob == 0).all() and (entropy == 0).all() and (value == 0).all()
+    (logprob.sum() + value.sum()).backward()
