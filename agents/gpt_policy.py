@@ -11,7 +11,10 @@ Three things keep it correct and fast (../shared/DESIGN.md, "Making token-by-tok
 - The update (`evaluate_sequences`) cuts every env column into episode segments and runs ONE teacher-forced
   forward over all of them: a step's observation is a prefix of its segment's last observation.
 - The policy samples from exactly the distribution it trains: plain categorical over the vocabulary,
-  temperature 1, no top-k/top-p, dropout off for good (else the PPO ratio is not 1 at the first minibatch).
+  temperature 1, no top-k/top-p (drawn by inverting the CDF: `torch.multinomial` costs more than a decode
+  step on CPU), dropout off for good (else the PPO ratio is not 1 at the first minibatch).
+- Caches never outlive the weights: `reset_cache()` (PPO calls it after each update), and as a guard any
+  in-place change of a parameter (optimizer step, `load_state_dict`) or `.to()` also drops them.
 """
 
 from __future__ import annotations
