@@ -157,6 +157,7 @@ def rank_zero_first(d: Dist | None = None) -> Iterator[None]:
 def cleanup(d: Dist) -> None:
     """Leave the process group if `setup` created it (a caller's own group stays up for the caller)."""
     if d.owns_group and tdist.is_initialized():
+        tdist.barrier()  # no rank tears its connections down while a peer still talks (gloo aborts at exit then)
         tdist.destroy_process_group()
 
 
