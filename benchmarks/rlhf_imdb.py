@@ -19,6 +19,7 @@ Building the models (tokenizer, GPT, reward model, judge) is cached in `artifact
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ def main(a: Args) -> None:
     print()
     print_table(["target", "value", "goal", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets])
     results = {"before": b, "after": af, "gain": rec["gain"], "timing": timing, "build_s": build_s,
+               "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                "built_from": rec.get("pieces", {}), "samples": rec["samples"],
                "config": rec["config"], "run_dir": cfg.run_dir}
     print(f"\nwrote {write_result('rlhf_imdb', results, targets, a.quick, a.out)}")
