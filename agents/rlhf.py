@@ -1,9 +1,11 @@
 """RLHF end to end, one command: a GPT policy tuned by PPO inside TextEnv against a sentiment reward model.
 
-    python -m agents.rlhf                                   # embedded corpus, no network: <= 10 min on 2 cores
-    python -m agents.rlhf --preset imdb --data-dir ../shared/data/imdb
-    python -m agents.rlhf --preset imdb --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb \
-        --device cuda                                       # the seed's models, online, bf16 on a GPU
+    python -m agents.rlhf                                   # embedded corpus, no network, 2 CPU cores
+    python -m agents.rlhf --data-dir ../shared/data/imdb    # IMDb (the `imdb` preset)
+    python -m agents.rlhf --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb --device cuda
+
+The first builds everything and trains in about 13 minutes on 2 CPU cores shared with other jobs (6 of them
+building the models; a second run reuses them); the last uses the seed's hub models (online) in bf16 on a GPU.
 
 The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed reproduces it):
 1. Models: a BPE tokenizer, a small GPT-2-architecture LM, a DistilBERT-architecture sentiment reward model
@@ -17,6 +19,7 @@ The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed r
    coefficient (init 0.2, target 6 nats; horizon 1000 episodes for our shorter runs), minibatches of env columns.
 4. Report (`agents.report`): held-out prompts before and after; reward, positive rate by the reward model
    and by the judge, KL to the reference, reference perplexity, distinct-2, sample pairs; Markdown + JSON + PNG.
+
 Every bad input (vocabulary, EOS, classifier folder, data, context length) fails before any training.
 """
 
@@ -456,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> RLHFConfig:
     name = name or "embedded"
     if name not in PRESETS:
         raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
-    return tyro.cli(RLHFConfig, default=PRESETS[name](), args=argv, description=__doc__)
+    return tyro.cli(RLHFConfig, default=PRESETS[name](), args=argv, description=__doc__, prog="python -m agents.rlhf")
 
 
 def main() -> None:
