@@ -331,7 +331,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                       f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
                       f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
                       f"clipfrac {stats['losses/clipfrac']:.3f} | {sps:.0f} SPS", flush=True)
-            stop = any(distributed.gather(ctrl_c.requested, dist))  # Ctrl-C on any rank stops them all together
+            stop = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all together
             if dist.is_main and (stop or (args.save_every and iteration % args.save_every == 0)):
                 save_checkpoint(ckpt_path, state(iteration))
             if stop:
@@ -436,7 +436,8 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                     sums += torch.stack([pg_loss, v_loss, entropy_loss, mean(-logratio), mean((ratio - 1) - logratio),
                                          mean(((ratio - 1.0).abs() > clip).float())]).float().cpu()
                 n += 1
-        sums = distributed.all_reduce_mean(sums / max(n, 1), dist)  # the same numbers (and decision) on all ranks
+        if track:  # the mean over ranks: the same numbers (and early-stop decision) on every rank
+            sums = distributed.all_reduce_mean(sums / max(n, 1), dist)
         if args.target_kl is not None and sums[4] > args.target_kl:
             break
     keys = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
@@ -474,8 +475,7 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record  # torchrun: a failed rank's traceback
 
     result = record(train)(parse_args())
-    if result["interrupted"]:
-        sys.exit(130)
+    distributed.exit_worker(130 if result["interrupted"] else 0)
 
 
 if __name__ == "__main__":

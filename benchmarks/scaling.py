@@ -94,6 +94,7 @@ def run_worker(args: Args) -> None:
 
     import torch
 
+    from agents import distributed
     from agents.ppo import Args as PPOArgs
     from agents.ppo import train
 
@@ -115,6 +116,7 @@ def run_worker(args: Args) -> None:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(MARK + json.dumps({"rank": result["rank"], "world": world, "steps": result["global_step"],
                              "sps": result["sps"], "wall_s": wall, "cpu_s": cpu}), flush=True)
+    distributed.exit_worker(0)
 
 
 def launch(workload: str, nproc: int, args: Args) -> dict:
