@@ -42,6 +42,8 @@ class Args:
     """PPO env steps (default: the imdb preset's)"""
     learning_rate: float | None = None
     """PPO learning rate (default: the imdb preset's)"""
+    kl_target: float | None = None
+    """KL setpoint of the adaptive controller (default: the imdb preset's)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
     policy: str | None = None
@@ -68,6 +70,8 @@ def main(a: Args) -> None:
         cfg.total_timesteps = a.total_timesteps
     if a.learning_rate:
         cfg.learning_rate = a.learning_rate
+    if a.kl_target:
+        cfg.kl_target = a.kl_target
     if a.quick:
         cfg.total_timesteps, cfg.eval_prompts = min(cfg.total_timesteps, 20 * cfg.num_envs * cfg.num_steps), 64
     t0 = time.time()
