@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def run_worker(args: Args) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(ppo, envs=envs, agent=agent)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(MARK + json.dumps({"rank": result["rank"], "world": world, "steps": result["global_step"],
-                             "sps": result["sps"], "wall_s": wall, "cpu_s": cpu}), flush=True)
+    line = MARK + json.dumps({"rank": result["rank"], "world": world, "steps": result["global_step"],
+                              "sps": result["sps"], "wall_s": wall, "cpu_s": cpu})
+    sys.stdout.flush()
+    os.write(1, (line + "\n").encode())  # one write: the ranks share the pipe, a print() may interleave
     distributed.exit_worker(0)
 
 
@@ -127,7 +130,7 @@ def launch(workload: str, nproc: int, args: Args) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] + worker
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    rows = [json.loads(line[len(MARK):]) for line in run.stdout.splitlines() if line.startswith(MARK)]
+    rows = [json.loads(m) for m in re.findall(MARK + r"(\{[^{}]*\})", run.stdout)]
     if run.returncode != 0 or len(rows) != nproc:
         raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     steps = rows[0]["steps"]
