@@ -3,6 +3,7 @@
     python -m agents.rlhf                                   # embedded corpus, no network, 2 CPU cores
     python -m agents.rlhf --data-dir ../shared/data/imdb    # IMDb (the `imdb` preset)
     python -m agents.rlhf --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb --device cuda
+    torchrun --standalone --nproc-per-node 2 -m agents.rlhf  # data-parallel PPO: --num-envs is per process
 
 The first builds everything (cached; a second run reuses it) and trains: 4:49 wall on 2 CPU cores next to one
 other job, 13:15 with 6 jobs sharing them. The last uses the seed's hub models (online) in bf16 on a GPU.
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 TextScorer = Callable[[list[str]], Sequence[float]]
+BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
 
 
 @dataclass
@@ -84,7 +86,8 @@ class RLHFConfig:
     total_timesteps: int = 40 * 64 * 34
     """env steps (tokens) of PPO (40 iterations: on the embedded corpus the score is near its ceiling by then)"""
     num_envs: int = 64
-    """parallel episodes (TextVectorEnv batch)"""
+    """parallel episodes (TextVectorEnv batch) per process: under torchrun each rank runs its own num_envs, and
+    an iteration is num_envs x num_steps x ranks tokens"""
     num_steps: int = 34
     """steps per env per rollout (2 x (max_new_tokens + 1): two full episodes per column)"""
     learning_rate: float = 5e-5
@@ -380,6 +383,7 @@ def ppo_args(cfg: RLHFConfig, run_dir: Path, device: torch.device):
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     """Build (or take) the pieces, train with PPO, write the report; returns the report record."""
+    from agents import distributed
     from agents.gpt_policy import GPTAgent
     from agents.ppo import train
     from agents.report import evaluate, write_report
@@ -387,22 +391,28 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     from textenv.build import set_threads
 
     t0 = time.time()
-    if cfg.quick:  # a smoke run: a few PPO iterations, a small report
-        cfg = dataclasses.replace(cfg, total_timesteps=6 * cfg.num_envs * cfg.num_steps,
+    # under torchrun: join the group now (long timeout: rank 0 may build the models while the others wait);
+    # PPO's train() then reuses this group, and one process per GPU gets cuda:LOCAL_RANK
+    dist, dev_name = distributed.setup(cfg.device, timeout_s=BUILD_TIMEOUT_S)
+    if cfg.quick:  # a smoke run: 6 PPO iterations (of all ranks together), a small report
+        cfg = dataclasses.replace(cfg, total_timesteps=6 * cfg.num_envs * cfg.num_steps * dist.world_size,
                                   eval_prompts=min(cfg.eval_prompts, 64))
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(dev_name)
     set_threads(cfg.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
     if pieces is None:
-        pieces = prepare(cfg, device)
+        with distributed.rank_zero_first(dist):  # rank 0 builds the cache (no lock), the others then reuse it
+            pieces = prepare(cfg, device)
     tok = pieces.tokenizer
     check_tokenizer(tok, "the policy tokenizer")
     check_policy(pieces.policy, tok, cfg, "the policy")
     if not pieces.eval_prompts:
         raise ValueError("no held-out prompts for the report; the data source's test split has no usable text")
     t_built = time.time()
-    run_dir = Path(cfg.run_dir or f"runs/rlhf-{cfg.preset}-{cfg.seed}-{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
+        cfg.run_dir or f"runs/rlhf-{cfg.preset}-{cfg.seed}-{int(time.time())}", dist))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     policy = pieces.policy.to(device)
@@ -414,14 +424,20 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
                        reward_threshold=0.5 if pieces.reward_positive_fn else 0.0, judge_fn=pieces.judge_fn,
                        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                        max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed + 12345)
-    before = evaluate(reference, reference, tok, pieces.eval_prompts, **eval_kwargs)
-    print(f"before: reward {before[0]['reward_mean']:+.3f}, positive {before[0]['positive_rate_reward_model']:.2f} "
-          f"(judge {before[0]['positive_rate_judge']}), distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
+    if dist.is_main:
+        before = evaluate(reference, reference, tok, pieces.eval_prompts, **eval_kwargs)
+        print(f"before: reward {before[0]['reward_mean']:+.3f}, positive "
+              f"{before[0]['positive_rate_reward_model']:.2f} (judge {before[0]['positive_rate_judge']}), "
+              f"distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
     t_ppo = time.time()
     args = ppo_args(cfg, run_dir, device)
-    logger = RLHFLogger(tok, args.total_timesteps // (args.num_envs * args.num_steps), cfg.sample_every)
-    result = train(args, envs=envs, agent=agent, hooks=logger)
+    iterations = args.total_timesteps // (args.num_envs * args.num_steps * dist.world_size)
+    logger = RLHFLogger(tok, iterations, cfg.sample_every)
+    result = train(args, envs=envs, agent=agent, hooks=logger)  # train() logs and saves on rank 0 only
     envs.close()
+    if not dist.is_main:
+        distributed.cleanup(dist)  # leaves the group only if this run() joined it (not a caller's group)
+        return {}
     t_eval = time.time()
     after = evaluate(agent.lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
     agent.lm.save_pretrained(run_dir / "policy")
@@ -438,6 +454,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
           f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
           f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
     print(f"report: {run_dir / 'report.md'}")
+    distributed.cleanup(dist)
     return record
 
 
@@ -466,7 +483,13 @@ def parse_args(argv: list[str] | None = None) -> RLHFConfig:
 
 
 def main() -> None:
-    run(parse_args())
+    from agents import distributed
+
+    cfg = parse_args()
+    dist, _ = distributed.setup(cfg.device, timeout_s=BUILD_TIMEOUT_S)  # run() reuses this group
+    run(cfg)
+    distributed.cleanup(dist)
+    distributed.exit_worker(0)  # torchrun: skip the interpreter teardown that now and then aborts a gloo rank
 
 
 if __name__ == "__main__":

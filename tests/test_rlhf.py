@@ -138,3 +138,22 @@ def test_cli_help_and_presets():
     imdb = parse_args(["--data-dir", "somewhere"])
     assert imdb.preset == "imdb" and imdb.data_dir == "somewhere"
     assert parse_args(["--preset", "imdb", "--max-new-tokens", "12"]).max_new_tokens == 12
+
+
+def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
+    from test_distributed import torchrun  # the same launcher the PPO distributed tests use
+
+    tmp = folders["tmp"]
+    # 2 ranks x 4 envs x 9 steps = 72 tokens per iteration; 3 iterations
+    run = torchrun("-m", "agents.rlhf", "--policy", folders["policy"], "--reward-model", folders["rm"],
+                   "--judge", "none", "--data-dir", folders["data"], "--run-dir", "run", "--max-prompt-tokens", "8",
+                   "--max-new-tokens", "8", "--num-envs", "4", "--num-steps", "9", "--total-timesteps", "216",
+                   "--num-minibatches", "2", "--update-epochs", "1", "--eval-prompts", "8", "--torch-threads", "1",
+                   "--save-every", "0", "--device", "cpu", cwd=tmp, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("before:") == 1 and run.stdout.count("after:") == 1, run.stdout[-2000:]
+    assert "iter    3/3" in run.stdout, run.stdout[-2000:]  # 216 tokens / (4 envs x 9 steps x 2 ranks)
+    rec = json.loads((tmp / "run" / "report.json").read_text())
+    assert rec["timing"]["ppo_tokens"] == 216 and len(rec["history"]) == 3
+    assert sorted(p.name for p in tmp.iterdir() if p.name not in ("policy", "rm", "data")) == ["run"]
+    assert not (tmp / "runs").exists()
