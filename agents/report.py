@@ -257,13 +257,12 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
     """PNG of the score mean and KL (with the KL coefficient) over training; None without history."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure (no pyplot, no matplotlib.use): the backend of a Jupyter session calling this stays as it is
+    from matplotlib.figure import Figure
 
     steps = [h["global_step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     axes[0].plot(steps, [h.get("score_mean", float("nan")) for h in history])
     axes[0].set(xlabel="env steps (tokens)", ylabel="reward-model score", title="score mean per iteration")
     axes[1].plot(steps, [h.get("kl", float("nan")) for h in history], label="KL (nats/episode)")
@@ -274,9 +273,16 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
     axes[1].set(xlabel="env steps (tokens)", ylabel="KL to reference", title="KL per iteration")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)  # a Figure without a canvas saves through Agg
     return path
+
+
+def report_table(record: dict) -> str:
+    """The before/after Markdown table of a report record (`write_report`'s or `agents.rlhf.run`'s return)."""
+    b, a = record["before"], record["after"]
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(b.get(k))} | {_fmt(a.get(k))} |" for name, k in _ROWS]
+    return "\n".join(lines)
 
 
 def write_report(
@@ -323,8 +329,7 @@ def write_report(
              f"Held-out prompts: {n}, one pure-sampled response each (same prompts and seed before and after).",
              f"Reward mean gain: {record['gain']['reward_mean']:+.3f} "
              f"(standard error before {summary_b['reward_sem']:.3f}, after {summary_a['reward_sem']:.3f}).", "",
-             "| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(summary_b.get(k))} | {_fmt(summary_a.get(k))} |" for name, k in _ROWS]
+             report_table(record)]
     flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in (extra or {}).items()
             for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}

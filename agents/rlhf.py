@@ -382,7 +382,8 @@ def ppo_args(cfg: RLHFConfig, run_dir: Path, device: torch.device):
 
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
-    """Build (or take) the pieces, train with PPO, write the report; returns the report record."""
+    """Build (or take) the pieces, train with PPO, write the report; returns the report record (with `run_dir`,
+    the folder used, also when `cfg.run_dir` is None). Under torchrun: ranks other than 0 return {}."""
     from agents import distributed
     from agents.gpt_policy import GPTAgent
     from agents.ppo import train
@@ -447,7 +448,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
     record = write_report(run_dir, before, after, history=logger.history,
-                          config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info})
+                          config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info,
+                                                                       "run_dir": str(run_dir)})
     a, b = record["after"], record["before"]
     print(f"after:  reward {a['reward_mean']:+.3f} (gain {a['reward_mean'] - b['reward_mean']:+.3f}), positive "
           f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "

@@ -2,13 +2,16 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.report import distinct_n, evaluate, response_logprobs, sample, write_report
+from agents.report import distinct_n, evaluate, report_table, response_logprobs, sample, write_report
 from textenv.char_tokenizer import char_tokenizer
 
 PROMPTS = ["ab", "ba a", "b", "aab", "bb b", "a"] * 4
@@ -111,6 +114,21 @@ def test_write_report_files(tok, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "positive rate (held-out judge)" in md and "training.png" in md and "| timing.total_s | 1.500 |" in md
     assert (tmp_path / "training.png").stat().st_size > 1000
+    table = report_table(rec)
+    assert table in md and table.startswith("| metric | before | after |")
+    assert "| positive rate (held-out judge) | 1.000 | 0.000 |" in table.splitlines()
     with pytest.raises(ValueError, match="different prompts"):
         write_report(tmp_path, before, evaluate(model, model, tok, PROMPTS[:3], reward_fn=count_a,
                                                 max_new_tokens=2)[:2])
+
+
+def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    # a Jupyter session's backend (here: svg) must survive the report; the old matplotlib.use("Agg") switched it
+    code = ("import sys, matplotlib; from pathlib import Path; from agents.report import plot_history; "
+            f"p = plot_history([{{'global_step': 1, 'score_mean': 0.5, 'kl': 0.1}}], Path({str(tmp_path)!r}) / 'p.png'); "
+            "print(matplotlib.rcParams['backend'], 'matplotlib.pyplot' in sys.modules, p.stat().st_size)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MPLBACKEND": "svg"})
+    assert out.returncode == 0, out.stderr
+    backend, pyplot, size = out.stdout.split()
+    assert backend == "svg" and pyplot == "False" and int(size) > 500, out.stdout

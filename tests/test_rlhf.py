@@ -157,3 +157,14 @@ def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
     assert rec["timing"]["ppo_tokens"] == 216 and len(rec["history"]) == 3
     assert sorted(p.name for p in tmp.iterdir() if p.name not in ("policy", "rm", "data")) == ["run"]
     assert not (tmp / "runs").exists()
+
+
+def test_run_returns_the_run_dir_it_chose(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run_dir is relative: runs/rlhf-...
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS)
+    rec = run(toy_config(tmp_path, run_dir=None, num_envs=4, total_timesteps=4 * 18, save_every=0), pieces)
+    run_dir = tmp_path / rec["run_dir"]
+    assert rec["run_dir"].startswith("runs/rlhf-embedded-1-") and (run_dir / "report.md").is_file()
+    assert json.loads((run_dir / "report.json").read_text())["run_dir"] == rec["run_dir"]
