@@ -261,13 +261,21 @@ def load_policy(name: str, tokenizer_name: str | None) -> tuple[torch.nn.Module,
 
 
 def cut_queries(tokenizer: Any, texts: Sequence[str], lo: int, hi: int, seed: int) -> list[str]:
-    """The env's query rule for held-out prompts: the first n ~ U{lo..hi} tokens of each text, decoded."""
+    """Held-out prompts cut by the env's own query rule (`TextEnv._query_ids`: the first n ~ U{lo..hi} tokens
+    of each text, its head encoded as the env does it), decoded as the env decodes them; texts without tokens
+    are skipped."""
+    from textenv.env import TextEnv, decode_rows
+
+    env = TextEnv(tokenizer, lambda t: [0.0] * len(t), list(texts), max_prompt_tokens=hi, max_new_tokens=1,
+                  query_tokens=(lo, hi))
     rng = np.random.default_rng(seed)
     out = []
-    for t in texts:
-        ids = tokenizer.encode(t[: 64 * hi], add_special_tokens=False)
-        if ids:
-            out.append(tokenizer.decode(ids[: int(rng.integers(lo, hi + 1))], skip_special_tokens=True))
+    for i in range(len(texts)):
+        try:
+            ids = env._query_ids(i)
+        except ValueError:  # a text with no tokens
+            continue
+        out.append(decode_rows(tokenizer, [ids[: int(rng.integers(lo, hi + 1))]])[0])
     return [q for q in out if q.strip()]
 
 

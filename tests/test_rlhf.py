@@ -168,3 +168,15 @@ def test_run_returns_the_run_dir_it_chose(tmp_path, monkeypatch):
     run_dir = tmp_path / rec["run_dir"]
     assert rec["run_dir"].startswith("runs/rlhf-embedded-1-") and (run_dir / "report.md").is_file()
     assert json.loads((run_dir / "report.json").read_text())["run_dir"] == rec["run_dir"]
+
+
+def test_held_out_prompts_are_cut_like_the_env_cuts_its_queries():
+    from agents.rlhf import cut_queries
+    from textenv.env import TextEnv
+
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
+    text = "a good film. " * 20  # longer than the env's encoded head (16 x hi characters)
+    queries = cut_queries(tok, [text] * 60 + ["   "], 2, 5, seed=0)
+    env = TextEnv(tok, lambda t: [0.0] * len(t), [text], max_prompt_tokens=5, max_new_tokens=1, query_tokens=(2, 5))
+    drawn = {env.reset(seed=s)[1]["prompt"] for s in range(60)}
+    assert len(queries) == 60 and set(queries) == drawn == {text[:n] for n in range(2, 6)}
