@@ -318,7 +318,9 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 rollout = {"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": env_rewards,
                            "shaped_rewards": shaped, "valid": valid, "values": values, "advantages": advantages,
                            "dones": torch.from_numpy(terminated | truncated).to(device), "ref_logprobs": ref,
-                           "finished_infos": finished_infos, "kl_coef": stats.get("charts/kl_coef", kl_coef)}
+                           "finished_infos": finished_infos, "kl_coef": stats.get("charts/kl_coef", kl_coef),
+                           # per finished episode (as finished_infos) its sum of log pi - log p_ref: rank 0's
+                           "episode_kls": iter_kls[: len(finished_infos)] if has_ref else None}
                 logs = hooks.on_iteration(iteration, global_step, rollout, writer)
                 if logs:
                     result_extra["hook_logs"].append({"iteration": iteration, "global_step": global_step, **logs})

@@ -2,9 +2,10 @@
 
 PPO logs the generic losses (policy, value, entropy, approx-KL, clip fraction) and the KL to the reference
 (`charts/kl`, `charts/kl_coef`). This hook adds what is specific to text, read from the iteration's rollout:
-the reward-model score of the finished episodes, KL per token and per response, a sampled entropy estimate,
-distinct-1/2 of the completions (a collapsing policy repeats itself), a TensorBoard text table of samples
-every `sample_every` iterations, and one progress line with tokens/s.
+the reward-model score of the finished episodes, KL per token and per response (the mean of PPO's per-episode
+sums `rollout["episode_kls"]`), a sampled entropy estimate, distinct-1/2 of the completions (a collapsing policy
+repeats itself), a TensorBoard text table of samples every `sample_every` iterations, and one progress line
+with tokens/s.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class RLHFLogger:
         if ref is not None and logp.numel() and bool(ref[valid].abs().sum() > 0):
             kl_tok = float((logp - ref[valid].double()).mean())
             stats["rlhf/kl_per_token"] = kl_tok
-            if lengths:
-                stats["rlhf/kl"] = kl_tok * float(np.mean(lengths))  # nats per response
+        episode_kls = rollout.get("episode_kls")
+        if episode_kls:  # PPO's per-episode sums of log pi - log p_ref (the episodes that finished)
+            stats["rlhf/kl"] = float(np.mean(episode_kls))  # nats per response
         if "kl_coef" in rollout:
             stats["rlhf/kl_coef"] = float(rollout["kl_coef"])
         if scores:

@@ -287,6 +287,12 @@ def test_kl_penalty_shapes_rewards_per_token(tmp_path):
     # episode returns are the env's rewards (1 per 4-step episode), not the shaped ones
     assert {ret for _, ret in result["episode_returns"]} == {1.0}
     assert result["kl_coef"] == 0.1
+    # per finished episode its KL sum: the first rollout's first 4 episodes are envs 0..3 over steps 0..3
+    r = hook.rollouts[0]
+    assert len(r["episode_kls"]) == len(r["finished_infos"]) == 8  # episodes end at steps 3 and 8
+    per_token = (r["logprobs"] - r["ref_logprobs"]).double()
+    np.testing.assert_allclose(r["episode_kls"][:4], per_token[:4].sum(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(r["episode_kls"][4:], per_token[5:9].sum(0).numpy(), rtol=1e-5)
 
 
 def test_adaptive_kl_coef_follows_the_measured_kl(tmp_path):

@@ -180,3 +180,21 @@ def test_held_out_prompts_are_cut_like_the_env_cuts_its_queries():
     env = TextEnv(tok, lambda t: [0.0] * len(t), [text], max_prompt_tokens=5, max_new_tokens=1, query_tokens=(2, 5))
     drawn = {env.reset(seed=s)[1]["prompt"] for s in range(60)}
     assert len(queries) == 60 and set(queries) == drawn == {text[:n] for n in range(2, 6)}
+
+
+def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
+    from agents.rlhf_logging import RLHFLogger
+
+    tok = char_tokenizer("ab ")
+    logp = torch.full((4, 2), -1.0)
+    # episodes of 1 and 3 tokens: the old estimate (per-token mean x mean length) would give 2 x 0.5 = 1.0
+    rollout = {"valid": torch.ones(4, 2, dtype=torch.bool), "logprobs": logp, "ref_logprobs": logp - 0.5,
+               "finished_infos": [{"score": 1.0, "completion": "a", "length": 2, "prompt_length": 1},
+                                  {"score": 0.0, "completion": "ab ", "length": 4, "prompt_length": 1}],
+               "episode_kls": [0.1, 3.0]}
+    logger = RLHFLogger(tok, total_iterations=1, print_every=0)
+    stats = logger.on_iteration(1, 8, rollout)
+    assert stats["rlhf/kl"] == pytest.approx(1.55) and stats["rlhf/kl_per_token"] == pytest.approx(0.5)
+    assert logger.history[0]["kl"] == pytest.approx(1.55)
+    rollout["episode_kls"] = None  # no reference model: no KL per response
+    assert "rlhf/kl" not in logger.on_iteration(2, 16, rollout)
