@@ -441,7 +441,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     t_ppo = time.time()
     args = ppo_args(cfg, run_dir, device)
     iterations = args.total_timesteps // (args.num_envs * args.num_steps * dist.world_size)
-    logger = RLHFLogger(tok, iterations, cfg.sample_every)
+    logger = RLHFLogger(tok, iterations, cfg.sample_every, world_size=dist.world_size)
     result = train(args, envs=envs, agent=agent, hooks=logger)  # train() logs and saves on rank 0 only
     envs.close()
     if not dist.is_main:

@@ -29,8 +29,9 @@ class RLHFLogger:
     """
 
     def __init__(self, tokenizer: Any, total_iterations: int, sample_every: int = 10, n_samples: int = 8,
-                 print_every: int = 1) -> None:
+                 print_every: int = 1, world_size: int = 1) -> None:
         self.tokenizer = tokenizer
+        self.world_size = world_size  # torchrun: the hook sees rank 0's rollout; tokens/s counts all ranks
         self.total_iterations = total_iterations
         self.sample_every, self.n_samples, self.print_every = sample_every, n_samples, print_every
         self.history: list[dict] = []
@@ -39,7 +40,7 @@ class RLHFLogger:
     def on_iteration(self, iteration: int, global_step: int, rollout: dict, writer: Any = None) -> dict:
         now = time.time()
         valid = rollout["valid"].bool()  # (T, E)
-        tokens = int(valid.sum())
+        tokens = int(valid.sum()) * self.world_size  # rank 0's rollout x ranks (each runs as many steps)
         eps = rollout["finished_infos"]
         scores = [float(e["score"]) for e in eps if "score" in e]
         completions = [str(e.get("completion", "")) for e in eps]
