@@ -58,6 +58,28 @@ def _pad_token_id(env: Any) -> int:
     raise ValueError(f"cannot find the pad token id of {env}; pass pad_token_id=tokenizer.pad_token_id.")
 
 
+class _Reference:
+    """The frozen reference LM with its KV cache, restricted to the env's action space (both wrappers use it)."""
+
+    def __init__(self, env: Any, action_space: spaces.Space, ref_model: nn.Module, pad_token_id: int | None,
+                 device: str | torch.device | None, who: str) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError(f"{who} needs Discrete token actions, got {action_space}; wrap a TextEnv.")
+        self.n_actions = int(action_space.n)
+        self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
+        self.model = _check_ref_model(ref_model, self.n_actions).to(self.device)
+        self.cache = CachedLM(self.model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+
+    @torch.no_grad()
+    def logprobs(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """log p_ref(actions | obs) (E,) float64 for obs (E, L), advancing the KV cache by one token per row."""
+        logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
+        logp = torch.log_softmax(logits[:, : self.n_actions], dim=-1)  # (E, n_actions)
+        # Clamped: under NEXT_STEP autoreset an ignored action need not be a valid id.
+        idx = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device).clamp(0, self.n_actions - 1)
+        return logp.gather(1, idx[:, None])[:, 0].double().cpu().numpy()
+
+
 class RefLogprob(VectorWrapper):
     """Adds `infos["ref_logprob"]` (E,) float64: log p_ref(action | obs before it) under a frozen causal LM.
 
@@ -74,14 +96,8 @@ class RefLogprob(VectorWrapper):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(env)
-        if not isinstance(env.single_action_space, spaces.Discrete):
-            raise TypeError(
-                f"RefLogprob needs Discrete token actions, got {env.single_action_space}; wrap a TextEnv."
-            )
-        self.n_actions = int(env.single_action_space.n)
-        self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
-        self.ref_model = _check_ref_model(ref_model, self.n_actions).to(self.device)
-        self.cache = CachedLM(self.ref_model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+        self.ref = _Reference(env, env.single_action_space, ref_model, pad_token_id, device, "RefLogprob")
+        self.cache = self.ref.cache
         self.next_step = (
             env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
         )
@@ -95,23 +111,11 @@ class RefLogprob(VectorWrapper):
         self._obs = obs
         return obs, infos
 
-    @torch.no_grad()
-    def ref_logprobs(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """log p_ref(actions | obs) (E,), advancing the KV cache by one token per row."""
-        logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
-        logp = torch.log_softmax(logits[:, : self.n_actions], dim=-1)  # (E, n_actions)
-        # Clamped: under NEXT_STEP autoreset an ignored action need not be a valid id.
-        idx = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device).clamp(
-            0, self.n_actions - 1
-        )
-        idx = idx[:, None]  # (E, 1)
-        return logp.gather(1, idx)[:, 0].double().cpu().numpy()
-
     def step(self, actions: Any):
         if self._obs is None:
             raise gym.error.ResetNeeded("step() called before reset(); call envs.reset() first.")
         obs, rewards, terminated, truncated, infos = self.env.step(actions)  # validates the actions first
-        logp = self.ref_logprobs(self._obs, np.asarray(actions))  # scored on the obs they were taken in
+        logp = self.ref.logprobs(self._obs, np.asarray(actions))  # scored on the obs they were taken in
         applied = ~self._ended if self.next_step else np.ones(self.num_envs, dtype=np.bool_)
         infos["ref_logprob"], infos["_ref_logprob"] = np.where(applied, logp, 0.0), applied
         self._obs, self._ended = obs, terminated | truncated
@@ -125,26 +129,18 @@ class RefLogprobEnv(gym.Wrapper):
         self, env: gym.Env, ref_model: nn.Module, pad_token_id: int | None = None, device: str | None = None
     ) -> None:
         super().__init__(env)
-        if not isinstance(env.action_space, spaces.Discrete):
-            raise TypeError(
-                f"RefLogprobEnv needs Discrete token actions, got {env.action_space}; wrap a TextEnv."
-            )
-        self.n_actions = int(env.action_space.n)
-        self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
-        self.ref_model = _check_ref_model(ref_model, self.n_actions).to(self.device)
-        self.cache = CachedLM(self.ref_model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+        self.ref = _Reference(env, env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv")
+        self.cache = self.ref.cache
         self._obs: np.ndarray | None = None
 
     def reset(self, **kwargs: Any):
         self._obs, info = self.env.reset(**kwargs)
         return self._obs, info
 
-    @torch.no_grad()
     def step(self, action: Any):
         if self._obs is None:
             raise gym.error.ResetNeeded("step() called before reset(); call env.reset() first.")
         obs, reward, terminated, truncated, info = self.env.step(action)  # validates the action first
-        logits, _ = self.cache.step(torch.as_tensor(self._obs, device=self.device)[None])  # (1, V)
-        logp = torch.log_softmax(logits[0, : self.n_actions], dim=-1)[int(np.asarray(action).reshape(()))]
+        logp = self.ref.logprobs(self._obs[None], np.asarray(action).reshape(1))[0]
         self._obs = obs
         return obs, reward, terminated, truncated, {**info, "ref_logprob": float(logp)}
