@@ -1,0 +1,232 @@
+"""The pieces of the RLHF job: load what the flags name, check it, build (or reuse) the rest.
+
+Everything here runs before training, so every bad input (vocabulary, EOS, classifier folder, data, context
+length) fails before anything slow starts. `agents.rlhf` is the job itself; `prepare` is its first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from agents.rlhf import RLHFConfig
+
+TextScorer = Callable[[list[str]], Sequence[float]]
+
+
+# ---------------------------------------------------------------------------------------- the pieces
+
+
+@dataclass
+class Pieces:
+    """Everything PPO and the report need; `prepare` builds it from a config, tests build it by hand."""
+
+    tokenizer: Any  # the policy's tokenizer (EOS and pad required)
+    policy: torch.nn.Module  # the pretrained causal LM; PPO tunes it, a frozen copy is the KL reference
+    reward_fn: TextScorer  # training reward: texts -> scores (e.g. the positive-class logit)
+    train_prompts: list[str]  # prompts, or texts to cut queries from (with `query_tokens`)
+    eval_prompts: list[str]  # held-out prompts for the report (whole prompts, already cut)
+    reward_positive_fn: TextScorer | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
+    judge_fn: TextScorer | None = None  # held-out judge: texts -> P(positive)
+    info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def check_config(cfg: RLHFConfig) -> None:
+    """Settings that cannot work, caught before anything is built."""
+    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
+        raise ValueError(f"need 0 <= min_new_tokens ({cfg.min_new_tokens}) <= max_new_tokens ({cfg.max_new_tokens}) "
+                         "and max_new_tokens >= 1")
+    if cfg.query_tokens is not None:
+        lo, hi = cfg.query_tokens
+        if not 1 <= lo <= hi <= cfg.max_prompt_tokens:
+            raise ValueError(f"query_tokens={cfg.query_tokens} must satisfy 1 <= lo <= hi <= max_prompt_tokens "
+                             f"({cfg.max_prompt_tokens}); raise --max-prompt-tokens or narrow --query-tokens")
+    if cfg.num_envs % cfg.num_minibatches:
+        raise ValueError(f"num_envs ({cfg.num_envs}) must be divisible by num_minibatches ({cfg.num_minibatches}): "
+                         "minibatches are sets of whole env columns")
+    if cfg.total_timesteps < cfg.num_envs * cfg.num_steps:
+        raise ValueError(f"total_timesteps ({cfg.total_timesteps}) is less than one rollout "
+                         f"({cfg.num_envs} x {cfg.num_steps}); raise it")
+
+
+def check_tokenizer(tokenizer: Any, where: str) -> None:
+    """EOS and pad present (TextEnv needs both), or a ValueError naming the fix."""
+    from textenv.env import check_tokenizer as env_check
+
+    try:
+        env_check(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_policy(model: torch.nn.Module, tokenizer: Any, cfg: RLHFConfig, where: str) -> None:
+    """Vocabulary covers the tokenizer's; the observation window fits the model's context."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(f"{where} is a {type(model).__name__}, not a causal LM with an output head; "
+                        "pass a causal LM folder or hub name (AutoModelForCausalLM), e.g. gpt2")
+    if head.weight.shape[0] < len(tokenizer):
+        raise ValueError(f"{where} has a vocabulary of {head.weight.shape[0]} tokens, smaller than its tokenizer's "
+                         f"{len(tokenizer)}: it could never emit the last ids; pass the tokenizer the model was trained "
+                         "with (--tokenizer) or resize the model's embeddings")
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    check_context(cfg, n_pos, where)
+
+
+def check_context(cfg: RLHFConfig, n_positions: int | None, where: str) -> None:
+    need = cfg.max_prompt_tokens + cfg.max_new_tokens
+    if n_positions is not None and need > n_positions:
+        raise ValueError(f"prompt + response = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = {need} tokens do not "
+                         f"fit the context of {where} ({n_positions} positions); lower --max-new-tokens / "
+                         "--max-prompt-tokens or use a model with a longer context")
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextScorer, TextScorer]:
+    """(positive-class logit, positive probability) scorers of a sequence classifier folder or hub name."""
+    from transformers import AutoConfig
+
+    from textenv.rewards import HFRewardModel
+
+    path = Path(name).expanduser()
+    if _is_local(name) and not (path / "config.json").is_file():
+        raise ValueError(f"{what} {name} has no config.json: it is not a saved transformers model; pass a folder "
+                         "written by save_pretrained (e.g. a trained reward model) or a hub name")
+    config = AutoConfig.from_pretrained(name)
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"{what} {name} is a {archs or config.model_type} model, not a sequence classifier: its "
+                         "classification head would be random; pass an AutoModelForSequenceClassification folder "
+                         "(e.g. lvwerra/distilbert-imdb or one trained by textenv.reward_train)")
+    logit = HFRewardModel.from_pretrained(name, device=device, output="logit")
+    prob = HFRewardModel(logit.model, logit.tokenizer, output="prob", device=device)
+    return logit, prob
+
+
+def load_judge(name: str, device: torch.device) -> TextScorer:
+    """A judge folder (`textenv.judge`), or any sequence classifier (its positive probability)."""
+    if (Path(name).expanduser() / "judge.json").is_file():
+        from textenv.judge import Judge
+
+        return Judge.load(name)
+    return load_classifier(name, device, "judge")[1]
+
+
+def load_policy(name: str, tokenizer_name: str | None) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a folder or hub name (pad = EOS when the tokenizer has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_name or name)
+    if tok.pad_token is None and tok.eos_token is not None:  # GPT-2's hub tokenizer: EOS stands in for pad
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(name), tok
+
+
+def cut_queries(tokenizer: Any, texts: Sequence[str], lo: int, hi: int, seed: int) -> list[str]:
+    """Held-out prompts cut by the env's own query rule (`TextEnv._query_ids`: the first n ~ U{lo..hi} tokens
+    of each text, its head encoded as the env does it), decoded as the env decodes them; texts without tokens
+    are skipped."""
+    from textenv.env import TextEnv, decode_rows
+
+    env = TextEnv(tokenizer, lambda t: [0.0] * len(t), list(texts), max_prompt_tokens=hi, max_new_tokens=1,
+                  query_tokens=(lo, hi))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(len(texts)):
+        try:
+            ids = env._query_ids(i)
+        except ValueError:  # a text with no tokens
+            continue
+        out.append(decode_rows(tokenizer, [ids[: int(rng.integers(lo, hi + 1))]])[0])
+    return [q for q in out if q.strip()]
+
+
+def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of the data source, or a clear error when none is usable."""
+    from textenv.data import load_texts
+
+    train = [t for t in load_texts(cfg.data_dir, "train", seed=cfg.seed).texts if t.strip()]
+    held = [t for t in load_texts(cfg.data_dir, "test", seed=cfg.seed + 1).texts if t.strip()]
+    if not train or not held:
+        raise ValueError(f"data source {cfg.data_dir} has no usable text (train: {len(train)}, test: {len(held)} "
+                         "non-empty texts); point --data-dir at a folder with train/test reviews")
+    return train, held
+
+
+def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
+    """Load what the flags name, check it, then build (or reuse) the rest with `textenv.build.build_all`.
+
+    Order matters: everything the user passed is loaded and checked before anything slow is built."""
+    check_config(cfg)
+    info: dict = {"data_dir": cfg.data_dir}
+    policy = tok = reward = judge = None
+    if cfg.policy:
+        policy, tok = load_policy(cfg.policy, cfg.tokenizer)
+        check_tokenizer(tok, f"tokenizer of {cfg.tokenizer or cfg.policy}")
+        check_policy(policy, tok, cfg, f"policy {cfg.policy}")
+        info["policy"] = cfg.policy
+    if cfg.reward_model:
+        reward = load_classifier(cfg.reward_model, device, "reward model")
+        info["reward_model"] = cfg.reward_model
+    if cfg.judge and cfg.judge != "none":
+        judge = load_judge(cfg.judge, device)
+        info["judge"] = cfg.judge
+    train_texts, held_texts = load_prompts(cfg)
+    if policy is None or reward is None or (judge is None and cfg.judge != "none"):
+        built = build_models(cfg, device, need_policy=policy is None, need_reward=reward is None,
+                             need_judge=judge is None and cfg.judge != "none")
+        info["built"] = built.get("info", {})
+        if policy is None:
+            policy, tok = built["policy"], built["tokenizer"]
+            check_tokenizer(tok, "the built tokenizer")
+            check_policy(policy, tok, cfg, "the built policy")
+        reward = reward or built.get("reward")
+        judge = judge if judge is not None or cfg.judge == "none" else built.get("judge")
+    hi = cfg.query_tokens[1] if cfg.query_tokens else cfg.max_prompt_tokens
+    lo = cfg.query_tokens[0] if cfg.query_tokens else min(2, hi)
+    eval_prompts = cut_queries(tok, held_texts[: 4 * cfg.eval_prompts], lo, hi, cfg.seed)[: cfg.eval_prompts]
+    return Pieces(tokenizer=tok, policy=policy, reward_fn=reward[0], reward_positive_fn=reward[1],
+                  judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
+
+
+def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,
+                 need_judge: bool) -> dict:
+    """Build (or reuse from `artifacts_dir`) the tokenizer + GPT, reward model and judge from the data."""
+    from textenv.build import build, build_all, preset
+
+    args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
+    if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
+        args.gpt.device = args.reward.device = str(device)
+    check_context(cfg, args.gpt.block_size, f"the GPT to build (block size {args.gpt.block_size})")
+    if need_policy and need_reward and need_judge:
+        paths = build_all(args)
+    else:
+        paths = None
+        for step, needed in (("pretrain", need_policy), ("reward", need_reward), ("judge", need_judge)):
+            if needed:
+                got = build(dataclasses.replace(args, step=step))
+                paths = got if paths is None else dataclasses.replace(
+                    paths, **{k: v for k, v in dataclasses.asdict(got).items() if v is not None})
+    out: dict = {"info": {k: str(v) for k, v in dataclasses.asdict(paths).items() if v is not None}
+                 | {"metrics": paths.metrics()}}
+    if need_policy:
+        out["policy"], out["tokenizer"] = paths.load_gpt()
+    if need_reward:
+        out["reward"] = load_classifier(str(paths.reward), device, "built reward model")
+    if need_judge:
+        out["judge"] = paths.load_judge()
+    return out
