@@ -45,8 +45,8 @@ from agents.rlhf_pieces import (  # noqa: F401  (cut_queries, TextScorer re-expo
     check_tokenizer,
     cut_queries,
     prepare,
-    resolve_device,
 )
+from agents.vector import resolve_device  # one device rule for PPO and the job
 
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
 

@@ -38,10 +38,6 @@ class Pieces:
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def check_config(cfg: RLHFConfig) -> None:
     """Settings that cannot work, caught before anything is built."""
     if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
