@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMDB_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"  # the real IMDb, beside the repo
 
 
 def machine_info() -> dict:

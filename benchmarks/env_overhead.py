@@ -24,12 +24,11 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
-from _common import print_table, target, write_result
+from _common import IMDB_DIR, print_table, target, write_result
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     DistilBertConfig,
@@ -42,7 +41,7 @@ from transformers import (
 from textenv import HFRewardModel, KeywordReward, TextEnv, TextVectorEnv
 from textenv.lm_cache import CachedLM
 
-IMDB = Path(__file__).resolve().parents[2] / "shared/data/imdb/train.jsonl.gz"
+IMDB = IMDB_DIR / "train.jsonl.gz"
 FALLBACK = [
     "This movie was a wonderful surprise from start to finish.",
     "I have never been so bored in a cinema in my whole life.",

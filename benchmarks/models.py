@@ -23,11 +23,11 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, target, write_result  # noqa: E402
+from _common import IMDB_DIR, print_table, target, write_result  # noqa: E402
 
 from textenv.build import build, preset  # noqa: E402
 
-IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
+IMDB = IMDB_DIR
 
 
 @dataclass

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-from _common import print_table, target, write_result
+from _common import IMDB_DIR, print_table, target, write_result
 
 from agents.rlhf import imdb, prepare, resolve_device, run
 
-IMDB = Path(__file__).resolve().parents[2] / "shared/data/imdb"
+IMDB = IMDB_DIR
 
 
 @dataclass

@@ -25,19 +25,18 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
-from _common import print_table, target, write_result
+from _common import IMDB_DIR, print_table, target, write_result
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent
 from textenv.lm_cache import attention_mask, position_ids
 from textenv.vector import TextVectorEnv
 
-IMDB = Path(__file__).resolve().parents[2] / "shared/data/imdb"
+IMDB = IMDB_DIR
 PRESETS = {  # (n_layer, n_embd, n_head, vocab)
     "small": (4, 256, 4, 4096),  # DESIGN.md's CPU reference model (4.2M parameters)
     "gpt2-small": (12, 768, 12, 50257),  # GPT-2 124M shape
