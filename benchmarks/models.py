@@ -25,7 +25,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import IMDB_DIR, print_table, target, write_result  # noqa: E402
 
-from textenv.build import build, preset  # noqa: E402
+from textenv.build.pipeline import build, preset  # noqa: E402
 
 IMDB = IMDB_DIR
 
@@ -43,7 +43,7 @@ class Args:
     work_dir: str | None = None
     """where artefacts are built (default: a temporary folder)"""
     gpt_model: str = "small"
-    """GPT size (textenv.pretrain.SIZES) or a hub name / local path"""
+    """GPT size (textenv.build.pretrain.SIZES) or a hub name / local path"""
     gpt_minutes: float = 10.0
     """GPT pretraining budget"""
     reward_minutes: float = 10.0
@@ -71,8 +71,8 @@ def main(args: Args) -> dict:
     gpt, rm, judge = rec["gpt"]["metrics"], rec["reward"]["metrics"], rec["judge"]["metrics"]
 
     # agreement of the two classifiers on the same test reviews (they never shared training data)
-    from textenv.build import eval_split
-    from textenv.reward_train import predict
+    from textenv.build.pipeline import eval_split
+    from textenv.build.reward_train import predict
 
     test = eval_split(args.data_dir, args.test_limit)[1]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -27,7 +27,8 @@ from pathlib import Path
 import tyro
 from _common import IMDB_DIR, print_table, target, write_result
 
-from agents.rlhf import imdb, prepare, resolve_device, run
+from agents.rlhf import imdb, prepare, run
+from agents.vector import resolve_device
 
 IMDB = IMDB_DIR
 

@@ -72,8 +72,8 @@ class Args:
 
 def tokenizer(vocab: int):
     """A byte-level BPE of `vocab` tokens, trained on IMDb when present, else on the embedded corpus."""
-    from textenv.bpe import train_bpe
-    from textenv.data import load_texts
+    from textenv.build.bpe import train_bpe
+    from textenv.build.data import load_texts
 
     texts = load_texts(IMDB, "train", limit=3000) if IMDB.is_dir() else load_texts("embedded", "train")
     return train_bpe(texts.texts, vocab_size=vocab), texts.texts

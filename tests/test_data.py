@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from textenv.corpus import corpus_split, generate, lexicon, prompts
-from textenv.data import DataError, MissingDataError, Texts, clean, load_texts, source_fingerprint
+from textenv.build.corpus import corpus_split, generate, lexicon, prompts
+from textenv.build.data import DataError, MissingDataError, Texts, clean, load_texts, source_fingerprint
 
 IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 

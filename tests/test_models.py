@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
-from textenv.bpe import CLS, classifier_tokenizer, train_bpe
-from textenv.build import Artifacts, BuildArgs, TokenizerConfig, build_all, main, parse_args, preset
-from textenv.corpus import corpus_split
-from textenv.data import Texts
-from textenv.judge import Judge, JudgeConfig, train_judge
-from textenv.pretrain import PretrainConfig, lr_at, pretrain
-from textenv.reward_train import RewardConfig, encode, train_reward
+from textenv.build.bpe import CLS, classifier_tokenizer, train_bpe
+from textenv.build.corpus import corpus_split
+from textenv.build.data import Texts
+from textenv.build.judge import Judge, JudgeConfig, train_judge
+from textenv.build.pipeline import Artifacts, BuildArgs, TokenizerConfig, build_all, main, parse_args, preset
+from textenv.build.pretrain import PretrainConfig, lr_at, pretrain
+from textenv.build.reward_train import RewardConfig, encode, train_reward
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.report import distinct_n, evaluate, report_table, response_logprobs, sample, write_report
+from agents.rlhf.report import distinct_n, evaluate, report_table, response_logprobs, sample, write_report
 from textenv.char_tokenizer import char_tokenizer
 
 PROMPTS = ["ab", "ba a", "b", "aab", "bb b", "a"] * 4
@@ -124,7 +124,7 @@ def test_write_report_files(tok, tmp_path):
 
 def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     # a Jupyter session's backend (here: svg) must survive the report; the old matplotlib.use("Agg") switched it
-    code = ("import sys, matplotlib; from pathlib import Path; from agents.report import plot_history; "
+    code = ("import sys, matplotlib; from pathlib import Path; from agents.rlhf.report import plot_history; "
             f"p = plot_history([{{'global_step': 1, 'score_mean': 0.5, 'kl': 0.1}}], Path({str(tmp_path)!r}) / 'p.png'); "
             "print(matplotlib.rcParams['backend'], 'matplotlib.pyplot' in sys.modules, p.stat().st_size)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -183,7 +183,7 @@ def test_held_out_prompts_are_cut_like_the_env_cuts_its_queries():
 
 
 def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
-    from agents.rlhf_logging import RLHFLogger
+    from agents.rlhf.logger import RLHFLogger
 
     tok = char_tokenizer("ab ")
     logp = torch.full((4, 2), -1.0)

@@ -19,7 +19,7 @@ import random
 import re
 from importlib import resources
 
-from textenv.data import Texts
+from textenv.build.texts import Texts
 
 VERSION = 1  # bump when generate() changes its output, so cached artefacts are rebuilt
 N_RECORDS = 8000
@@ -30,7 +30,7 @@ _SLOT = re.compile(r"\{(\w+)\}")
 
 @functools.lru_cache(maxsize=1)
 def _raw() -> str:
-    return resources.files("textenv").joinpath("corpus_data/reviews.json").read_text(encoding="utf-8")
+    return resources.files("textenv.build").joinpath("corpus_data/reviews.json").read_text(encoding="utf-8")
 
 
 def lexicon() -> dict:

@@ -20,9 +20,10 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from textenv.build.corpus import corpus_fingerprint, corpus_split
+from textenv.build.texts import Texts
 
 SPLITS = ("train", "test", "unsup")
 _BR = re.compile(r"(?:\s*<br\s*/?>\s*)+", re.IGNORECASE)
@@ -34,39 +35,6 @@ class DataError(ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
     """The data directory or split file does not exist."""
-
-
-@dataclass
-class Texts:
-    """A split: `texts[i]` has label `labels[i]` (0 negative, 1 positive), or `labels is None` (unlabelled)."""
-
-    texts: list[str]
-    labels: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def take(self, idx: Sequence[int]) -> Texts:
-        """The records at positions `idx`, in that order."""
-        labels = None if self.labels is None else [self.labels[i] for i in idx]
-        return Texts([self.texts[i] for i in idx], labels)
-
-    def head(self, n: int | None) -> Texts:
-        """The first `n` records (all when `n` is None)."""
-        return self if n is None else self.take(range(min(n, len(self))))
-
-    def halves(self) -> tuple[Texts, Texts]:
-        """Two disjoint halves, each with the same label balance (split class by class)."""
-        if self.labels is None:
-            mid = len(self) // 2
-            return self.take(range(mid)), self.take(range(mid, len(self)))
-        a: list[int] = []
-        b: list[int] = []
-        for lab in (0, 1):
-            idx = [i for i, y in enumerate(self.labels) if y == lab]
-            a += idx[: len(idx) // 2]
-            b += idx[len(idx) // 2 :]
-        return self.take(sorted(a)), self.take(sorted(b))
 
 
 def clean(text: str) -> str:
@@ -164,8 +132,6 @@ def load_texts(source: str | Path = "embedded", split: str = "train", *, seed: i
         raise DataError(f"unknown split '{split}'; use one of {SPLITS}")
     src = str(source)
     if src == "embedded":
-        from textenv.corpus import corpus_split
-
         if split == "unsup":
             raise DataError("the embedded corpus has no 'unsup' split; use 'train' or 'test'")
         data, where = corpus_split(split), "the embedded corpus"
@@ -199,8 +165,6 @@ def source_fingerprint(source: str | Path) -> str:
     src = str(source)
     h = hashlib.sha256(src.encode())
     if src == "embedded":
-        from textenv.corpus import corpus_fingerprint
-
         h.update(corpus_fingerprint().encode())
     elif not src.startswith("hf:"):
         d = Path(src).expanduser()

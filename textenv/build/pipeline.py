@@ -30,10 +30,10 @@ from typing import Literal
 
 import tyro
 
-from textenv.data import Texts, load_texts, source_fingerprint
-from textenv.judge import Judge, JudgeConfig
-from textenv.pretrain import SIZES, PretrainConfig
-from textenv.reward_train import RewardConfig
+from textenv.build.data import Texts, load_texts, source_fingerprint
+from textenv.build.judge import Judge, JudgeConfig
+from textenv.build.pretrain import SIZES, PretrainConfig
+from textenv.build.reward_train import RewardConfig
 
 VERSION = 2  # bump to invalidate every cached artefact
 STEPS = ("tokenizer", "pretrain", "reward", "judge")
@@ -114,7 +114,7 @@ class Artifacts:
     reward: Path | None = None
     """classifier + tokenizer folder (textenv.rewards.HFRewardModel.from_pretrained)"""
     judge: Path | None = None
-    """judge folder (textenv.judge.Judge.load)"""
+    """judge folder (textenv.build.judge.Judge.load)"""
 
     def load_gpt(self):
         """(causal LM in eval mode -- a GPT2LMHeadModel unless built from another hub model --, its tokenizer)."""
@@ -180,7 +180,7 @@ class _Builder:
         return path
 
     def tokenizer(self) -> Path:
-        from textenv.bpe import train_bpe
+        from textenv.build.bpe import train_bpe
 
         cfg = self.args.tokenizer
         if self.paths.tokenizer is not None:  # already built or found in this run
@@ -196,8 +196,8 @@ class _Builder:
     def pretrain(self) -> Path:
         from transformers import AutoTokenizer
 
-        from textenv.corpus import prompts
-        from textenv.pretrain import pretrain
+        from textenv.build.corpus import prompts
+        from textenv.build.pretrain import pretrain
 
         cfg = self.args.gpt
         tok_path = self.tokenizer() if cfg.model in SIZES else None
@@ -212,7 +212,7 @@ class _Builder:
         return self.paths.gpt
 
     def reward(self) -> Path:
-        from textenv.reward_train import train_reward
+        from textenv.build.reward_train import train_reward
 
         cfg = self.args.reward
 
@@ -224,7 +224,7 @@ class _Builder:
         return self.paths.reward
 
     def judge(self) -> Path:
-        from textenv.judge import train_judge
+        from textenv.build.judge import train_judge
 
         cfg = self.args.judge
 
@@ -294,6 +294,3 @@ def main(argv: list[str] | None = None) -> Artifacts:
             print(f"{k}: {v}")
     return paths
 
-
-if __name__ == "__main__":
-    main()

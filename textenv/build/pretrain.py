@@ -91,7 +91,7 @@ def load_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None,
     if name_or_path in SIZES:
         if tokenizer is None:
             raise ValueError(f"model size '{name_or_path}' is trained from scratch and needs a tokenizer; "
-                             "train one with textenv.bpe.train_bpe")
+                             "train one with textenv.build.bpe.train_bpe")
         n_layer, n_embd, n_head = SIZES[name_or_path]
         cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
                          n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,

@@ -18,7 +18,7 @@ The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed r
 3. PPO (`agents.ppo.train`, the same loop that solves CartPole) with `GPTAgent`: gamma 1, lambda 0.95,
    clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs, per-token KL penalty with Ziegler's adaptive
    coefficient (init 0.2, target 6 nats; horizon 1000 episodes for our shorter runs), minibatches of env columns.
-4. Report (`agents.report`): held-out prompts before and after; reward, positive rate by the reward model
+4. Report (`agents.rlhf.report`): held-out prompts before and after; reward, positive rate by the reward model
    and by the judge, KL to the reference, reference perplexity, distinct-2, sample pairs; Markdown + JSON + PNG.
 
 Every bad input (vocabulary, EOS, classifier folder, data, context length) fails before any training.
@@ -31,126 +31,15 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from agents.rlhf_pieces import (  # noqa: F401  (cut_queries, TextScorer re-exported for users of agents.rlhf)
-    Pieces,
-    TextScorer,
-    check_config,
-    check_policy,
-    check_tokenizer,
-    cut_queries,
-    prepare,
-)
+from agents.rlhf.config import PRESETS, RLHFConfig, check_config
+from agents.rlhf.pieces import Pieces, check_policy, check_tokenizer, prepare
 from agents.vector import resolve_device  # one device rule for PPO and the job
 
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
-
-
-@dataclass
-class RLHFConfig:
-    preset: Literal["embedded", "imdb"] = "embedded"
-    """named preset the defaults come from; explicit flags override it"""
-    data_dir: str = "embedded"
-    """`embedded` (the corpus shipped in the package), a folder of <split>.jsonl.gz or aclImdb/, or `hf:imdb`"""
-    artifacts_dir: str = "artifacts"
-    """cache of built models (tokenizer, GPT, reward model, judge); reused when the settings match (build or
-    tune them apart with `python -m textenv.build`: same presets, same cache)"""
-    run_dir: str | None = None
-    """where TensorBoard logs, checkpoints and the report go (default runs/rlhf-{preset}-{seed}-{time})"""
-    policy: str | None = None
-    """policy LM: a local folder or hub name (e.g. `gpt2`); None = the GPT built from the data"""
-    reward_model: str | None = None
-    """reward model: a sequence-classifier folder or hub name (e.g. `lvwerra/distilbert-imdb`); None = built"""
-    judge: str | None = None
-    """held-out judge: a classifier folder or hub name; None = built; `none` = no judge"""
-    tokenizer: str | None = None
-    """policy tokenizer folder or hub name; None = the policy's own"""
-    device: str = "auto"
-    """`cpu`, `cuda`, `cuda:N` or `auto` (cuda when available)"""
-    dtype: Literal["auto", "float32", "bf16"] = "auto"
-    """policy compute dtype: `auto` = bf16 on CUDA, float32 on CPU"""
-    seed: int = 1
-    """seed of PPO, the envs and the report's sampling"""
-    torch_threads: int = 0
-    """torch CPU threads (0 = all cores, or 1 when the machine is already busy: threads fighting over shared
-    cores run several times slower)"""
-    quick: bool = False
-    """a smoke run: 6 PPO iterations and 64 held-out prompts"""
-    # --- environment (the seed's shapes)
-    max_prompt_tokens: int = 8
-    """prompt part of the observation window"""
-    query_tokens: tuple[int, int] | None = (2, 8)
-    """cut queries of lo..hi tokens from the training texts (None: use the corpus' whole prompts)"""
-    min_new_tokens: int = 4
-    """EOS ends an episode only after this many tokens"""
-    max_new_tokens: int = 16
-    """tokens per response at most"""
-    # --- PPO
-    total_timesteps: int = 40 * 64 * 34
-    """env steps (tokens) of PPO (40 iterations: on the embedded corpus the score is near its ceiling by then)"""
-    num_envs: int = 64
-    """parallel episodes (TextVectorEnv batch) per process: under torchrun each rank runs its own num_envs, and
-    an iteration is num_envs x num_steps x ranks tokens"""
-    num_steps: int = 34
-    """steps per env per rollout (2 x (max_new_tokens + 1): two full episodes per column)"""
-    learning_rate: float = 5e-5
-    """Adam learning rate (the seed's 1.41e-5 is for GPT-2 124M; our small models learn faster with 5e-5 and
-    stay stable, where 1e-4 and up raise the entropy and overshoot the KL target)"""
-    anneal_lr: bool = True
-    """linear learning-rate decay to 0"""
-    update_epochs: int = 4
-    """PPO epochs per rollout"""
-    num_minibatches: int = 4
-    """minibatches per epoch (sets of env columns)"""
-    gamma: float = 1.0
-    """discount"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
-    clip_coef: float = 0.2
-    """policy and value clip range"""
-    vf_coef: float = 0.1
-    """value loss coefficient"""
-    ent_coef: float = 0.0
-    """entropy bonus"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
-    kl_coef: float = 0.2
-    """initial per-token KL penalty coefficient"""
-    kl_target: float | None = 6.0
-    """target KL per response (nats) of the adaptive controller; None = fixed `kl_coef`"""
-    kl_horizon: int = 1_000
-    """horizon (episodes) of the adaptive KL controller (the seed's 10000 is for a 20k-episode run; ours are
-    ~10k episodes, where 10000 would leave the coefficient at its start)"""
-    save_every: int = 50
-    """PPO checkpoint every N iterations"""
-    resume: bool = False
-    """continue the PPO run in `run_dir` from its checkpoint"""
-    # --- logging and report
-    sample_every: int = 10
-    """TensorBoard text table of samples every N iterations"""
-    eval_prompts: int = 256
-    """held-out prompts for the before/after report"""
-
-
-def embedded() -> RLHFConfig:
-    """No arguments, no network: the embedded corpus and small models, <= 10 minutes on 2 CPU cores."""
-    return RLHFConfig(preset="embedded")
-
-
-def imdb() -> RLHFConfig:
-    """The seed recipe's shapes on IMDb with the project's own models (2 CPU cores: <= 20 minutes)."""
-    # lr 1e-4: the IMDb GPT is weaker (perplexity ~300) and moves slower than the embedded one at 5e-5;
-    # KL setpoint 5 keeps the measured KL under 6 nats (the controller hovers around its setpoint)
-    return RLHFConfig(preset="imdb", data_dir="../shared/data/imdb", total_timesteps=100 * 64 * 34,
-                      learning_rate=1e-4, kl_target=5.0)
-
-
-PRESETS = {"embedded": embedded, "imdb": imdb}
 
 
 # ------------------------------------------------------------------------------------------- the job
@@ -192,9 +81,9 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     from agents import distributed
     from agents.gpt_policy import GPTAgent
     from agents.ppo import train
-    from agents.report import evaluate, write_report
-    from agents.rlhf_logging import RLHFLogger
-    from textenv.build import set_threads
+    from agents.rlhf.logger import RLHFLogger
+    from agents.rlhf.report import evaluate, write_report
+    from textenv.build.pipeline import set_threads
 
     t0 = time.time()
     # under torchrun: join the group now (long timeout: rank 0 may build the models while the others wait);
@@ -298,6 +187,3 @@ def main() -> None:
     distributed.cleanup(dist)
     distributed.exit_worker(0)  # torchrun: skip the interpreter teardown that now and then aborts a gloo rank
 
-
-if __name__ == "__main__":
-    main()

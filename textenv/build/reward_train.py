@@ -30,9 +30,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from textenv.bpe import classifier_tokenizer, train_bpe
-from textenv.data import Texts
-from textenv.pretrain import resolve_device
+from textenv.build.bpe import classifier_tokenizer, train_bpe
+from textenv.build.texts import Texts
+from textenv.build.pretrain import resolve_device
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}

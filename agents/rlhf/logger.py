@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.report import distinct_n
+from agents.rlhf.report import distinct_n
 
 
 def _md(text: str) -> str:

@@ -54,5 +54,5 @@ def wrap(tok: Tokenizer, classifier: bool = False, max_length: int = 1024) -> Pr
 def classifier_tokenizer(fast: PreTrainedTokenizerFast, max_length: int = 512) -> PreTrainedTokenizerFast:
     """The reward-model twin of a `train_bpe` tokenizer: same vocabulary, `<cls>` first, right padding."""
     if fast.convert_tokens_to_ids(CLS) in (None, fast.unk_token_id):
-        raise ValueError(f"tokenizer has no {CLS} token; train it with textenv.bpe.train_bpe")
+        raise ValueError(f"tokenizer has no {CLS} token; train it with textenv.build.bpe.train_bpe")
     return wrap(fast.backend_tokenizer, classifier=True, max_length=max_length)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from textenv.data import Texts
+from textenv.build.texts import Texts
 
 _WORD = re.compile(r"[a-z0-9']+|[!?]")
 

@@ -10,13 +10,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from agents.rlhf import RLHFConfig
+from agents.rlhf.config import RLHFConfig, check_config
 
 TextScorer = Callable[[list[str]], Sequence[float]]
 
@@ -36,24 +35,6 @@ class Pieces:
     reward_positive_fn: TextScorer | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
     judge_fn: TextScorer | None = None  # held-out judge: texts -> P(positive)
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
-
-
-def check_config(cfg: RLHFConfig) -> None:
-    """Settings that cannot work, caught before anything is built."""
-    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
-        raise ValueError(f"need 0 <= min_new_tokens ({cfg.min_new_tokens}) <= max_new_tokens ({cfg.max_new_tokens}) "
-                         "and max_new_tokens >= 1")
-    if cfg.query_tokens is not None:
-        lo, hi = cfg.query_tokens
-        if not 1 <= lo <= hi <= cfg.max_prompt_tokens:
-            raise ValueError(f"query_tokens={cfg.query_tokens} must satisfy 1 <= lo <= hi <= max_prompt_tokens "
-                             f"({cfg.max_prompt_tokens}); raise --max-prompt-tokens or narrow --query-tokens")
-    if cfg.num_envs % cfg.num_minibatches:
-        raise ValueError(f"num_envs ({cfg.num_envs}) must be divisible by num_minibatches ({cfg.num_minibatches}): "
-                         "minibatches are sets of whole env columns")
-    if cfg.total_timesteps < cfg.num_envs * cfg.num_steps:
-        raise ValueError(f"total_timesteps ({cfg.total_timesteps}) is less than one rollout "
-                         f"({cfg.num_envs} x {cfg.num_steps}); raise it")
 
 
 def check_tokenizer(tokenizer: Any, where: str) -> None:
@@ -107,16 +88,16 @@ def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextSco
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ValueError(f"{what} {name} is a {archs or config.model_type} model, not a sequence classifier: its "
                          "classification head would be random; pass an AutoModelForSequenceClassification folder "
-                         "(e.g. lvwerra/distilbert-imdb or one trained by textenv.reward_train)")
+                         "(e.g. lvwerra/distilbert-imdb or one trained by textenv.build.reward_train)")
     logit = HFRewardModel.from_pretrained(name, device=device, output="logit")
     prob = HFRewardModel(logit.model, logit.tokenizer, output="prob", device=device)
     return logit, prob
 
 
 def load_judge(name: str, device: torch.device) -> TextScorer:
-    """A judge folder (`textenv.judge`), or any sequence classifier (its positive probability)."""
+    """A judge folder (`textenv.build.judge`), or any sequence classifier (its positive probability)."""
     if (Path(name).expanduser() / "judge.json").is_file():
-        from textenv.judge import Judge
+        from textenv.build.judge import Judge
 
         return Judge.load(name)
     return load_classifier(name, device, "judge")[1]
@@ -153,7 +134,7 @@ def cut_queries(tokenizer: Any, texts: Sequence[str], lo: int, hi: int, seed: in
 
 def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts) of the data source, or a clear error when none is usable."""
-    from textenv.data import load_texts
+    from textenv.build.data import load_texts
 
     train = [t for t in load_texts(cfg.data_dir, "train", seed=cfg.seed).texts if t.strip()]
     held = [t for t in load_texts(cfg.data_dir, "test", seed=cfg.seed + 1).texts if t.strip()]
@@ -202,7 +183,7 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
 def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,
                  need_judge: bool) -> dict:
     """Build (or reuse from `artifacts_dir`) the tokenizer + GPT, reward model and judge from the data."""
-    from textenv.build import build, build_all, preset
+    from textenv.build.pipeline import build, build_all, preset
 
     args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
     if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts

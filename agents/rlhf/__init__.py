@@ -1,0 +1,14 @@
+"""The RLHF job: a GPT policy tuned by PPO inside TextEnv against a sentiment reward model (`python -m agents.rlhf`).
+
+    config.py   RLHFConfig and its presets
+    pieces.py   load what the flags name, check it, build (or reuse) the rest with textenv.build
+    job.py      run(): environment, reference, GPTAgent, agents.ppo.train, report
+    logger.py   the per-iteration hook: text metrics, samples, progress line
+    report.py   before/after evaluation; Markdown, JSON and PNG
+"""
+
+from agents.rlhf.config import PRESETS, RLHFConfig, embedded, imdb
+from agents.rlhf.job import main, parse_args, run
+from agents.rlhf.pieces import Pieces, cut_queries, prepare
+
+__all__ = ["PRESETS", "Pieces", "RLHFConfig", "cut_queries", "embedded", "imdb", "main", "parse_args", "prepare", "run"]

@@ -1,0 +1,3 @@
+from agents.rlhf.job import main
+
+main()
