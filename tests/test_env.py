@@ -176,6 +176,39 @@ def test_vector_env_reset_mask_and_render():
     assert len(frames) == 3 and frames[1].endswith("|a") and frames[0].endswith("|")
 
 
+def test_reset_prompt_index_picks_the_prompt():
+    env = make(max_new_tokens=(1, 4))
+    assert [env.reset(seed=s, options={"prompt_index": i})[1]["prompt"] for s in range(3) for i in range(4)] == (
+        PROMPTS * 3
+    )
+    budgets = set()
+    for s in range(30):  # the budget is still drawn from the seed
+        env.reset(seed=s, options={"prompt_index": np.int64(1)})
+        budgets.add(env._budget)
+    assert budgets == {1, 2, 3, 4}
+    queries = make(prompts=TEXTS, query_tokens=(1, 3))
+    cuts = {queries.reset(seed=s, options={"prompt_index": 4})[1]["prompt"] for s in range(20)}
+    assert cuts == {"d", "dc", "dcb"} and queries.query_ids(4) == textenv.env.cut_query(TOK, TEXTS[4], 3)
+    for bad, error in [(4, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("0", TypeError)]:
+        with pytest.raises(error, match="prompt_index"):
+            env.reset(options={"prompt_index": bad})
+
+    envs = TextVectorEnv(3, tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS, max_prompt_tokens=5,
+                         max_new_tokens=2)  # fmt: skip
+    _, infos = envs.reset(seed=0, options={"prompt_index": np.array([3, 3, 0])})
+    assert infos["prompt"].tolist() == ["dd", "dd", "a"]
+    envs.step(np.array([A, A, A]))
+    mask = np.array([False, True, False])
+    _, infos = envs.reset(options={"reset_mask": mask, "prompt_index": np.array([9, 2, 9])})  # 9s: not reset
+    assert infos["prompt"].tolist() == [None, "abc d", None] and infos["_prompt"].tolist() == mask.tolist()
+    assert envs.render() is None and envs._new.tolist() == [1, 0, 1]
+    for bad in (np.array([0, 1]), np.array([0.0, 1.0, 2.0]), 1):
+        with pytest.raises(ValueError, match="prompt_index"):
+            envs.reset(options={"prompt_index": bad})
+    with pytest.raises(ValueError, match="out of range"):
+        envs.reset(options={"prompt_index": np.array([0, 4, 0])})
+
+
 @pytest.mark.parametrize(
     "action, error, match",
     [(len(TOK), ValueError, "out of range"), (-1, ValueError, "out of range"), (1.0, TypeError, "integer"),

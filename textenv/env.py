@@ -58,6 +58,20 @@ def decode_rows(tokenizer: Any, rows: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
+def cut_query(tokenizer: Any, text: str, n: int) -> list[int]:
+    """The first `n` token ids of `text` (the env's query rule). Only the text's head is encoded: cut at a
+    space, so the tokens before the cut are those of the full text; the full text if the head is too short.
+    A text without tokens is a ValueError."""
+    space = text.rfind(" ", 0, 16 * n)
+    head = text[:space] if len(text) > 16 * n and space > 0 else text
+    ids = tokenizer.encode(head, add_special_tokens=False)
+    if len(ids) < n + 2 and head is not text:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"text {text[:40]!r} has no tokens; remove it from prompts.")
+    return list(ids[:n])
+
+
 class TextEnv(gym.Env[np.ndarray, np.int64]):
     """
     ## Description
@@ -92,6 +106,8 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     `query_tokens=(lo, hi)`, the first `n ~ U{lo..hi}` tokens of a text drawn uniformly from `prompts`
     (the seed recipe's 2-8 token queries cut from IMDb reviews; a shorter text gives its whole length).
     With `max_new_tokens=(lo, hi)`, the episode's token budget is drawn next, uniformly in `lo..hi`.
+    `reset(options={"prompt_index": i})` starts from prompt (or text) `i` instead of a random one, e.g. to
+    evaluate every held-out prompt once; the query length and budget are still drawn.
 
     ## Episode End
 
@@ -186,7 +202,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[list, list[str] | None]:
         """Whole prompts: tokenized and checked once, here. Texts to cut queries from: kept as text and
-        tokenized on first draw (`_query_ids`), so 25k reviews cost nothing up front."""
+        tokenized on first draw (`query_ids`), so 25k reviews cost nothing up front."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(
                 "prompts must be a list of strings (whole prompts, or texts with query_tokens=(lo, hi))."
@@ -213,34 +229,48 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
                 )
         return [list(row) for row in ids], decode_rows(self.tokenizer, ids)
 
-    def _query_ids(self, i: int) -> list[int]:
-        """The first `hi` tokens of text `i` (cached). Only the text's head is encoded: cut at a space, so
-        the tokens before the cut are those of the full text; the full text if the head is too short."""
+    def query_ids(self, i: int) -> list[int]:
+        """The first `query_tokens[1]` token ids of text `i` (`cut_query`, cached); an episode keeps n of them."""
         ids = self._query_cache.get(i)
         if ids is None:
-            text, hi = self._prompt_ids[i], self.query_tokens[1]
-            space = text.rfind(" ", 0, 16 * hi)
-            head = text[:space] if len(text) > 16 * hi and space > 0 else text
-            ids = self.tokenizer.encode(head, add_special_tokens=False)
-            if len(ids) < hi + 2 and head is not text:
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if not ids:
-                raise ValueError(f"text {i} ({text[:40]!r}) has no tokens; remove it from prompts.")
-            ids = self._query_cache[i] = list(ids[:hi])
+            try:
+                ids = cut_query(self.tokenizer, self._prompt_ids[i], self.query_tokens[1])
+            except ValueError as e:
+                raise ValueError(f"text {i}: {e}") from None
+            self._query_cache[i] = ids
         return ids
 
-    def draw_episode(self, rng: np.random.Generator) -> tuple[list[int], str, int]:
-        """(prompt ids, prompt text, token budget) of a new episode, drawn from `rng` in a fixed order."""
-        i = int(rng.integers(len(self._prompt_ids)))
+    def draw_episode(self, rng: np.random.Generator, index: int | None = None) -> tuple[list[int], str, int]:
+        """(prompt ids, prompt text, token budget) of a new episode, drawn from `rng` in a fixed order; `index`
+        picks the prompt (or query text) instead of drawing it (the query length and budget are still drawn)."""
+        i = int(rng.integers(len(self._prompt_ids))) if index is None else self.check_prompt_index(index)
         if self.query_tokens:
             n = int(rng.integers(self.query_tokens[0], self.query_tokens[1] + 1))
-            ids = self._query_ids(i)[:n]
+            ids = self.query_ids(i)[:n]
             text = decode_rows(self.tokenizer, [ids])[0]
         else:
             ids, text = self._prompt_ids[i], self._prompt_texts[i]
         lo, hi = self.new_tokens
         budget = hi if lo == hi else int(rng.integers(lo, hi + 1))
         return ids, text, budget
+
+    def check_prompt_index(self, index: Any) -> int:
+        """`options["prompt_index"]` as an int in [0, len(prompts)), or an error that says how to fix it."""
+        try:
+            index = index.reshape(())[()] if isinstance(index, np.ndarray) else index
+            if isinstance(index, (bool, np.bool_)):
+                raise TypeError
+            i = operator.index(index)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"prompt_index {index!r} is not an integer; pass the index of a prompt in `prompts`."
+            ) from None
+        if not 0 <= i < len(self._prompt_ids):
+            raise ValueError(
+                f"prompt_index {i} is out of range for {len(self._prompt_ids)} prompts; "
+                f"pass an index in [0, {len(self._prompt_ids)})."
+            )
+        return i
 
     def score(self, texts: list[str]) -> np.ndarray:
         """The reward model's scores (float64, one per text), validated."""
@@ -271,8 +301,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     # -- the Gymnasium API --------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """Start an episode; `options={"prompt_index": i}` starts it from prompt `i` instead of a random one."""
         super().reset(seed=seed)
-        ids, self._prompt, self._budget = self.draw_episode(self.np_random)
+        index = (options or {}).get("prompt_index")
+        ids, self._prompt, self._budget = self.draw_episode(self.np_random, index)
         self._prompt_length, self._new = len(ids), []
         self._obs[:] = self.pad_token_id
         self._obs[self.window - len(ids) :] = ids

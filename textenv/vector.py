@@ -47,12 +47,13 @@ class TextVectorEnv(VectorEnv):
         self._autoreset = np.zeros(E, dtype=np.bool_)
         self._started = False
 
-    def _start(self, rows: np.ndarray) -> None:
-        """Draw a new episode for each env in `rows` from its own generator."""
+    def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
+        """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
         for i in rows:
             if self._rngs[i] is None:
                 self._rngs[i] = seeding.np_random()[0]
-            ids, self._prompt[i], self._budget[i] = self.env.draw_episode(self._rngs[i])
+            pick = None if index is None else index[i]
+            ids, self._prompt[i], self._budget[i] = self.env.draw_episode(self._rngs[i], pick)
             self._obs[i] = self.env.pad_token_id
             self._obs[i, self.env.window - len(ids) :] = ids
             self._length[i] = self._prompt_length[i] = len(ids)
@@ -75,7 +76,10 @@ class TextVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict | None = None
     ) -> tuple[np.ndarray, dict]:
-        """Reset every env (or those in `options["reset_mask"]`); `seed` int -> seeds seed, seed+1, ..."""
+        """Reset every env (or those in `options["reset_mask"]`); `seed` int -> seeds seed, seed+1, ...
+
+        `options["prompt_index"]`, an int array of shape (num_envs,), starts env `i` from prompt (or text)
+        `prompt_index[i]` instead of a random one (entries of envs not reset are ignored)."""
         if seed is None:
             seed = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -89,11 +93,19 @@ class TextVectorEnv(VectorEnv):
             mask = np.asarray(options["reset_mask"])
             if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
                 raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},).")
+        index = None
+        if options and "prompt_index" in options:
+            index = np.asarray(options["prompt_index"])
+            if index.shape != (self.num_envs,) or not np.issubdtype(index.dtype, np.integer):
+                raise ValueError(
+                    f"options['prompt_index'] must be an int array of shape ({self.num_envs},), one prompt index "
+                    f"per env; got {options['prompt_index']!r}."
+                )
         rows = np.flatnonzero(mask)
         for i in rows:
             if seed[i] is not None:
                 self._rngs[i] = seeding.np_random(seed[i])[0]
-        self._start(rows)
+        self._start(rows, index)
         self._started = True
         return self._obs.copy(), self._infos(rows, self._prompt)
 
