@@ -114,18 +114,16 @@ def load_policy(name: str, tokenizer_name: str | None) -> tuple[torch.nn.Module,
 
 
 def cut_queries(tokenizer: Any, texts: Sequence[str], lo: int, hi: int, seed: int) -> list[str]:
-    """Held-out prompts cut by the env's own query rule (`TextEnv._query_ids`: the first n ~ U{lo..hi} tokens
+    """Held-out prompts cut by the env's own query rule (`textenv.env.cut_query`: the first n ~ U{lo..hi} tokens
     of each text, its head encoded as the env does it), decoded as the env decodes them; texts without tokens
     are skipped."""
-    from textenv.env import TextEnv, decode_rows
+    from textenv.env import cut_query, decode_rows
 
-    env = TextEnv(tokenizer, lambda t: [0.0] * len(t), list(texts), max_prompt_tokens=hi, max_new_tokens=1,
-                  query_tokens=(lo, hi))
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(len(texts)):
+    for text in texts:
         try:
-            ids = env._query_ids(i)
+            ids = cut_query(tokenizer, text, hi)
         except ValueError:  # a text with no tokens
             continue
         out.append(decode_rows(tokenizer, [ids[: int(rng.integers(lo, hi + 1))]])[0])
