@@ -1,7 +1,10 @@
-"""Atomic PPO checkpoints that load with `torch.load(weights_only=True)`: tensors, numbers, strings, lists."""
+"""Atomic PPO checkpoints that load with `torch.load(weights_only=True)`: tensors, numbers, strings, lists.
+
+A missing, corrupt or incompatible checkpoint is the user's to fix: `agents.cli.UsageError` (a ValueError)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -10,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from agents.cli import UsageError
 
 
 def rng_state() -> dict:
@@ -38,6 +43,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int, deterministic: bool = True, threads: int = 0) -> None:
+    """Seed python, numpy and torch; cuDNN deterministic or not; `threads` torch CPU threads (0 = leave as is)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
+              kl_coef: float, episode_returns: list, args: object, world_size: int) -> dict:
+    """What a PPO checkpoint holds: weights, Adam, RNG states, counters, the returns so far and the run's args."""
+    return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+            "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": args.num_envs,
+            "num_steps": args.num_steps, "world_size": world_size, "episode_returns": [list(x) for x in episode_returns],
+            "args": dataclasses.asdict(args)}
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` atomically: a temporary file, then `os.replace` (a kill never leaves half a file)."""
     path = Path(path)
@@ -51,20 +75,20 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by `save_checkpoint`, with a clear error when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"no checkpoint at {path}: --resume continues the run in --run-dir; point --run-dir at a run "
             "that saved a checkpoint (save_every > 0) or drop --resume to start a new run"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {path} is corrupt or not a PPO checkpoint ({type(e).__name__}: {e}); "
             "delete it or point --run-dir at another run"
         ) from e
     missing = {"agent", "optimizer", "global_step", "iteration", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by agents.ppo")
+        raise UsageError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by agents.ppo")
     return state
 
 
@@ -85,11 +109,11 @@ def open_run(path: str | Path, resume: bool, num_envs: int, num_steps: int) -> d
     path = Path(path)
     if not resume:
         if path.exists():
-            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or another --run-dir")
+            raise UsageError(f"{path} exists: pass --resume to continue that run, or another --run-dir")
         return None
     ckpt = load_checkpoint(path)
     if (ckpt["num_envs"], ckpt["num_steps"]) != (num_envs, num_steps):
-        raise ValueError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
+        raise UsageError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
                          f"{num_envs, num_steps}: resume with the run's settings")
     return ckpt
 

@@ -1,9 +1,10 @@
 """Data-parallel PPO plumbing on torch.distributed, in the manner of CleanRL's `ppo_atari_multigpu.py`.
 
-    torchrun --nproc-per-node 2 -m agents.ppo --preset zoo            # 2 processes on one machine
+    torchrun --nproc-per-node 2 -m agents.ppo zoo                     # 2 processes on one machine
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --master-addr HOST --master-port 29500 -m agents.ppo ...
 
-`agents.ppo.train` calls `setup()`: with no launcher (no `WORLD_SIZE` > 1 in the environment) it returns a
+An entry point calls `setup()` once and passes the `Dist` down (`agents.ppo.train(dist=...)`; without one, `train`
+sets up and `cleanup`s itself): with no launcher (no `WORLD_SIZE` > 1 in the environment) it returns a
 single-process `Dist` and nothing else changes. Under `torchrun` every rank runs its own vector env of `num_envs`
 envs seeded `seed + rank * SEED_STRIDE` and its own rollout; ranks start from rank 0's weights, average their
 gradients with one all-reduce per minibatch (before clipping and the optimizer step, so every rank takes the same
@@ -70,15 +71,22 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, str]:
     if env_world_size() <= 1 and not tdist.is_initialized():
         return Dist(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda and device in ("auto", "cuda"):
-        device = f"cuda:{local_rank}"
     owns = not tdist.is_initialized()
+    d = Dist(int(os.environ.get("RANK", "0")), env_world_size(), local_rank, owns)
+    device = rank_device(device, d)
     if owns:
+        cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(torch.device(device))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(tdist.get_rank(), tdist.get_world_size(), local_rank, owns), device
+
+
+def rank_device(device: str, d: Dist) -> str:
+    """This rank's device for `device`: under a multi-process job with CUDA, `auto`/`cuda` -> `cuda:LOCAL_RANK`
+    (one GPU per rank); otherwise `device` unchanged (`auto` is resolved later by `agents.vector.resolve_device`)."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return f"cuda:{d.local_rank}" if d.enabled and cuda and device in ("auto", "cuda") else device
 
 
 def broadcast_module(module: torch.nn.Module, d: Dist) -> None:

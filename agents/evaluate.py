@@ -41,3 +41,18 @@ def evaluate(
                 counts[i] += 1
             ep_ret[i] = 0.0
     return returns
+
+
+def final_evaluation(agent: torch.nn.Module, envs: gym.vector.VectorEnv | None, args: object, device: torch.device,
+                     writer: object, global_step: int) -> list[float]:
+    """The end of a PPO run: `args.eval_episodes` deterministic episodes on `envs` (None: `args.num_envs` fresh
+    copies of `args.env_id`), written to TensorBoard and printed."""
+    from agents.vector import vector_env
+
+    eval_envs = vector_env(None, args.env_id, args.num_envs) if envs is None else envs
+    returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000)
+    if envs is None:
+        eval_envs.close()
+    writer.add_scalar("charts/eval_return", float(np.mean(returns)), global_step)
+    print(f"eval: {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+    return returns

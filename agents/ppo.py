@@ -1,14 +1,15 @@
 """PPO for any Gymnasium (vector) env with a Discrete action space, CleanRL style, read top to bottom.
 
-    python -m agents.ppo --preset zoo                      # CartPole-v1 with rl-baselines3-zoo's tuning
-    python -m agents.ppo --preset cleanrl --seed 2         # CleanRL's ppo.py defaults
-    python -m agents.ppo --run-dir runs/a --resume         # continue a killed run from its checkpoint
-    torchrun --nproc-per-node 2 -m agents.ppo --preset zoo # data-parallel: num_envs per process (agents.distributed)
+    python -m agents.ppo                                # CleanRL's ppo.py defaults (the `cleanrl` preset)
+    python -m agents.ppo zoo --seed 2                   # CartPole-v1 with rl-baselines3-zoo's tuning
+    python -m agents.ppo --run-dir runs/a --resume      # continue a killed run with its saved settings
+    torchrun --nproc-per-node 2 -m agents.ppo zoo       # data-parallel: num_envs per process (agents.distributed)
 
-Beyond CleanRL: Gymnasium 1.x autoreset, next-step (reset steps masked) or same-step, with truncated episodes
-bootstrapped from their final observation; a per-token KL penalty to a reference policy (`infos["ref_logprob"]`,
-fixed or adaptive coefficient, Ziegler et al. 2019); minibatches by env column for sequence agents; atomic
-checkpoints and `--resume` (also across numbers of processes); a deterministic evaluation.
+Each iteration runs in phases: `collect_rollout` (T steps of every env, next-step autoreset steps masked),
+`compute_advantages` (a per-token KL penalty to a reference policy from `infos["ref_logprob"]`, fixed or adaptive
+coefficient as Ziegler et al. 2019; GAE with truncated episodes bootstrapped from their final observation),
+`update` (epochs of minibatches, by env column for sequence agents; gradients averaged over ranks), then logging,
+hooks and atomic checkpoints (`--resume`, also across numbers of processes); a deterministic evaluation at the end.
 This file imports only gymnasium, torch, numpy and the stdlib (a test checks it); agents are duck-typed
 (protocol in `agents.policies`).
 """
@@ -16,12 +17,10 @@ This file imports only gymnasium, torch, numpy and the stdlib (a test checks it)
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -29,28 +28,26 @@ import torch
 from torch import nn
 
 from agents import distributed
-from agents.checkpoint import StopOnCtrlC, open_run, restore, rng_state, save_checkpoint
-from agents.evaluate import evaluate
+from agents.checkpoint import StopOnCtrlC, open_run, restore, run_state, save_checkpoint, seed_everything
+from agents.cli import UsageError, run_cli
+from agents.evaluate import final_evaluation
 from agents.policies import MLPAgent
 from agents.rollout import (
-    adaptive_kl_coef,
-    autoreset_valid,
-    compute_gae,
-    env_info,
+    Carry,
+    Rollout,
+    collect_rollout,
+    compute_advantages,
     env_minibatches,
-    explained_variance,
+    episode_stats,
     first_ratio_deviation,
     flat_minibatches,
-    kl_penalty_rewards,
-    warn_if_negative_kl,
+    next_kl_coef,
 )
-from agents.vector import autoreset_mode, obs_dtype, resolve_device, vector_env
+from agents.vector import resolve_device, vector_env
 
 
 @dataclass
 class Args:
-    preset: Literal["cleanrl", "zoo"] = "cleanrl"
-    """preset the CLI takes its defaults from (in Python: `zoo()`, `cleanrl()`); explicit flags override it"""
     exp_name: str = "ppo"
     """the name of this experiment (part of the default run dir)"""
     seed: int = 1
@@ -123,81 +120,75 @@ class Args:
 
 def cleanrl() -> Args:
     """CleanRL's `ppo.py` defaults: 4 envs x 128 steps, 4 minibatches, 4 epochs, 500k steps."""
-    return Args(preset="cleanrl", torch_threads=1)
+    return Args(torch_threads=1)
 
 
 def zoo() -> Args:
     """rl-baselines3-zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml)."""
-    return Args(preset="zoo", torch_threads=1, total_timesteps=100_000, num_envs=8, num_steps=32, num_minibatches=1,
+    return Args(torch_threads=1, total_timesteps=100_000, num_envs=8, num_steps=32, num_minibatches=1,
                 update_epochs=20, gamma=0.98, gae_lambda=0.8, learning_rate=1e-3, anneal_lr=True,
                 anneal_clip=True, ent_coef=0.0, clip_vloss=False,
                 vf_coef=1.0)  # = SB3's vf_coef 0.5: SB3's value loss is the MSE, ours 0.5 * MSE
 
 
-PRESETS = {"cleanrl": cleanrl, "zoo": zoo}
+PRESETS = {"cleanrl": cleanrl, "zoo": zoo}  # the CLI's subcommands
 
 
 def check_args(args: Args) -> None:
-    """Raise ValueError on an inconsistent `Args`, naming the field and the fix."""
+    """Raise `UsageError` (a ValueError) on an inconsistent `Args`, naming the field and the fix."""
     if args.num_envs < 1 or args.num_steps < 1:
-        raise ValueError(f"num_envs ({args.num_envs}) and num_steps ({args.num_steps}) must be >= 1")
+        raise UsageError(f"num_envs ({args.num_envs}) and num_steps ({args.num_steps}) must be >= 1")
     batch = args.num_envs * args.num_steps
     if args.num_minibatches < 1 or batch % args.num_minibatches:
-        raise ValueError(f"batch size num_envs * num_steps = {batch} is not divisible by num_minibatches = "
+        raise UsageError(f"batch size num_envs * num_steps = {batch} is not divisible by num_minibatches = "
                          f"{args.num_minibatches}; pick a divisor of {batch}")
     if args.minibatch_by_env and args.num_envs % args.num_minibatches:
-        raise ValueError(f"minibatch_by_env splits the {args.num_envs} envs into num_minibatches = "
+        raise UsageError(f"minibatch_by_env splits the {args.num_envs} envs into num_minibatches = "
                          f"{args.num_minibatches} sets; pick a divisor of num_envs")
     if args.total_timesteps < batch:
-        raise ValueError(f"total_timesteps ({args.total_timesteps}) is less than one batch ({batch})")
+        raise UsageError(f"total_timesteps ({args.total_timesteps}) is less than one batch ({batch})")
     if args.kl_target is not None and args.kl_target <= 0 or args.kl_horizon <= 0 or args.kl_coef < 0:
-        raise ValueError("need kl_coef >= 0, kl_target > 0 (or None) and kl_horizon > 0")
+        raise UsageError("need kl_coef >= 0, kl_target > 0 (or None) and kl_horizon > 0")
+
+
+def num_iterations(args: Args, world_size: int = 1) -> int:
+    """PPO iterations of a run: total_timesteps over the steps of one iteration of all ranks."""
+    return args.total_timesteps // (args.num_steps * args.num_envs * world_size)
 
 
 def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent: nn.Module | None = None,
-          hooks: object | None = None) -> dict:
+          hooks: object | None = None, dist: distributed.Dist | None = None) -> dict:
     """Train `agent` (default `MLPAgent`) with PPO on `envs` (default `num_envs` copies of `env_id`).
 
-    Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`,
-    `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank` and `world_size`.
-    Under torchrun (WORLD_SIZE > 1) it joins the process group itself: `envs` is this rank's, hooks run on rank 0."""
+    Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`, `iterations`,
+    `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank`, `world_size`, `hook_logs`.
+    `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0.
+    Under torchrun it uses the process group of `dist` (left up), or joins one itself (and leaves it at the end)."""
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
-    dist, device_name = distributed.setup(args.device, args.dist_timeout)  # single process without torchrun
-    own_envs = envs is None
+    own_dist, own_envs = dist is None, envs is None
+    dist, device_name = distributed.setup(args.device, args.dist_timeout) if own_dist else (
+        dist, distributed.rank_device(args.device, dist))
     if own_envs:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
-    same_step = autoreset_mode(envs) == gym.vector.AutoresetMode.SAME_STEP  # else NEXT_STEP
-    if same_step and args.kl_coef > 0:  # the last token's ref_logprob would sit in infos["final_info"]
-        raise ValueError("the KL penalty (kl_coef > 0) needs a NEXT_STEP autoreset vector env (Gymnasium's default)")
-    if envs.num_envs != args.num_envs:
-        args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
+    args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
     check_args(args)
+    T, E, W = args.num_steps, args.num_envs, dist.world_size
+    n_iterations = num_iterations(args, W)
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
+    ckpt = open_run(ckpt_path, args.resume, E, T) if dist.is_main else None
     ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
 
     seed = dist.seed(args.seed)  # each rank its own stream of envs and sampled actions
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    seed_everything(seed, args.torch_deterministic, args.torch_threads)
     device = resolve_device(device_name)
-    T, E, W = args.num_steps, args.num_envs, dist.world_size
-    num_iterations = args.total_timesteps // (T * E * W)
-    obs_space = envs.single_observation_space
-    if agent is None:
-        agent = MLPAgent(obs_space, envs.single_action_space)
-    agent = agent.to(device)
+    agent = (MLPAgent(envs.single_observation_space, envs.single_action_space) if agent is None else agent).to(device)
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
-    kl_coef, start_iteration, global_step, episode_returns = args.kl_coef, 0, 0, []
-    env_seed = seed
+    kl_coef, start_iteration, global_step, episode_returns, env_seed = args.kl_coef, 0, 0, [], seed
     if ckpt is not None:
         global_step, kl_coef, episode_returns = restore(ckpt, agent, optimizer)  # weights, Adam, RNG states
         start_iteration = global_step // (T * E * W)  # saved with another number of ranks: same global step
@@ -206,136 +197,38 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
             torch.manual_seed(env_seed)
         dist.is_main and print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
-
     writer = SummaryWriter(str(run_dir)) if dist.is_main else distributed.NullWriter()  # rank 0 writes files
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
 
-    # Rollout storage, (T, E) each: torch on `device` for what the network makes, numpy for env I/O
-    obs_type = obs_dtype(obs_space)
-    obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_type, device=device)  # (T, E, *obs_shape)
-    actions = torch.zeros((T, E), dtype=torch.long, device=device)
-    logprobs = torch.zeros((T, E), device=device)
-    values = torch.zeros((T, E), device=device)
-    final_values = torch.zeros((T, E), device=device)  # SAME_STEP: V(final obs) of episodes ending at t
-    rewards = np.zeros((T, E), np.float32)
-    terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
-    ref_logprobs = np.zeros((T, E), np.float32)
-    has_ref = False
-
-    next_obs, _ = envs.reset(seed=env_seed)
-    prev_done = np.zeros(E, bool)  # the step before ended an episode: this step is an autoreset
-    ep_ret, ep_len, ep_kl = np.zeros(E), np.zeros(E, np.int64), np.zeros(E)
-    start_time, start_step, result_extra = time.time(), global_step, {"hook_logs": []}
-
-    def state(iteration: int) -> dict:
-        return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": E,
-                "num_steps": T, "world_size": W, "episode_returns": [list(x) for x in episode_returns],
-                "args": dataclasses.asdict(args)}
-
+    carry = Carry.start(envs, env_seed)
+    start_time, start_step, hook_logs = time.time(), global_step, []
     iteration, interrupted = start_iteration, False
     with StopOnCtrlC() as ctrl_c:
-        for iteration in range(start_iteration + 1, num_iterations + 1):
-            frac = 1.0 - (iteration - 1.0) / num_iterations
-            lr = frac * args.learning_rate if args.anneal_lr else args.learning_rate
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for iteration in range(start_iteration + 1, n_iterations + 1):
+            frac = 1.0 - (iteration - 1.0) / n_iterations
             clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
+            for group in optimizer.param_groups:
+                group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
 
-            # ---- rollout: T vector steps
-            prev_done_start, finished_infos, new_returns, iter_lengths, iter_kls = prev_done, [], [], [], []
-            for step in range(T):
-                global_step += E * W
-                obs[step] = torch.as_tensor(next_obs, dtype=obs_type).to(device, non_blocking=True)
-                with torch.no_grad():
-                    action, logprob, _, value = agent.get_action_and_value(obs[step])
-                actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
-                next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
-                live = ~prev_done
-                rewards[step], terminated[step], truncated[step] = reward, term, trunc
-                if "ref_logprob" in infos:
-                    has_ref = True
-                    ref_logprobs[step] = infos["ref_logprob"]
-                    ep_kl += (logprob.cpu().numpy() - ref_logprobs[step]) * live
-                has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos))
-                if kl_coef > 0 and not has_it[live].all():  # reset steps may lack it
-                    raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
-                                     "action taken) each step; wrap the env with a reference model or set kl_coef=0")
-                ep_ret += reward * live  # the env's own reward, not the KL-shaped one
-                ep_len += live
-                done = term | trunc
-                prev_done = done & (not same_step)  # NEXT_STEP: the next step of these envs is a reset
-                if same_step and trunc.any():  # the final obs is not the next obs: bootstrap from infos
-                    i = np.flatnonzero(trunc)
-                    with torch.no_grad():
-                        final_obs = torch.as_tensor(np.stack(infos["final_obs"][i]), dtype=obs_type).to(device)
-                        final_values[step, i] = agent.get_value(final_obs).flatten()
-                for i in np.flatnonzero(done):
-                    new_returns.append((global_step, float(ep_ret[i])))
-                    iter_lengths.append(int(ep_len[i]))
-                    iter_kls.append(float(ep_kl[i]))
-                    finished_infos.append(env_info(infos["final_info"] if same_step else infos, i))
-                    ep_ret[i], ep_len[i], ep_kl[i] = 0.0, 0, 0.0
-
-            # ---- advantages: masked autoreset steps, KL-shaped rewards, GAE
-            with torch.no_grad():
-                next_value = agent.get_value(torch.as_tensor(next_obs, dtype=obs_type).to(device)).flatten()
-            valid = torch.from_numpy(autoreset_valid((terminated | truncated) & (not same_step), prev_done_start)).to(device)
-            env_rewards = torch.from_numpy(rewards).to(device)
-            ref = torch.from_numpy(ref_logprobs).to(device)
-            shaped = kl_penalty_rewards(env_rewards, logprobs, ref, valid, kl_coef) if kl_coef > 0 else env_rewards
-            advantages, returns = compute_gae(
-                shaped, values, next_value, torch.from_numpy(terminated).to(device),
-                torch.from_numpy(truncated).to(device), valid, args.gamma, args.gae_lambda, args.bootstrap_truncated,
-                final_values if same_step else None)
-
-            # ---- update: epochs x minibatches of the clipped surrogate
-            stats = _update(agent, optimizer, args, clip, obs, actions, logprobs, values, advantages, returns, valid,
-                            dist)
-            if hasattr(agent, "reset_cache"):
-                agent.reset_cache()  # caches computed with the old weights must not be reused
+            rollout = collect_rollout(envs, agent, carry, T, global_step, E * W, kl_coef, device)
+            global_step += T * E * W
+            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated)
+            stats = update(agent, optimizer, rollout, args, clip, dist)
 
             # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
-            new_returns, iter_lengths, iter_kls = distributed.gather_lists((new_returns, iter_lengths, iter_kls), dist)
+            new_returns, kls, stats = episode_stats(rollout, stats, dist)
             episode_returns += new_returns
-            iter_returns = [ret for _, ret in new_returns]
-            sps = (global_step - start_step) / (time.time() - start_time)
-            stats.update({"charts/learning_rate": lr, "charts/clip_coef": clip, "charts/SPS": sps})
-            stats["losses/explained_variance"] = explained_variance(values[valid], returns[valid])
-            if iter_returns:
-                stats["charts/episodic_return"] = float(np.mean(iter_returns))
-                stats["charts/episodic_length"] = float(np.mean(iter_lengths))
-            if has_ref and iter_kls:
-                kl = float(np.mean(iter_kls))
-                stats["charts/kl"], stats["charts/kl_coef"] = kl, kl_coef
-                warn_if_negative_kl(iter_kls, iteration)
-                if args.kl_target is not None:
-                    kl_coef = adaptive_kl_coef(kl_coef, kl, args.kl_target, len(iter_kls), args.kl_horizon)
-            for k, v in stats.items():
-                writer.add_scalar(k, v, global_step)
-            if dist.is_main and hasattr(hooks, "on_iteration"):  # rank 0, with its own rollout (1/W of the batch)
-                rollout = {"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": env_rewards,
-                           "shaped_rewards": shaped, "valid": valid, "values": values, "advantages": advantages,
-                           "dones": torch.from_numpy(terminated | truncated).to(device), "ref_logprobs": ref,
-                           "finished_infos": finished_infos, "kl_coef": stats.get("charts/kl_coef", kl_coef),
-                           # per finished episode (as finished_infos) its sum of log pi - log p_ref: rank 0's
-                           "episode_kls": iter_kls[: len(finished_infos)] if has_ref else None}
-                logs = hooks.on_iteration(iteration, global_step, rollout, writer)
-                if logs:
-                    result_extra["hook_logs"].append({"iteration": iteration, "global_step": global_step, **logs})
-                    for k, v in logs.items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(k, v, global_step)
-            if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == num_iterations):
-                ret = f"{np.mean(iter_returns):8.2f}" if iter_returns else "     n/a"
-                print(f"iter {iteration}/{num_iterations} step {global_step} return {ret} "
-                      f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
-                      f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
-                      f"clipfrac {stats['losses/clipfrac']:.3f} | {sps:.0f} SPS", flush=True)
+            stats.update({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/clip_coef": clip,
+                          "charts/SPS": (global_step - start_step) / (time.time() - start_time)})
+            kl_coef = next_kl_coef(kl_coef, kls, args.kl_target, args.kl_horizon, iteration)
+            hook_logs += _log(writer, stats, hooks if dist.is_main else None, iteration, global_step, rollout)
+            if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == n_iterations):
+                print(_progress_line(iteration, n_iterations, global_step, stats), flush=True)
             stop = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all together
-            if dist.is_main and (stop or (args.save_every and iteration % args.save_every == 0)):
-                save_checkpoint(ckpt_path, state(iteration))
+            if dist.is_main and (stop or iteration == n_iterations or args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(ckpt_path, run_state(agent, optimizer, iteration, global_step, kl_coef,
+                                                     episode_returns, args, W))
             if stop:
                 interrupted = True
                 dist.is_main and print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume "
@@ -343,38 +236,54 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 break
 
     sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
-    if not interrupted and dist.is_main:
-        save_checkpoint(ckpt_path, state(iteration))
-    eval_returns: list[float] = []
-    if args.eval_episodes > 0 and not interrupted and dist.is_main:
-        eval_envs = vector_env(None, args.env_id, args.num_envs) if own_envs else envs  # fresh copies if ours
-        eval_returns = evaluate(agent, eval_envs, args.eval_episodes, device, seed=args.seed + 10_000,
-                                next_step=own_envs or not same_step)
-        if own_envs:
-            eval_envs.close()
-        writer.add_scalar("charts/eval_return", float(np.mean(eval_returns)), global_step)
-        print(f"eval: {np.mean(eval_returns):.2f} +- {np.std(eval_returns):.2f} over {len(eval_returns)} episodes")
+    run_eval = args.eval_episodes > 0 and not interrupted and dist.is_main
+    eval_returns = final_evaluation(agent, None if own_envs else envs, args, device, writer, global_step) if run_eval else []
     writer.close()
     if own_envs:
         envs.close()
-    distributed.cleanup(dist)
+    if own_dist:
+        distributed.cleanup(dist)
     return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
             "iterations": iteration, "eval_returns": eval_returns,
             "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_coef,
             "checkpoint": str(ckpt_path), "interrupted": interrupted, "rank": dist.rank, "world_size": W,
-            **result_extra}
+            "hook_logs": hook_logs}
 
 
-def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, values, advantages, returns,
-            valid, dist: distributed.Dist = distributed.SINGLE) -> dict:
-    """`update_epochs` passes of minibatch SGD on the clipped PPO objective; returns mean loss statistics.
+def _log(writer, stats: dict, hooks: object | None, iteration: int, global_step: int, rollout: Rollout) -> list:
+    """Write `stats` and what `hooks.on_iteration` returns (rank 0, its own rollout: 1/W of the batch) to
+    TensorBoard; returns the hook's logs as a list of 0 or 1 dicts."""
+    for k, v in stats.items():
+        writer.add_scalar(k, v, global_step)
+    logs = hooks.on_iteration(iteration, global_step, rollout, writer) if hasattr(hooks, "on_iteration") else None
+    for k, v in (logs or {}).items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(k, v, global_step)
+    return [{"iteration": iteration, "global_step": global_step, **logs}] if logs else []
+
+
+def _progress_line(iteration: int, n_iterations: int, global_step: int, stats: dict) -> str:
+    ret = stats.get("charts/episodic_return")
+    ret = "     n/a" if ret is None else f"{ret:8.2f}"  # no episode finished in this iteration
+    return (f"iter {iteration}/{n_iterations} step {global_step} return {ret} "
+            f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
+            f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
+            f"clipfrac {stats['losses/clipfrac']:.3f} | {stats['charts/SPS']:.0f} SPS")
+
+
+def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, args: Args, clip: float,
+           dist: distributed.Dist = distributed.SINGLE) -> dict:
+    """`update_epochs` passes of minibatch SGD on the clipped PPO objective over `rollout` (with advantages);
+    returns mean loss statistics. Afterwards the agent's caches (`reset_cache`) are dropped: old weights'.
 
     Under torchrun each rank runs the same number of minibatches on its own rollout and every step uses the
     gradient averaged over the ranks; the statistics (and the `target_kl` stop) are means over the ranks."""
+    obs, actions, valid = rollout.obs, rollout.actions, rollout.valid
     T, E = valid.shape
     by_env = args.minibatch_by_env
-    b = {"obs": obs.reshape((T * E,) + obs.shape[2:]), "actions": actions.reshape(-1), "logprobs": logprobs.reshape(-1),
-         "values": values.reshape(-1), "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
+    b = {"actions": actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
+         "advantages": rollout.advantages.reshape(-1), "returns": rollout.returns.reshape(-1)}
+    flat_obs = obs.reshape((T * E,) + obs.shape[2:])
     first_dev = float("nan")
     for epoch in range(args.update_epochs):
         # statistics of the last epoch are logged; every epoch's when target_kl may stop early
@@ -391,12 +300,12 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                         mb_obs.reshape((-1,) + obs.shape[2:]), mb_act.reshape(-1))
                 m = mask.reshape(-1)
-                sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items() if k not in ("obs",)}
+                sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items()}
                 newlogprob, entropy, newvalue = newlogprob.reshape(-1), entropy.reshape(-1), newvalue.reshape(-1)
             elif idx.numel():
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b["obs"][idx], b["actions"][idx])
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(flat_obs[idx], b["actions"][idx])
                 m = None
-                sel = {k: v[idx] for k, v in b.items() if k != "obs"}
+                sel = {k: v[idx] for k, v in b.items()}
             elif not dist.enabled:  # fewer valid steps than minibatches
                 continue
             else:  # ... on this rank only: step with the others (a zero gradient from here)
@@ -447,36 +356,40 @@ def _update(agent, optimizer, args: Args, clip: float, obs, actions, logprobs, v
     out = dict(zip(keys, sums.tolist(), strict=True))
     out["debug/first_ratio_max_dev"] = first_dev
     out["debug/epochs"] = epoch + 1
+    if hasattr(agent, "reset_cache"):
+        agent.reset_cache()  # caches computed with the old weights must not be reused
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """`--preset NAME` picks the defaults (with `--resume`: the run's saved args); other flags override them."""
+    """The CLI: a preset subcommand (`cleanrl`, the default, or `zoo`) and flags that override its values.
+
+    With `--resume --run-dir X` the run's saved settings are the defaults instead (explicit flags still win)."""
     import tyro
 
     from agents.checkpoint import load_checkpoint
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    flags = {}
-    for i, a in enumerate(argv):
-        if a.startswith("--") and "=" in a:
-            flags[a.split("=", 1)[0]] = a.split("=", 1)[1]
-        elif a.startswith("--"):
-            flags[a] = argv[i + 1] if i + 1 < len(argv) else ""
-    name = flags.get("--preset", "cleanrl")
-    if name not in PRESETS:
-        raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
-    default = PRESETS[name]()
-    if "--resume" in flags and "--run-dir" in flags:  # continue with the killed run's settings
-        saved = load_checkpoint(Path(flags["--run-dir"]) / "checkpoint.pt").get("args", {})
-        default = dataclasses.replace(default, **{k: v for k, v in saved.items() if k in default.__dict__})
-    return tyro.cli(Args, default=default, args=argv, description=__doc__, prog="python -m agents.ppo")
+
+    def parse(defaults: dict[str, Args]) -> Args:
+        descriptions = {name: (PRESETS[name].__doc__ or "").split("\n")[0] for name in defaults}
+        presets = tyro.extras.subcommand_type_from_defaults(defaults, descriptions)
+        return tyro.cli(presets, default=defaults["cleanrl"], args=argv, prog="python -m agents.ppo",
+                        description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))  # flags w/o a subcommand
+
+    args = parse({name: make() for name, make in PRESETS.items()})
+    if not (args.resume and args.run_dir):
+        return args
+    saved = load_checkpoint(Path(args.run_dir) / "checkpoint.pt").get("args", {})
+    fields = {f.name for f in dataclasses.fields(Args)}
+    run = dataclasses.replace(Args(), **{k: v for k, v in saved.items() if k in fields})  # continue with its settings
+    return parse({name: run for name in PRESETS})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record  # torchrun: a failed rank's traceback
 
-    result = record(train)(parse_args())
+    result = run_cli(lambda: record(train)(parse_args(argv)))
     distributed.exit_worker(130 if result["interrupted"] else 0)
 
 

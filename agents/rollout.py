@@ -1,4 +1,5 @@
-"""The rollout arithmetic of PPO as small functions: autoreset mask, GAE, KL shaping, minibatch indices.
+"""One PPO iteration's data and the phases that make it: `collect_rollout` (the env steps), `compute_advantages`
+(KL shaping and GAE), plus the small arithmetic they and the update use (autoreset mask, minibatch indices, ...).
 
 Layout: every array is (T, E) = (num_steps, num_envs), step t of env e, in Gymnasium 1.x's next-step autoreset
 order: when step t ends an episode (terminated or truncated), the observation returned by that step is the
@@ -9,9 +10,165 @@ its reward is 0). That reset step is not a transition and is masked out (`valid`
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 import torch
+
+from agents import distributed
+from agents.vector import obs_dtype
+
+
+@dataclass
+class Episode:
+    """One episode that finished during a rollout (on this rank)."""
+
+    global_step: int
+    """the global step (all envs, all ranks) at which it ended"""
+    ret: float
+    """its return: the sum of the env's rewards (not the KL-shaped ones)"""
+    length: int
+    """its number of steps"""
+    kl: float | None
+    """its sum of log pi(a_t|s_t) - log p_ref(a_t|s_t) (None: the env reports no `ref_logprob`)"""
+    info: dict
+    """the env's info at its last step (e.g. a TextEnv's prompt, completion, score)"""
+
+
+@dataclass
+class Rollout:
+    """One iteration's data: (T, E) tensors on the agent's device (obs: (T, E, *obs_shape)) and the episodes."""
+
+    obs: torch.Tensor
+    """the observations the actions were taken on"""
+    actions: torch.Tensor
+    """the sampled actions (long)"""
+    logprobs: torch.Tensor
+    """log pi_old(a_t|s_t) of the sampled actions"""
+    values: torch.Tensor
+    """V(s_t) of the rollout's policy"""
+    rewards: torch.Tensor
+    """the env's rewards (0 at the reset steps)"""
+    ref_logprobs: torch.Tensor | None
+    """log p_ref(a_t|s_t) from `infos["ref_logprob"]` (None: the env reports none)"""
+    valid: torch.Tensor
+    """False at next-step autoreset steps (not transitions: never trained on)"""
+    terminated: torch.Tensor
+    """the step ended its episode in a terminal state"""
+    truncated: torch.Tensor
+    """the step ended its episode by a limit (bootstrapped unless `bootstrap_truncated` is off)"""
+    next_obs: torch.Tensor
+    """(E, *obs_shape) the observation after the last step (its value bootstraps the last step)"""
+    episodes: list[Episode]
+    """the episodes that ended during this rollout, in order of their end"""
+    kl_coef: float
+    """the KL penalty coefficient the rewards are shaped with (0 = no shaping)"""
+    shaped_rewards: torch.Tensor | None = None
+    """rewards - kl_coef * (logprobs - ref_logprobs) on valid steps (= rewards when KL is off); compute_advantages"""
+    advantages: torch.Tensor | None = None
+    """GAE advantages (0 at reset steps); filled by compute_advantages"""
+    returns: torch.Tensor | None = None
+    """advantages + values, the value targets; filled by compute_advantages"""
+
+
+@dataclass
+class Carry:
+    """What one rollout hands the next: the env's last observation and the episodes in progress."""
+
+    next_obs: np.ndarray
+    """the observation the next step acts on"""
+    prev_done: np.ndarray
+    """(E,) the last step ended an episode: the next step of that env is an autoreset"""
+    ep_ret: np.ndarray
+    """(E,) return so far of each episode in progress"""
+    ep_len: np.ndarray
+    """(E,) steps so far"""
+    ep_kl: np.ndarray
+    """(E,) KL to the reference so far"""
+
+    @classmethod
+    def start(cls, envs: gym.vector.VectorEnv, seed: int | None) -> Carry:
+        """Reset `envs` with `seed`: fresh episodes everywhere."""
+        next_obs, _ = envs.reset(seed=seed)
+        n = envs.num_envs
+        return cls(next_obs, np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64), np.zeros(n))
+
+
+def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: Carry, num_steps: int,
+                    global_step: int, steps_per_step: int, kl_coef: float, device: torch.device) -> Rollout:
+    """`num_steps` vector steps of `agent` in `envs` (next-step autoreset), continuing from `carry` (updated).
+
+    `global_step` is the count before this rollout; each vector step adds `steps_per_step` (envs x ranks).
+    With kl_coef > 0 every transition needs `infos["ref_logprob"]` (log p_ref of the action taken)."""
+    T, E = num_steps, envs.num_envs
+    obs_space, obs_type = envs.single_observation_space, obs_dtype(envs.single_observation_space)
+    obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_type, device=device)
+    actions = torch.zeros((T, E), dtype=torch.long, device=device)
+    logprobs, values = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
+    rewards, ref_logprobs = np.zeros((T, E), np.float32), np.zeros((T, E), np.float32)
+    terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
+    prev_done_start, has_ref, episodes = carry.prev_done, False, []
+    c = carry
+    for step in range(T):
+        global_step += steps_per_step
+        obs[step] = torch.as_tensor(c.next_obs, dtype=obs_type).to(device, non_blocking=True)
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(obs[step])
+        actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
+        c.next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+        live = ~c.prev_done  # False at the autoreset steps
+        rewards[step], terminated[step], truncated[step] = reward, term, trunc
+        if "ref_logprob" in infos:
+            has_ref = True
+            ref_logprobs[step] = infos["ref_logprob"]
+            c.ep_kl += (logprob.cpu().numpy() - ref_logprobs[step]) * live
+        has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos))
+        if kl_coef > 0 and not has_it[live].all():  # reset steps may lack it
+            raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
+                             "action taken) each step; wrap the env with a reference model or set kl_coef=0")
+        c.ep_ret += reward * live  # the env's own reward, not the KL-shaped one
+        c.ep_len += live
+        c.prev_done = term | trunc  # the next step of these envs is a reset
+        for i in np.flatnonzero(c.prev_done):
+            episodes.append(Episode(global_step, float(c.ep_ret[i]), int(c.ep_len[i]),
+                                    float(c.ep_kl[i]) if has_ref else None, env_info(infos, i)))
+            c.ep_ret[i], c.ep_len[i], c.ep_kl[i] = 0.0, 0, 0.0
+    as_tensor = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    return Rollout(obs=obs, actions=actions, logprobs=logprobs, values=values, rewards=as_tensor(rewards),
+                   ref_logprobs=as_tensor(ref_logprobs) if has_ref else None,
+                   valid=as_tensor(autoreset_valid(terminated | truncated, prev_done_start)),
+                   terminated=as_tensor(terminated), truncated=as_tensor(truncated),
+                   next_obs=torch.as_tensor(c.next_obs, dtype=obs_type).to(device), episodes=episodes,
+                   kl_coef=kl_coef)
+
+
+def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, gae_lambda: float,
+                       bootstrap_truncated: bool = True) -> None:
+    """Fill `rollout.shaped_rewards` (the per-token KL penalty), `advantages` and `returns` (GAE)."""
+    r = rollout
+    with torch.no_grad():
+        next_value = agent.get_value(r.next_obs).flatten()
+    r.shaped_rewards = (kl_penalty_rewards(r.rewards, r.logprobs, r.ref_logprobs, r.valid, r.kl_coef)
+                        if r.kl_coef > 0 else r.rewards)
+    r.advantages, r.returns = compute_gae(r.shaped_rewards, r.values, next_value, r.terminated, r.truncated, r.valid,
+                                          gamma, gae_lambda, bootstrap_truncated)
+
+
+def episode_stats(rollout: Rollout, stats: dict, dist: distributed.Dist) -> tuple[list, list[float], dict]:
+    """The episodes that finished on all ranks: ([(global_step, return)], their KLs to the reference (empty without
+    one)) and `stats` with their means, the rollout's KL coefficient and the value function's explained variance."""
+    eps = [(e.global_step, e.ret, e.length, e.kl) for e in rollout.episodes]
+    eps = [x for rank in distributed.gather(eps, dist) for x in rank]
+    stats = {**stats, "losses/explained_variance": explained_variance(rollout.values[rollout.valid],
+                                                                      rollout.returns[rollout.valid])}
+    if eps:
+        stats["charts/episodic_return"] = float(np.mean([x[1] for x in eps]))
+        stats["charts/episodic_length"] = float(np.mean([x[2] for x in eps]))
+    kls = [x[3] for x in eps if x[3] is not None]
+    if kls:
+        stats["charts/kl"], stats["charts/kl_coef"] = float(np.mean(kls)), rollout.kl_coef
+    return [(x[0], x[1]) for x in eps], kls, stats
 
 
 def autoreset_valid(dones: np.ndarray, prev_done: np.ndarray) -> np.ndarray:
@@ -32,7 +189,6 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
     bootstrap_truncated: bool = True,
-    final_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438).
 
@@ -41,21 +197,16 @@ def compute_gae(
     is that episode's final observation, so a truncated episode bootstraps from it: the time limit is not part
     of the task. With `bootstrap_truncated=False` a truncation counts as a termination (RLHF: the score is given
     at the length limit, nothing follows). Masked (reset) steps get advantage 0. Returns (advantages, returns).
-    With SAME_STEP autoreset, obs[t + 1] after an episode end is already the next episode's first: pass
-    `final_values` (T, E), the value of the final observation of the episode that ended at step t.
     """
     # the loop runs in numpy: T small steps cost microseconds there, tens of microseconds as torch ops
     r, v, nv, term, trunc, ok = (x.detach().cpu().double().numpy() for x in
                                   (rewards, values, next_value, terminated, truncated, valid))
     done = np.maximum(term, trunc)
     no_future = term if bootstrap_truncated else done  # steps whose successor has no value
-    fv = None if final_values is None else final_values.detach().cpu().double().numpy()
     advantages = np.zeros_like(v)
     lastgaelam = np.zeros_like(nv)
     for t in reversed(range(r.shape[0])):
         nextvalues = nv if t == r.shape[0] - 1 else v[t + 1]
-        if fv is not None:
-            nextvalues = np.where(done[t] > 0, fv[t], nextvalues)
         delta = r[t] + gamma * nextvalues * (1.0 - no_future[t]) - v[t]
         lastgaelam = (delta + gamma * gae_lambda * (1.0 - done[t]) * lastgaelam) * ok[t]
         advantages[t] = lastgaelam
@@ -75,6 +226,15 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, n_episodes: int, hor
     """Ziegler et al.'s proportional controller: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
     error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
     return coef * (1.0 + error * n_episodes / horizon)
+
+
+def next_kl_coef(coef: float, episode_kls: list[float], target: float | None, horizon: int, iteration: int) -> float:
+    """The KL coefficient after an iteration whose episodes had `episode_kls` (all ranks; empty: no reference):
+    the adaptive controller's (`target` None: fixed), with a warning when the measured KL is negative."""
+    if not episode_kls:
+        return coef
+    warn_if_negative_kl(episode_kls, iteration)
+    return coef if target is None else adaptive_kl_coef(coef, float(np.mean(episode_kls)), target, len(episode_kls), horizon)
 
 
 def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 
 def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """`envs` as a vector env (None: `num_envs` copies of `env_id`), checked: Discrete actions, autoreset on."""
+    """`envs` as a vector env (None: `num_envs` copies of `env_id`), checked: Discrete actions, NEXT_STEP autoreset."""
     if envs is None:
         envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
     elif not isinstance(envs, gym.vector.VectorEnv):
@@ -17,9 +17,10 @@ def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_env
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         raise TypeError(f"agents.ppo supports Discrete action spaces only, got {envs.single_action_space}; "
                         "use a discrete env (or discretize the actions with a wrapper)")
-    if autoreset_mode(envs) == gym.vector.AutoresetMode.DISABLED:
-        raise ValueError("the vector env's autoreset_mode is DISABLED; agents.ppo needs envs that reset themselves: "
-                         "build it with autoreset_mode=AutoresetMode.NEXT_STEP (Gymnasium's default) or SAME_STEP")
+    mode = autoreset_mode(envs)
+    if mode != gym.vector.AutoresetMode.NEXT_STEP:  # the rollout's reset-step mask is next-step autoreset's
+        raise ValueError(f"the vector env's autoreset_mode is {mode.name}; agents.ppo needs next-step autoreset: "
+                         "build it with autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP (Gymnasium's default)")
     return envs
 
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from agents.checkpoint import load_checkpoint
+from agents.cli import UsageError
+from agents.distributed import Dist
 from agents.policies import MLPAgent
-from agents.ppo import Args, parse_args, train, zoo
-from agents.rollout import adaptive_kl_coef, autoreset_valid, compute_gae
+from agents.ppo import Args, num_iterations, parse_args, train, zoo
+from agents.rollout import Rollout, adaptive_kl_coef, autoreset_valid, compute_gae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,8 @@ class Hook:
         self.rollouts, self.action = [], action
 
     def on_iteration(self, iteration, global_step, rollout, writer):
-        self.rollouts.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in rollout.items()})
+        assert isinstance(rollout, Rollout) and rollout.advantages is not None
+        self.rollouts.append(rollout)  # each iteration's tensors are its own (no buffer reused)
         if self.action:
             self.action(iteration)
         return {"test/iteration": iteration}
@@ -71,18 +74,6 @@ def test_gae_hand_computed_termination_and_truncation():
     torch.testing.assert_close(adv2[:, 0], f([1.67, 1.4, 0.0, 4.405, 3.1, 0.0]))
 
 
-def test_gae_same_step_autoreset_bootstraps_from_the_final_observation():
-    # SAME_STEP layout: no reset steps; env truncated at t1, obs[2] is already the next episode's first
-    f = torch.tensor
-    rewards, values = f([[1.0], [2.0], [3.0]]), f([[0.5], [0.6], [0.7]])
-    terminated, truncated = torch.zeros(3, 1, dtype=torch.bool), f([[0], [1], [0]]).bool()
-    final_values = f([[0.0], [2.0], [0.0]])
-    adv, _ = compute_gae(rewards, values, f([1.0]), terminated, truncated, torch.ones(3, 1, dtype=torch.bool),
-                         gamma=0.9, gae_lambda=0.5, final_values=final_values)
-    # t2: 3 + 0.9 * 1.0 - 0.7 = 3.2;  t1: 2 + 0.9 * 2.0 (final obs, not obs[2]) - 0.6 = 3.2;  t0: 1 + 0.54 - 0.5 + 0.45 * 3.2
-    torch.testing.assert_close(adv[:, 0], f([2.48, 3.2, 3.2]))
-
-
 def test_autoreset_valid_masks_the_step_after_each_episode_end():
     dones = np.array([[0, 1], [1, 0], [0, 0], [0, 1]], bool)  # (T=4, E=2)
     valid = autoreset_valid(dones, prev_done=np.array([True, False]))
@@ -106,10 +97,22 @@ def test_importing_ppo_imports_neither_transformers_nor_textenv():
 def test_cli_help_and_presets(tmp_path):
     out = subprocess.run([sys.executable, "-m", "agents.ppo", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "--preset" in out.stdout and "--total-timesteps" in out.stdout
-    args = parse_args(["--preset", "zoo", "--seed", "3", "--num-envs", "4"])
-    assert (args.preset, args.seed, args.num_envs, args.update_epochs, args.gamma) == ("zoo", 3, 4, 20, 0.98)
-    assert parse_args([]).num_envs == 4 and parse_args(["--preset=zoo"]).num_envs == 8
+    assert "zoo" in out.stdout and "cleanrl" in out.stdout and "--total-timesteps" in out.stdout
+    args = parse_args(["zoo", "--seed", "3", "--num-envs", "4"])
+    assert (args.seed, args.num_envs, args.update_epochs, args.gamma) == (3, 4, 20, 0.98)
+    assert parse_args([]).num_envs == 4 and parse_args(["zoo"]).num_envs == 8
+    assert parse_args(["--seed", "5"]) == dataclasses.replace(parse_args(["cleanrl"]), seed=5)  # cleanrl: the default
+    assert num_iterations(zoo()) == 100_000 // 256 and num_iterations(zoo(), world_size=2) == 100_000 // 512
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    cases = {"num_envs (0)": ["--num-envs", "0"], "no checkpoint": ["--run-dir", str(tmp_path / "none"), "--resume"]}
+    for message, argv in cases.items():
+        out = subprocess.run([sys.executable, "-m", "agents.ppo", *argv], cwd=tmp_path, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
 
 
 def test_autoreset_transitions_are_masked_and_never_trained_on(tmp_path):
@@ -126,17 +129,18 @@ def test_autoreset_transitions_are_masked_and_never_trained_on(tmp_path):
     envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1") for _ in range(4)])
     agent, hook = Spy(envs.single_observation_space, envs.single_action_space), Hook()
     train(small(tmp_path, update_epochs=1), envs=envs, agent=agent, hooks=hook)
-    n_valid = sum(int(r["valid"].sum()) for r in hook.rollouts)
-    n_invalid = sum(int((~r["valid"]).sum()) for r in hook.rollouts)
+    n_valid = sum(int(r.valid.sum()) for r in hook.rollouts)
+    n_invalid = sum(int((~r.valid).sum()) for r in hook.rollouts)
     assert n_invalid > 20  # CartPole episodes under a random policy are short: many resets
     assert sum(len(o) for o in agent.trained_obs) == n_valid
     # the masked steps hold the final (out-of-bounds) observation of a terminated episode: never trained on
     out_of_bounds = lambda o: (o[:, 0].abs() > 2.4) | (o[:, 2].abs() > 0.2095)  # noqa: E731
     assert not any(out_of_bounds(o).any() for o in agent.trained_obs)
-    assert any(out_of_bounds(r["obs"][~r["valid"]]).any() for r in hook.rollouts)
+    assert any(out_of_bounds(r.obs[~r.valid]).any() for r in hook.rollouts)
     # episode returns come from PPO's own counting: CartPole's return is the episode length
     for r in hook.rollouts:
-        assert torch.all(r["rewards"][~r["valid"]] == 0)
+        assert torch.all(r.rewards[~r.valid] == 0) and torch.all(r.advantages[~r.valid] == 0)
+        assert [e.ret for e in r.episodes] == [float(e.length) for e in r.episodes] and r.ref_logprobs is None
 
 
 def test_same_seed_gives_identical_returns_and_another_seed_does_not(tmp_path):
@@ -171,12 +175,14 @@ def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
     assert (ckpt["iteration"], ckpt["global_step"]) == (4, 4 * 128)
     cli = parse_args(["--run-dir", str(tmp_path / "r"), "--resume"])  # the CLI resumes with the run's settings
     assert (cli.resume, cli.num_steps, cli.total_timesteps, cli.save_every) == (True, 32, 1024, 2)
+    cli = parse_args(["zoo", "--run-dir", str(tmp_path / "r"), "--resume", "--total-timesteps", "2048"])
+    assert (cli.num_steps, cli.total_timesteps, cli.update_epochs) == (32, 2048, 2)  # explicit flags still win
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "checkpoint.pt").write_bytes((tmp_path / "r" / "checkpoint.pt").read_bytes())
     hook = Hook()
     resumed = train(dataclasses.replace(args, resume=True), hooks=hook)
     again = train(dataclasses.replace(args, resume=True, run_dir=str(tmp_path / "r2")))
-    assert [r["kl_coef"] for r in hook.rollouts] and len(hook.rollouts) == 4  # iterations 5..8 only
+    assert [r.kl_coef for r in hook.rollouts] == [0.0] * 4  # iterations 5..8 only
     assert resumed["global_step"] == full["global_step"] == 1024
     # the returns before the checkpoint are those of the uninterrupted run; the resumed part is reproducible
     before = [x for x in full["episode_returns"] if x[0] <= 512]
@@ -185,22 +191,22 @@ def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
 
 
 def test_bad_resume_and_existing_run_dir_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(UsageError, match="no checkpoint"):
         train(small(tmp_path, "none", resume=True))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(UsageError, match="corrupt"):
         train(small(tmp_path, "bad", resume=True))
-    with pytest.raises(FileExistsError, match="--resume"):  # a new run must not overwrite a saved one
+    with pytest.raises(UsageError, match="--resume"):  # a new run must not overwrite a saved one
         train(small(tmp_path, "bad"))
     assert (bad / "checkpoint.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_bad_args_and_spaces_give_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="num_minibatches"):
+    with pytest.raises(UsageError, match="num_minibatches"):
         train(small(tmp_path, num_minibatches=3))
-    with pytest.raises(ValueError, match="num_envs"):
+    with pytest.raises(UsageError, match="num_envs"):
         train(small(tmp_path, num_envs=0))
     with pytest.raises(TypeError, match="Discrete"):
         train(small(tmp_path), envs=gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")] * 4))
@@ -265,15 +271,15 @@ def fixed_envs(n=4, mode=gym.vector.AutoresetMode.NEXT_STEP, **kw):
     return gym.vector.SyncVectorEnv([lambda: FixedLength(**kw) for _ in range(n)], autoreset_mode=mode)
 
 
-def test_same_step_autoreset_env_trains_without_reset_steps(tmp_path):
-    hook = Hook()
-    result = train(small(tmp_path, "same", num_steps=10, total_timesteps=80, num_minibatches=2, eval_episodes=4),
-                   envs=fixed_envs(mode=gym.vector.AutoresetMode.SAME_STEP), hooks=hook)
-    assert all(bool(r["valid"].all()) for r in hook.rollouts)  # no step is wasted on a reset
-    assert [ret for _, ret in result["episode_returns"]] == [1.0] * (80 // 4)  # every 4 steps, each env
-    assert result["eval_returns"] == [1.0] * 4
-    with pytest.raises(ValueError, match="NEXT_STEP"):
-        train(small(tmp_path, "same_kl", kl_coef=0.1), envs=fixed_envs(mode=gym.vector.AutoresetMode.SAME_STEP))
+def test_same_step_autoreset_env_is_refused_with_the_fix(tmp_path):
+    # a vector env steps all its envs at once, so no wrapper can hold one env back for next-step's reset step
+    with pytest.raises(ValueError, match="SAME_STEP.*autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP"):
+        train(small(tmp_path, "same"), envs=fixed_envs(mode=gym.vector.AutoresetMode.SAME_STEP))
+    hook = Hook()  # the fix the message names: the same env with next-step autoreset trains
+    result = train(small(tmp_path, "next", num_steps=10, total_timesteps=80, num_minibatches=2, eval_episodes=4),
+                   envs=fixed_envs(), hooks=hook, dist=Dist())
+    assert [ret for _, ret in result["episode_returns"]] == [1.0] * 16  # episodes of 4 steps + 1 reset step
+    assert result["eval_returns"] == [1.0] * 4 and sum(len(r.episodes) for r in hook.rollouts) == 16
 
 
 def test_kl_penalty_shapes_rewards_per_token(tmp_path):
@@ -281,18 +287,20 @@ def test_kl_penalty_shapes_rewards_per_token(tmp_path):
     result = train(small(tmp_path, "kl", kl_coef=0.1, num_steps=10, total_timesteps=80, num_minibatches=2),
                    envs=fixed_envs(), hooks=hook)
     for r in hook.rollouts:
-        expected = r["rewards"] - 0.1 * (r["logprobs"] - r["ref_logprobs"]) * r["valid"]
-        torch.testing.assert_close(r["shaped_rewards"], expected)
-        assert torch.all(r["shaped_rewards"][r["valid"]] != r["rewards"][r["valid"]])
+        expected = r.rewards - 0.1 * (r.logprobs - r.ref_logprobs) * r.valid
+        torch.testing.assert_close(r.shaped_rewards, expected)
+        assert torch.all(r.shaped_rewards[r.valid] != r.rewards[r.valid])
     # episode returns are the env's rewards (1 per 4-step episode), not the shaped ones
     assert {ret for _, ret in result["episode_returns"]} == {1.0}
     assert result["kl_coef"] == 0.1
     # per finished episode its KL sum: the first rollout's first 4 episodes are envs 0..3 over steps 0..3
     r = hook.rollouts[0]
-    assert len(r["episode_kls"]) == len(r["finished_infos"]) == 8  # episodes end at steps 3 and 8
-    per_token = (r["logprobs"] - r["ref_logprobs"]).double()
-    np.testing.assert_allclose(r["episode_kls"][:4], per_token[:4].sum(0).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(r["episode_kls"][4:], per_token[5:9].sum(0).numpy(), rtol=1e-5)
+    kls = [e.kl for e in r.episodes]
+    assert len(kls) == 8 and [e.length for e in r.episodes] == [4] * 8  # episodes end at steps 3 and 8
+    assert [e.global_step for e in r.episodes] == [16] * 4 + [36] * 4
+    per_token = (r.logprobs - r.ref_logprobs).double()
+    np.testing.assert_allclose(kls[:4], per_token[:4].sum(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(kls[4:], per_token[5:9].sum(0).numpy(), rtol=1e-5)
 
 
 def test_adaptive_kl_coef_follows_the_measured_kl(tmp_path):
@@ -300,8 +308,8 @@ def test_adaptive_kl_coef_follows_the_measured_kl(tmp_path):
     # KL per episode ~ 4 tokens x 0.5 nats = 2 > target 0.5: the coefficient grows each iteration by 1 + 0.2 n / H
     train(small(tmp_path, "akl", kl_coef=0.1, kl_target=0.5, kl_horizon=100, num_steps=10, total_timesteps=120,
                 num_minibatches=2), envs=fixed_envs(), hooks=hook)
-    coefs = [r["kl_coef"] for r in hook.rollouts]
-    n_eps = [len(r["finished_infos"]) for r in hook.rollouts]
+    coefs = [r.kl_coef for r in hook.rollouts]
+    n_eps = [len(r.episodes) for r in hook.rollouts]
     assert coefs[0] == 0.1
     for k in range(1, len(coefs)):
         assert coefs[k] == pytest.approx(coefs[k - 1] * (1 + 0.2 * n_eps[k - 1] / 100))
