@@ -3,7 +3,7 @@
 PPO logs the generic losses (policy, value, entropy, approx-KL, clip fraction) and the KL to the reference
 (`charts/kl`, `charts/kl_coef`). This hook adds what is specific to text, read from the iteration's rollout:
 the reward-model score of the finished episodes, KL per token and per response (the mean of PPO's per-episode
-sums `rollout["episode_kls"]`), a sampled entropy estimate, distinct-1/2 of the completions (a collapsing policy
+sums `[e.kl for e in rollout.episodes]`), a sampled entropy estimate, distinct-1/2 of the completions (a collapsing policy
 repeats itself), a TensorBoard text table of samples every `sample_every` iterations, and one progress line
 with tokens/s.
 """
@@ -15,11 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.rlhf.report import distinct_n
-
-
-def _md(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+from agents.rlhf.report import distinct_n, md_cell
+from agents.rollout import Rollout
 
 
 class RLHFLogger:
@@ -37,27 +34,25 @@ class RLHFLogger:
         self.history: list[dict] = []
         self.start = self.last = time.time()
 
-    def on_iteration(self, iteration: int, global_step: int, rollout: dict, writer: Any = None) -> dict:
+    def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None) -> dict:
         now = time.time()
-        valid = rollout["valid"].bool()  # (T, E)
+        valid = rollout.valid.bool()  # (T, E)
         tokens = int(valid.sum()) * self.world_size  # rank 0's rollout x ranks (each runs as many steps)
-        eps = rollout["finished_infos"]
+        eps = [e.info for e in rollout.episodes]
         scores = [float(e["score"]) for e in eps if "score" in e]
         completions = [str(e.get("completion", "")) for e in eps]
         lengths = [int(e["length"]) - int(e["prompt_length"]) for e in eps if "length" in e and "prompt_length" in e]
-        logp = rollout["logprobs"][valid].double()
+        logp = rollout.logprobs[valid].double()
         stats: dict[str, float] = {"rlhf/tokens_per_second": tokens / max(now - self.last, 1e-9)}
         if logp.numel():
             stats["rlhf/entropy_sampled"] = float(-logp.mean())  # E[-log pi(a)] = entropy, estimated from samples
-        ref = rollout.get("ref_logprobs")
-        if ref is not None and logp.numel() and bool(ref[valid].abs().sum() > 0):
-            kl_tok = float((logp - ref[valid].double()).mean())
-            stats["rlhf/kl_per_token"] = kl_tok
-        episode_kls = rollout.get("episode_kls")
+        ref = rollout.ref_logprobs
+        if ref is not None and logp.numel():
+            stats["rlhf/kl_per_token"] = float((logp - ref[valid].double()).mean())
+        episode_kls = [e.kl for e in rollout.episodes if e.kl is not None]
         if episode_kls:  # PPO's per-episode sums of log pi - log p_ref (the episodes that finished)
             stats["rlhf/kl"] = float(np.mean(episode_kls))  # nats per response
-        if "kl_coef" in rollout:
-            stats["rlhf/kl_coef"] = float(rollout["kl_coef"])
+        stats["rlhf/kl_coef"] = float(rollout.kl_coef)
         if scores:
             stats["rlhf/score_mean"] = float(np.mean(scores))
             stats["rlhf/score_std"] = float(np.std(scores))
@@ -68,7 +63,7 @@ class RLHFLogger:
             stats["rlhf/distinct_1"] = distinct_n(ids, 1)
             stats["rlhf/distinct_2"] = distinct_n(ids, 2)
         if writer is not None and eps and self.sample_every and (iteration == 1 or iteration % self.sample_every == 0):
-            rows = [f"| {_md(e.get('prompt', ''))} | {_md(e.get('completion', ''))} | {float(e.get('score', 0)):+.3f} |"
+            rows = [f"| {md_cell(e.get('prompt', ''))} | {md_cell(e.get('completion', ''))} | {float(e.get('score', 0)):+.3f} |"
                     for e in eps[: self.n_samples]]
             writer.add_text("samples", "| prompt | completion | score |\n|---|---|---|\n" + "\n".join(rows), global_step)
         self.history.append({"iteration": iteration, "global_step": global_step, "time_s": now - self.start,
