@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from textenv.build.bpe import CLS, classifier_tokenizer, train_bpe
 from textenv.build.corpus import corpus_split
 from textenv.build.data import Texts
 from textenv.build.judge import Judge, JudgeConfig, train_judge
-from textenv.build.pipeline import Artifacts, BuildArgs, TokenizerConfig, build_all, main, parse_args, preset
+from textenv.build.pipeline import Artifacts, TokenizerConfig, build_all, main, parse_args, preset
 from textenv.build.pretrain import PretrainConfig, lr_at, pretrain
 from textenv.build.reward_train import RewardConfig, encode, train_reward
 
@@ -185,18 +187,31 @@ def test_build_all_caches_and_loads(tmp_path: Path) -> None:
     assert model.config.vocab_size == len(tok) == 400
     assert 0.0 <= paths.load_judge()(["great"])[0] <= 1.0
     assert set(paths.metrics()) == {"tokenizer", "gpt", "reward", "judge"}
-    assert isinstance(Artifacts(), Artifacts)
+    assert Artifacts().metrics() == {} and set(Artifacts(judge=paths.judge).metrics()) == {"judge"}
 
 
 def test_cli_parses_presets_and_builds_a_step(tmp_path: Path) -> None:
     paths = main(["tokenizer", "--out-dir", str(tmp_path), "--tokenizer.vocab-size", "300", "--train-limit", "200"])
     assert paths.tokenizer is not None and len(AutoTokenizer.from_pretrained(paths.tokenizer)) == 300
     assert paths.gpt is None
-    assert preset("imdb").reward.max_length == 256 and isinstance(preset(), BuildArgs)
-    for argv in (["reward", "--data-dir", "/data/imdb"], ["reward", "--data-dir=/data/imdb"]):
-        args = parse_args(argv)
-        assert (args.step, args.preset, args.data_dir, args.gpt.model) == ("reward", "imdb", "/data/imdb", "small")
-    args = parse_args(["--gpt.max-steps", "7"])
-    assert (args.step, args.preset, args.gpt.max_steps, args.gpt.model) == ("all", "embedded", 7, "mini")
+    assert (preset().data_dir, preset().gpt.model, preset().tokenizer.vocab_size) == ("embedded", "mini", 1024)
+    assert (preset("imdb").gpt.model, preset("imdb").reward.max_length) == ("small", 256)
+    assert preset("imdb", data_dir="/d").data_dir == "/d"
+    assert parse_args([]) == parse_args(["all", "embedded"]) == ("all", preset())
+    assert parse_args(["imdb"]) == ("all", preset("imdb"))
+    for argv in (["reward", "imdb", "--data-dir", "/data/imdb"], ["reward", "imdb", "--data-dir=/data/imdb"]):
+        step, args = parse_args(argv)
+        assert (step, args.data_dir, args.gpt.model) == ("reward", "/data/imdb", "small")
+    step, args = parse_args(["--gpt.max-steps", "7"])  # no preset named: the default one
+    assert (step, args.gpt.max_steps, args.gpt.model) == ("all", 7, "mini")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
+
+
+def test_cli_user_error_prints_one_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "textenv.build", "tokenizer", "--data-dir", str(tmp_path / "nowhere"),
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nowhere does not exist" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

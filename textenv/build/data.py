@@ -32,6 +32,8 @@ _BR = re.compile(r"(?:\s*<br\s*/?>\s*)+", re.IGNORECASE)
 class DataError(ValueError):
     """Bad or missing data; the message names the file and how to fix it."""
 
+    user_error = True  # the CLIs print the message alone (no traceback): the user's data, not a bug
+
 
 class MissingDataError(DataError, FileNotFoundError):
     """The data directory or split file does not exist."""

@@ -1,8 +1,11 @@
 """Build the offline models, step by step or all at once, with cached artefacts.
 
-    python -m textenv.build all                                   # embedded corpus, a few minutes on 2 cores
-    python -m textenv.build all --data-dir ../shared/data/imdb    # IMDb (preset "imdb" picked automatically)
-    python -m textenv.build reward --data-dir ~/aclImdb --reward.epochs 1 --out-dir artifacts/imdb
+    python -m textenv.build all                        # preset `embedded`: the embedded corpus, minutes on 2 cores
+    python -m textenv.build all imdb                   # preset `imdb`: ../shared/data/imdb
+    python -m textenv.build reward imdb --data-dir ~/aclImdb --reward.epochs 1 --out-dir artifacts/imdb
+    python -m textenv.build tokenizer --tokenizer.vocab-size 512
+
+The step comes first (default `all`), then the preset (default `embedded`), then flags overriding the preset.
 
 Steps: `tokenizer` (byte-level BPE), `pretrain` (GPT-2-architecture LM), `reward` (DistilBERT-architecture
 sentiment classifier), `judge` (held-out n-gram classifier), `all`. Each artefact lands in
@@ -23,10 +26,10 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -37,6 +40,7 @@ from textenv.build.reward_train import RewardConfig
 
 VERSION = 2  # bump to invalidate every cached artefact
 STEPS = ("tokenizer", "pretrain", "reward", "judge")
+Step = Literal["tokenizer", "pretrain", "reward", "judge", "all"]
 
 
 @dataclass
@@ -53,12 +57,8 @@ class TokenizerConfig:
 
 @dataclass
 class BuildArgs:
-    """What to build, from which data, where."""
+    """How to build the models, from which data, where (the step to build is `build`'s argument)."""
 
-    step: tyro.conf.Positional[Literal["tokenizer", "pretrain", "reward", "judge", "all"]] = "all"
-    """which artefact to build (its inputs are built or reused first)"""
-    preset: Literal["embedded", "imdb"] = "embedded"
-    """default settings; "imdb" whenever --data-dir is not "embedded" and no preset is given"""
     data_dir: str = "embedded"
     """"embedded", a folder of <split>.jsonl.gz, an aclImdb/ folder, or "hf:imdb" """
     out_dir: str = "artifacts"
@@ -82,7 +82,7 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
     """Named settings. "embedded": minutes on 2 CPU cores. "imdb": ~10 min per model on 2 CPU cores."""
     if name == "embedded":
         args = BuildArgs(
-            preset="embedded", data_dir="embedded",
+            data_dir="embedded",
             tokenizer=TokenizerConfig(vocab_size=1024),
             gpt=PretrainConfig(model="mini", block_size=64, batch_size=32, max_steps=250, lr=2e-3, warmup_steps=20,
                                eval_every=50, log_every=25, save_every=100, n_samples=4),
@@ -91,7 +91,7 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
             judge=JudgeConfig(epochs=4))
     elif name == "imdb":
         args = BuildArgs(
-            preset="imdb", data_dir="../shared/data/imdb",
+            data_dir="../shared/data/imdb",
             tokenizer=TokenizerConfig(vocab_size=4096),
             gpt=PretrainConfig(model="small", block_size=128, batch_size=16, max_steps=3000, warmup_steps=50,
                                eval_every=100, log_every=50, save_every=100, max_minutes=10.0),
@@ -99,8 +99,12 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
                                 lr=2e-3, batch_size=32, epochs=3.0, max_minutes=10.0),
             judge=JudgeConfig(epochs=4))
     else:
-        raise ValueError(f"unknown preset '{name}'; use 'embedded' or 'imdb'")
+        raise ValueError(f"unknown preset '{name}'; use one of {list(PRESETS)}")
     return dataclasses.replace(args, **overrides)
+
+
+PRESETS = {"embedded": "the embedded corpus and small models: minutes on 2 CPU cores",
+           "imdb": "IMDb (../shared/data/imdb) and the project's larger models: ~10 min per model on 2 CPU cores"}
 
 
 @dataclass
@@ -250,12 +254,12 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def build(args: BuildArgs, log: Callable[[str], None] = print) -> Artifacts:
-    """Build (or reuse) `args.step` and what it needs; returns the artefact folders built."""
-    log(f"building '{args.step}' from {args.data_dir} into {args.out_dir} ({set_threads(args.threads)} torch threads)")
+def build(args: BuildArgs, step: Step = "all", log: Callable[[str], None] = print) -> Artifacts:
+    """Build (or reuse) `step` and what it needs; returns the artefact folders built."""
+    log(f"building '{step}' from {args.data_dir} into {args.out_dir} ({set_threads(args.threads)} torch threads)")
     b = _Builder(args, log)
-    for step in STEPS if args.step == "all" else (args.step,):
-        getattr(b, step)()
+    for name in STEPS if step == "all" else (step,):
+        getattr(b, name)()
     return b.paths
 
 
@@ -271,26 +275,49 @@ def build_all(args: BuildArgs | None = None, *, data_dir: str | None = None, out
         args = preset(name)
         if data_dir is not None:
             args.data_dir = data_dir
-    args = dataclasses.replace(args, step="all", out_dir=out_dir or args.out_dir)
-    return build(args, log)
+    return build(dataclasses.replace(args, out_dir=out_dir or args.out_dir), "all", log)
 
 
-def parse_args(argv: list[str]) -> BuildArgs:
-    """CLI arguments -> BuildArgs, on top of the preset named by --preset (or implied by --data-dir)."""
-    # the preset decides the defaults tyro shows and fills in, so it is read before the full parse
-    flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
-    opts = dict(zip(flat, flat[1:], strict=False))
-    name = opts.get("--preset") or ("imdb" if opts.get("--data-dir", "embedded") != "embedded" else "embedded")
-    defaults = preset(name)
-    if "--data-dir" in opts:
-        defaults.data_dir = opts["--data-dir"]
-    return tyro.cli(BuildArgs, default=defaults, args=argv, description=__doc__)
+_Presets = tyro.extras.subcommand_type_from_defaults({name: preset(name) for name in PRESETS}, PRESETS)
 
 
-def main(argv: list[str] | None = None) -> Artifacts:
-    paths = build(parse_args(list(sys.argv[1:] if argv is None else argv)))
+@dataclass
+class _Command:
+    step: tyro.conf.Positional[Step] = "all"
+    """which artefact to build (its inputs are built or reused first)"""
+    settings: Annotated[_Presets, tyro.conf.arg(name="")] = field(default_factory=preset)
+    """the preset (default `embedded`), then flags overriding it"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Step, BuildArgs]:
+    """CLI arguments -> (step, settings): `STEP [PRESET] [--flags]`, e.g. `reward imdb --reward.epochs 1`."""
+    # CascadeSubcommandArgs: flags without a preset name apply to the default preset (`--out-dir x`)
+    cmd = tyro.cli(_Command, args=argv, prog="python -m textenv.build", description=__doc__,
+                   config=(tyro.conf.CascadeSubcommandArgs, tyro.conf.OmitSubcommandPrefixes))
+    return cmd.step, cmd.settings
+
+
+def main(argv: Sequence[str] | None = None) -> Artifacts:
+    """`python -m textenv.build`; bad data prints one `error:` line and exits 2 (see `run_cli`)."""
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> Artifacts:
+    step, args = parse_args(argv)
+    paths = build(args, step)
     for k, v in asdict(paths).items():
         if v is not None:
             print(f"{k}: {v}")
     return paths
 
+
+def run_cli(main: Callable[[], Artifacts]) -> Artifacts:
+    """`agents.cli.run_cli` for textenv (which cannot import agents): an exception marked `user_error = True`
+    (e.g. `DataError`) prints `error: <message>` and exits 2 without a traceback; any other propagates."""
+    try:
+        return main()
+    except Exception as exc:
+        if not getattr(exc, "user_error", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
