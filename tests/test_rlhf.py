@@ -1,5 +1,6 @@
 """The RLHF main job: a short run learns a toy reward; bad input fails before training; the CLI works."""
 
+import dataclasses
 import gzip
 import json
 import subprocess
@@ -9,7 +10,8 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from agents.rlhf import Pieces, RLHFConfig, parse_args, prepare, run
+from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
+from agents.rlhf.config import rlhf_ppo
 from textenv import KeywordReward, char_tokenizer
 
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
@@ -22,12 +24,12 @@ def tiny_gpt(vocab: int, n_positions: int = 16, seed: int = 0) -> GPT2LMHeadMode
     return GPT2LMHeadModel(cfg)
 
 
-def toy_config(tmp_path, **kw) -> RLHFConfig:
-    base = dict(run_dir=str(tmp_path / "run"), query_tokens=None, max_prompt_tokens=4, max_new_tokens=8,
-                min_new_tokens=0, num_envs=16, num_steps=18, total_timesteps=16 * 18 * 10, learning_rate=3e-3,
-                num_minibatches=2, kl_coef=0.01, kl_target=None, torch_threads=1, eval_prompts=48)
-    base.update(kw)
-    return RLHFConfig(**base)
+def toy_config(tmp_path, ppo: dict | None = None, **kw) -> RLHFConfig:
+    """A 10-iteration run of 16 envs x 18 steps; `ppo` overrides PPO settings, `kw` the job's."""
+    ppo = dict(run_dir=str(tmp_path / "run"), num_envs=16, num_steps=18, total_timesteps=16 * 18 * 10,
+               learning_rate=3e-3, num_minibatches=2, kl_coef=0.01, kl_target=None, torch_threads=1) | (ppo or {})
+    base = dict(query_tokens=None, max_prompt_tokens=4, max_new_tokens=8, min_new_tokens=0, eval_prompts=48)
+    return RLHFConfig(**base | kw, ppo=rlhf_ppo(**ppo))
 
 
 @pytest.mark.slow
@@ -72,10 +74,8 @@ def folders(tmp_path):
 
 def given(folders, **kw) -> RLHFConfig:
     base = dict(policy=folders["policy"], reward_model=folders["rm"], judge="none", data_dir=folders["data"],
-                run_dir=str(folders["tmp"] / "run"), max_prompt_tokens=8, max_new_tokens=8, query_tokens=(2, 8),
-                eval_prompts=8)
-    base.update(kw)
-    return RLHFConfig(**base)
+                max_prompt_tokens=8, max_new_tokens=8, query_tokens=(2, 8), eval_prompts=8)
+    return RLHFConfig(**base | kw, ppo=rlhf_ppo(run_dir=str(folders["tmp"] / "run")))
 
 
 def test_given_folders_prepare_without_building(folders):
@@ -130,14 +130,44 @@ def test_response_longer_than_the_context(folders):
         prepare(given(folders, max_new_tokens=30), torch.device("cpu"))  # 8 + 30 > 32 positions
 
 
+def test_presets_keep_the_jobs_ppo_settings():
+    # the values the job trained with before PPO's settings moved into `ppo` (results must not change)
+    job = dict(exp_name="rlhf", env_id="TextEnv-v0", seed=1, num_envs=64, num_steps=34, anneal_lr=True,
+               update_epochs=4, num_minibatches=4, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True,
+               vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000, minibatch_by_env=True,
+               bootstrap_truncated=False, eval_episodes=0, log_every=0, save_every=50, run_dir=None, resume=False)
+    for cfg, steps, lr, kl_target in ((embedded(), 40 * 64 * 34, 5e-5, 6.0), (imdb(), 100 * 64 * 34, 1e-4, 5.0)):
+        got = dataclasses.asdict(cfg.ppo)
+        assert {k: got[k] for k in job} == job
+        assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target) == (steps, lr, kl_target)
+    assert (embedded().models, imdb().models, imdb().data_dir) == ("embedded", "imdb", "../shared/data/imdb")
+    assert embedded() == RLHFConfig()
+
+
 def test_cli_help_and_presets():
     out = subprocess.run([sys.executable, "-m", "agents.rlhf", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--data-dir" in out.stdout and "--reward-model" in out.stdout
-    assert parse_args([]).preset == "embedded"
-    imdb = parse_args(["--data-dir", "somewhere"])
-    assert imdb.preset == "imdb" and imdb.data_dir == "somewhere"
-    assert parse_args(["--preset", "imdb", "--max-new-tokens", "12"]).max_new_tokens == 12
+    assert "--data-dir" in out.stdout and "--reward-model" in out.stdout and "--ppo.learning-rate" in out.stdout
+    assert parse_args([]) == embedded()
+    assert parse_args(["imdb"]) == imdb()
+    tuned = parse_args(["embedded", "--ppo.learning-rate", "1e-4", "--max-new-tokens", "12"])
+    assert (tuned.models, tuned.ppo.learning_rate, tuned.max_new_tokens) == ("embedded", 1e-4, 12)
+    seeded = parse_args(["--ppo.seed", "2"])  # no preset named: the default one
+    assert (seeded.models, seeded.ppo.seed, seeded.ppo.num_envs) == ("embedded", 2, 64)
+    assert parse_args(["imdb", "--ppo.seed", "3"]).ppo.learning_rate == 1e-4  # the preset's, under a flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppo.num-envs", "3", "--ppo.num-minibatches", "2"], "num_minibatches"),
+    (["--data-dir", "/nonexistent", "--quick"], "/nonexistent"),
+])
+def test_cli_user_errors_print_one_line(tmp_path, argv, message):
+    out = subprocess.run([sys.executable, "-m", "agents.rlhf", *argv, "--artifacts-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
 
 
 def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
@@ -146,10 +176,10 @@ def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
     tmp = folders["tmp"]
     # 2 ranks x 4 envs x 9 steps = 72 tokens per iteration; 3 iterations
     run = torchrun("-m", "agents.rlhf", "--policy", folders["policy"], "--reward-model", folders["rm"],
-                   "--judge", "none", "--data-dir", folders["data"], "--run-dir", "run", "--max-prompt-tokens", "8",
-                   "--max-new-tokens", "8", "--num-envs", "4", "--num-steps", "9", "--total-timesteps", "216",
-                   "--num-minibatches", "2", "--update-epochs", "1", "--eval-prompts", "8", "--torch-threads", "1",
-                   "--save-every", "0", "--device", "cpu", cwd=tmp, timeout=120)
+                   "--judge", "none", "--data-dir", folders["data"], "--ppo.run-dir", "run", "--max-prompt-tokens", "8",
+                   "--max-new-tokens", "8", "--ppo.num-envs", "4", "--ppo.num-steps", "9", "--ppo.total-timesteps",
+                   "216", "--ppo.num-minibatches", "2", "--ppo.update-epochs", "1", "--eval-prompts", "8",
+                   "--ppo.torch-threads", "1", "--ppo.save-every", "0", "--ppo.device", "cpu", cwd=tmp, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("before:") == 1 and run.stdout.count("after:") == 1, run.stdout[-2000:]
     assert "iter    3/3" in run.stdout, run.stdout[-2000:]  # 216 tokens / (4 envs x 9 steps x 2 ranks)
@@ -164,7 +194,7 @@ def test_run_returns_the_run_dir_it_chose(tmp_path, monkeypatch):
     tok = char_tokenizer("ab ")
     pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
                     eval_prompts=PROMPTS)
-    rec = run(toy_config(tmp_path, run_dir=None, num_envs=4, total_timesteps=4 * 18, save_every=0), pieces)
+    rec = run(toy_config(tmp_path, ppo=dict(run_dir=None, num_envs=4, total_timesteps=4 * 18, save_every=0)), pieces)
     run_dir = tmp_path / rec["run_dir"]
     assert rec["run_dir"].startswith("runs/rlhf-embedded-1-") and (run_dir / "report.md").is_file()
     assert json.loads((run_dir / "report.json").read_text())["run_dir"] == rec["run_dir"]

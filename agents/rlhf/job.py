@@ -1,9 +1,10 @@
 """RLHF end to end, one command: a GPT policy tuned by PPO inside TextEnv against a sentiment reward model.
 
-    python -m agents.rlhf                                   # embedded corpus, no network, 2 CPU cores
-    python -m agents.rlhf --data-dir ../shared/data/imdb    # IMDb (the `imdb` preset)
-    python -m agents.rlhf --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb --device cuda
-    torchrun --standalone --nproc-per-node 2 -m agents.rlhf  # data-parallel PPO: --num-envs is per process
+    python -m agents.rlhf                                   # preset `embedded`: no network, 2 CPU cores
+    python -m agents.rlhf imdb                              # preset `imdb`: ../shared/data/imdb
+    python -m agents.rlhf embedded --ppo.learning-rate 1e-4 # a preset, then any flag (see --help)
+    python -m agents.rlhf imdb --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb --ppo.device cuda
+    torchrun --standalone --nproc-per-node 2 -m agents.rlhf  # data-parallel PPO: --ppo.num-envs is per process
 
 The first builds everything (cached; a second run reuses it) and trains: 4:49 wall on 2 CPU cores next to one
 other job, 13:15 with 6 jobs sharing them. The last uses the seed's hub models (online) in bf16 on a GPU.
@@ -29,12 +30,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from agents import distributed
+from agents.cli import UsageError, run_cli
+from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
 from agents.rlhf.pieces import Pieces, check_policy, check_tokenizer, prepare
 from agents.vector import resolve_device  # one device rule for PPO and the job
@@ -53,48 +56,39 @@ def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: torch.nn.Module, devic
     from textenv.kl import RefLogprob
 
     envs = gym.make_vec(
-        "TextEnv-v0", num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
+        "TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
         tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
         max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens, query_tokens=cfg.query_tokens)
     return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
 
 
-def ppo_args(cfg: RLHFConfig, run_dir: Path, device: torch.device):
-    """The seed's PPO settings in `agents.ppo.Args` (minibatches of env columns, no truncation bootstrap)."""
-    from agents.ppo import Args
-
-    return Args(
-        exp_name="rlhf", seed=cfg.seed, device=str(device), torch_threads=cfg.torch_threads, env_id="TextEnv-v0",
-        total_timesteps=cfg.total_timesteps, learning_rate=cfg.learning_rate, num_envs=cfg.num_envs,
-        num_steps=cfg.num_steps, anneal_lr=cfg.anneal_lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
-        num_minibatches=cfg.num_minibatches, update_epochs=cfg.update_epochs, clip_coef=cfg.clip_coef,
-        clip_vloss=True, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm,
-        minibatch_by_env=True, bootstrap_truncated=False, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target,
-        kl_horizon=cfg.kl_horizon, run_dir=str(run_dir), save_every=cfg.save_every, resume=cfg.resume,
-        eval_episodes=0, log_every=0)
-
-
-def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
+def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None) -> dict:
     """Build (or take) the pieces, train with PPO, write the report; returns the report record (with `run_dir`,
-    the folder used, also when `cfg.run_dir` is None). Under torchrun: ranks other than 0 return {}."""
-    from agents import distributed
+    the folder used, also when `cfg.ppo.run_dir` is None). Under torchrun: ranks other than 0 return {}.
+
+    `dist`: the caller's process group (`main` sets it up once); None: join torchrun's group here (when there is
+    one) and leave it at the end."""
+    if dist is None:  # long timeout: rank 0 may build the models while the others wait
+        dist, _ = distributed.setup(cfg.ppo.device, timeout_s=BUILD_TIMEOUT_S)
+        record = run(cfg, pieces, dist)
+        distributed.cleanup(dist)  # ends the group only if setup() above created it
+        return record
+
     from agents.gpt_policy import GPTAgent
-    from agents.ppo import train
+    from agents.ppo import num_iterations, train
     from agents.rlhf.logger import RLHFLogger
     from agents.rlhf.report import evaluate, write_report
     from textenv.build.pipeline import set_threads
 
     t0 = time.time()
-    # under torchrun: join the group now (long timeout: rank 0 may build the models while the others wait);
-    # PPO's train() then reuses this group, and one process per GPU gets cuda:LOCAL_RANK
-    dist, dev_name = distributed.setup(cfg.device, timeout_s=BUILD_TIMEOUT_S)
     if cfg.quick:  # a smoke run: 6 PPO iterations (of all ranks together), a small report
-        cfg = dataclasses.replace(cfg, total_timesteps=6 * cfg.num_envs * cfg.num_steps * dist.world_size,
+        batch = cfg.ppo.num_envs * cfg.ppo.num_steps * dist.world_size
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, total_timesteps=6 * batch),
                                   eval_prompts=min(cfg.eval_prompts, 64))
     check_config(cfg)
-    device = resolve_device(dev_name)
-    set_threads(cfg.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
+    device = resolve_device(distributed.rank_device(cfg.ppo.device, dist))  # torchrun + CUDA: one GPU per rank
+    set_threads(cfg.ppo.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
     if pieces is None:
         with distributed.rank_zero_first(dist):  # rank 0 builds the cache (no lock), the others then reuse it
             pieces = prepare(cfg, device)
@@ -102,10 +96,10 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     check_tokenizer(tok, "the policy tokenizer")
     check_policy(pieces.policy, tok, cfg, "the policy")
     if not pieces.eval_prompts:
-        raise ValueError("no held-out prompts for the report; the data source's test split has no usable text")
+        raise UsageError("no held-out prompts for the report; the data source's test split has no usable text")
     t_built = time.time()
     run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
-        cfg.run_dir or f"runs/rlhf-{cfg.preset}-{cfg.seed}-{int(time.time())}", dist))
+        cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -115,29 +109,33 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
     envs = make_envs(cfg, pieces, reference, device)
     agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype)
 
+    # --- the report's evaluation: one definition for "before" (the reference) and "after" (the tuned policy)
     eval_kwargs = dict(reward_fn=pieces.reward_fn, reward_positive_fn=pieces.reward_positive_fn,
                        reward_threshold=0.5 if pieces.reward_positive_fn else 0.0, judge_fn=pieces.judge_fn,
                        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                       max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed + 12345)
+                       max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.ppo.seed + 12345)
+
+    def evaluate_policy(lm: torch.nn.Module) -> tuple:
+        return evaluate(lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
+    # --- end of the report's evaluation
+
     if dist.is_main:
-        before = evaluate(reference, reference, tok, pieces.eval_prompts, **eval_kwargs)
+        before = evaluate_policy(reference)
         print(f"before: reward {before[0]['reward_mean']:+.3f}, positive "
               f"{before[0]['positive_rate_reward_model']:.2f} (judge {before[0]['positive_rate_judge']}), "
               f"distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
     t_ppo = time.time()
-    args = ppo_args(cfg, run_dir, device)
-    iterations = args.total_timesteps // (args.num_envs * args.num_steps * dist.world_size)
-    logger = RLHFLogger(tok, iterations, cfg.sample_every, world_size=dist.world_size)
-    result = train(args, envs=envs, agent=agent, hooks=logger)  # train() logs and saves on rank 0 only
+    args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
+    logger = RLHFLogger(tok, num_iterations(args, dist.world_size), cfg.sample_every, world_size=dist.world_size)
+    result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
     if not dist.is_main:
-        distributed.cleanup(dist)  # leaves the group only if this run() joined it (not a caller's group)
         return {}
     t_eval = time.time()
-    after = evaluate(agent.lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
+    after = evaluate_policy(agent.lm)
     agent.lm.save_pretrained(run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
-    timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval - 0.0,
+    timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
@@ -150,7 +148,6 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None) -> dict:
           f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
           f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
     print(f"report: {run_dir / 'report.md'}")
-    distributed.cleanup(dist)
     return record
 
 
@@ -159,31 +156,24 @@ def _jsonable(d: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> RLHFConfig:
-    """`--preset NAME` picks the defaults (a `--data-dir` other than `embedded` implies `imdb`)."""
+    """The preset named first (`embedded` when none is), then flags overriding it: `imdb --ppo.seed 2`."""
     import tyro
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    name = None
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif a.startswith("--preset="):
-            name = a.split("=", 1)[1]
-        elif (a == "--data-dir" and i + 1 < len(argv) and argv[i + 1] != "embedded") or (
-                a.startswith("--data-dir=") and a != "--data-dir=embedded"):
-            name = name or "imdb"
-    name = name or "embedded"
-    if name not in PRESETS:
-        raise SystemExit(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
-    return tyro.cli(RLHFConfig, default=PRESETS[name](), args=argv, description=__doc__, prog="python -m agents.rlhf")
+    presets = {name: make() for name, make in PRESETS.items()}
+    preset_type = tyro.extras.subcommand_type_from_defaults(
+        presets, {name: make.__doc__ for name, make in PRESETS.items()})
+    # CascadeSubcommandArgs: flags without a preset name apply to the default one (`--ppo.seed 2` = embedded)
+    return tyro.cli(preset_type, default=presets["embedded"], args=argv, prog="python -m agents.rlhf",
+                    description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))
 
 
 def main() -> None:
-    from agents import distributed
+    """`python -m agents.rlhf`: a user's mistake prints one `error:` line (exit 2), a bug its traceback."""
+    def job() -> None:
+        cfg = parse_args()
+        dist, _ = distributed.setup(cfg.ppo.device, timeout_s=BUILD_TIMEOUT_S)  # once, for the whole job
+        run(cfg, dist=dist)
+        distributed.cleanup(dist)
 
-    cfg = parse_args()
-    dist, _ = distributed.setup(cfg.device, timeout_s=BUILD_TIMEOUT_S)  # run() reuses this group
-    run(cfg)
-    distributed.cleanup(dist)
+    run_cli(job)
     distributed.exit_worker(0)  # torchrun: skip the interpreter teardown that now and then aborts a gloo rank
-

@@ -7,7 +7,7 @@ length) fails before anything slow starts. `agents.rlhf` is the job itself; `pre
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.cli import UsageError
 from agents.rlhf.config import RLHFConfig, check_config
-
-TextScorer = Callable[[list[str]], Sequence[float]]
-
+from textenv.rewards import RewardModel  # the one text-scorer type: texts -> one float each
 
 # ---------------------------------------------------------------------------------------- the pieces
 
@@ -29,11 +28,11 @@ class Pieces:
 
     tokenizer: Any  # the policy's tokenizer (EOS and pad required)
     policy: torch.nn.Module  # the pretrained causal LM; PPO tunes it, a frozen copy is the KL reference
-    reward_fn: TextScorer  # training reward: texts -> scores (e.g. the positive-class logit)
+    reward_fn: RewardModel  # training reward: texts -> scores (e.g. the positive-class logit)
     train_prompts: list[str]  # prompts, or texts to cut queries from (with `query_tokens`)
     eval_prompts: list[str]  # held-out prompts for the report (whole prompts, already cut)
-    reward_positive_fn: TextScorer | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
-    judge_fn: TextScorer | None = None  # held-out judge: texts -> P(positive)
+    reward_positive_fn: RewardModel | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
+    judge_fn: RewardModel | None = None  # held-out judge: texts -> P(positive)
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
 
 
@@ -44,19 +43,14 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
     try:
         env_check(tokenizer)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UsageError(f"{where}: {e}") from None
 
 
 def check_policy(model: torch.nn.Module, tokenizer: Any, cfg: RLHFConfig, where: str) -> None:
     """Vocabulary covers the tokenizer's; the observation window fits the model's context."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise TypeError(f"{where} is a {type(model).__name__}, not a causal LM with an output head; "
-                        "pass a causal LM folder or hub name (AutoModelForCausalLM), e.g. gpt2")
-    if head.weight.shape[0] < len(tokenizer):
-        raise ValueError(f"{where} has a vocabulary of {head.weight.shape[0]} tokens, smaller than its tokenizer's "
-                         f"{len(tokenizer)}: it could never emit the last ids; pass the tokenizer the model was trained "
-                         "with (--tokenizer) or resize the model's embeddings")
+    from textenv.lm_cache import check_lm_vocab  # the one vocabulary check; its LMError is a user error
+
+    check_lm_vocab(model, len(tokenizer), where)
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     check_context(cfg, n_pos, where)
 
@@ -64,7 +58,7 @@ def check_policy(model: torch.nn.Module, tokenizer: Any, cfg: RLHFConfig, where:
 def check_context(cfg: RLHFConfig, n_positions: int | None, where: str) -> None:
     need = cfg.max_prompt_tokens + cfg.max_new_tokens
     if n_positions is not None and need > n_positions:
-        raise ValueError(f"prompt + response = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = {need} tokens do not "
+        raise UsageError(f"prompt + response = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = {need} tokens do not "
                          f"fit the context of {where} ({n_positions} positions); lower --max-new-tokens / "
                          "--max-prompt-tokens or use a model with a longer context")
 
@@ -73,7 +67,7 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
-def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextScorer, TextScorer]:
+def load_classifier(name: str, device: torch.device, what: str) -> tuple[RewardModel, RewardModel]:
     """(positive-class logit, positive probability) scorers of a sequence classifier folder or hub name."""
     from transformers import AutoConfig
 
@@ -81,12 +75,12 @@ def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextSco
 
     path = Path(name).expanduser()
     if _is_local(name) and not (path / "config.json").is_file():
-        raise ValueError(f"{what} {name} has no config.json: it is not a saved transformers model; pass a folder "
+        raise UsageError(f"{what} {name} has no config.json: it is not a saved transformers model; pass a folder "
                          "written by save_pretrained (e.g. a trained reward model) or a hub name")
     config = AutoConfig.from_pretrained(name)
     archs = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(f"{what} {name} is a {archs or config.model_type} model, not a sequence classifier: its "
+        raise UsageError(f"{what} {name} is a {archs or config.model_type} model, not a sequence classifier: its "
                          "classification head would be random; pass an AutoModelForSequenceClassification folder "
                          "(e.g. lvwerra/distilbert-imdb or one trained by textenv.build.reward_train)")
     logit = HFRewardModel.from_pretrained(name, device=device, output="logit")
@@ -94,7 +88,7 @@ def load_classifier(name: str, device: torch.device, what: str) -> tuple[TextSco
     return logit, prob
 
 
-def load_judge(name: str, device: torch.device) -> TextScorer:
+def load_judge(name: str, device: torch.device) -> RewardModel:
     """A judge folder (`textenv.build.judge`), or any sequence classifier (its positive probability)."""
     if (Path(name).expanduser() / "judge.json").is_file():
         from textenv.build.judge import Judge
@@ -134,10 +128,10 @@ def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts) of the data source, or a clear error when none is usable."""
     from textenv.build.data import load_texts
 
-    train = [t for t in load_texts(cfg.data_dir, "train", seed=cfg.seed).texts if t.strip()]
-    held = [t for t in load_texts(cfg.data_dir, "test", seed=cfg.seed + 1).texts if t.strip()]
+    train = [t for t in load_texts(cfg.data_dir, "train", seed=cfg.ppo.seed).texts if t.strip()]
+    held = [t for t in load_texts(cfg.data_dir, "test", seed=cfg.ppo.seed + 1).texts if t.strip()]
     if not train or not held:
-        raise ValueError(f"data source {cfg.data_dir} has no usable text (train: {len(train)}, test: {len(held)} "
+        raise UsageError(f"data source {cfg.data_dir} has no usable text (train: {len(train)}, test: {len(held)} "
                          "non-empty texts); point --data-dir at a folder with train/test reviews")
     return train, held
 
@@ -173,7 +167,7 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
         judge = judge if judge is not None or cfg.judge == "none" else built.get("judge")
     hi = cfg.query_tokens[1] if cfg.query_tokens else cfg.max_prompt_tokens
     lo = cfg.query_tokens[0] if cfg.query_tokens else min(2, hi)
-    eval_prompts = cut_queries(tok, held_texts[: 4 * cfg.eval_prompts], lo, hi, cfg.seed)[: cfg.eval_prompts]
+    eval_prompts = cut_queries(tok, held_texts[: 4 * cfg.eval_prompts], lo, hi, cfg.ppo.seed)[: cfg.eval_prompts]
     return Pieces(tokenizer=tok, policy=policy, reward_fn=reward[0], reward_positive_fn=reward[1],
                   judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
 
@@ -183,8 +177,8 @@ def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, ne
     """Build (or reuse from `artifacts_dir`) the tokenizer + GPT, reward model and judge from the data."""
     from textenv.build.pipeline import build, build_all, preset
 
-    args = preset(cfg.preset, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
-    if cfg.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
+    args = preset(cfg.models, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
+    if cfg.ppo.device != "auto":  # "auto" is the build's default too: same settings, same cached artefacts
         args.gpt.device = args.reward.device = str(device)
     check_context(cfg, args.gpt.block_size, f"the GPT to build (block size {args.gpt.block_size})")
     if need_policy and need_reward and need_judge:
@@ -193,7 +187,7 @@ def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, ne
         paths = None
         for step, needed in (("pretrain", need_policy), ("reward", need_reward), ("judge", need_judge)):
             if needed:
-                got = build(dataclasses.replace(args, step=step))
+                got = build(args, step)
                 paths = got if paths is None else dataclasses.replace(
                     paths, **{k: v for k, v in dataclasses.asdict(got).items() if v is not None})
     out: dict = {"info": {k: str(v) for k, v in dataclasses.asdict(paths).items() if v is not None}
