@@ -48,7 +48,8 @@ def train_sb3(args: Args, env: str | Callable[[], gym.Env] | None = None, **ppo_
     """Train SB3's PPO (`MlpPolicy`, 2 x 64 tanh, as `MLPAgent`) with `args`'s hyperparameters on `args.num_envs`
     copies of `env` (an env id or a thunk; default `args.env_id`) for `args.total_timesteps`.
 
-    Returns `model`, `episode_returns` [(global_step, return)] (as `agents.ppo.train`), `sps` and `wall_s`.
+    Returns `model`, `episode_returns` [(global_step, return)] (as `agents.ppo.train`), `sps`, `wall_s` and
+    `cpu_s` (process CPU time of the training alone).
     `ppo_kwargs` override the mapped settings (e.g. `policy_kwargs`)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -70,10 +71,11 @@ def train_sb3(args: Args, env: str | Callable[[], gym.Env] | None = None, **ppo_
     venv = make_vec_env(env or args.env_id, n_envs=args.num_envs, seed=args.seed)
     model = PPO("MlpPolicy", venv, verbose=0, **(sb3_kwargs(args) | ppo_kwargs))
     episodes = Episodes()
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     model.learn(args.total_timesteps, callback=episodes)
-    wall = time.time() - t
-    return {"model": model, "episode_returns": episodes.returns, "sps": args.total_timesteps / wall, "wall_s": wall}
+    wall, cpu = time.time() - t, time.process_time() - cpu
+    return {"model": model, "episode_returns": episodes.returns, "sps": args.total_timesteps / wall, "wall_s": wall,
+            "cpu_s": cpu}
 
 
 def rolling_mean(returns: Returns, window: int = 100) -> tuple[np.ndarray, np.ndarray]:

@@ -26,23 +26,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from _common import RESULTS_DIR, print_table, target, write_result  # noqa: E402
 
+from agents.compare import rolling_mean, train_sb3  # noqa: E402
 from agents.ppo import cleanrl, train, zoo  # noqa: E402
 
 SOLVED, WINDOW = 475.0, 100
 
 
-def rolling(returns: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, mean of the last <= 100 episode returns) after each episode."""
-    steps = np.array([s for s, _ in returns], dtype=float)
-    r = np.array([x for _, x in returns], dtype=float)
-    c = np.concatenate([[0.0], np.cumsum(r)])
-    n = np.minimum(np.arange(1, len(r) + 1), WINDOW)
-    return steps, (c[1:] - c[np.arange(1, len(r) + 1) - n]) / n
-
-
 def steps_to_solve(returns: list[tuple[int, float]]) -> int | None:
     """First global step where the last-100-episode mean is >= 475 (at least 100 episodes), else None."""
-    steps, mean = rolling(returns)
+    steps, mean = rolling_mean(returns, WINDOW)
     hit = np.flatnonzero((mean >= SOLVED) & (np.arange(len(mean)) >= WINDOW - 1))
     return int(steps[hit[0]]) if hit.size else None
 
@@ -54,40 +46,22 @@ def run_ours(args) -> dict:
             "cpu_sps": args.total_timesteps / (time.process_time() - cpu)}
 
 
-def run_sb3(seed: int, total: int) -> dict:
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
+def run_sb3(args) -> dict:
+    """SB3's PPO with `args`'s hyperparameters (`agents.compare.train_sb3`), evaluated by SB3 on 10 episodes."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    class Episodes(BaseCallback):
-        def __init__(self):
-            super().__init__()
-            self.returns = []
-
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:
-                    self.returns.append((self.num_timesteps, float(info["episode"]["r"])))
-            return True
-
-    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
-    model = PPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
-                learning_rate=lambda p: 1e-3 * p, clip_range=lambda p: 0.2 * p, seed=seed, device="cpu", verbose=0)
-    cb = Episodes()
-    t, cpu = time.time(), time.process_time()
-    model.learn(total, callback=cb)
-    wall, cpu = time.time() - t, time.process_time() - cpu
-    eval_env = make_vec_env("CartPole-v1", n_envs=1, seed=seed + 10_000)
-    eval_mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
-    return {"returns": cb.returns, "sps": total / wall, "eval_mean": float(eval_mean), "wall_s": wall,
-            "cpu_sps": total / cpu}
+    r = train_sb3(args)
+    eval_env = make_vec_env(args.env_id, n_envs=1, seed=args.seed + 10_000)
+    eval_mean, _ = evaluate_policy(r["model"], eval_env, n_eval_episodes=10, deterministic=True)
+    return {"returns": r["episode_returns"], "sps": r["sps"], "eval_mean": float(eval_mean), "wall_s": r["wall_s"],
+            "cpu_sps": args.total_timesteps / r["cpu_s"]}
 
 
 def summary(runs: dict[int, dict]) -> dict:
     per_seed = [{"seed": s, "steps_to_solve": steps_to_solve(r["returns"]), "sps": round(r["sps"], 1),
                  "cpu_sps": round(r["cpu_sps"], 1),
-                 "eval_mean": r["eval_mean"], "last100_at_end": round(float(rolling(r["returns"])[1][-1]), 2),
+                 "eval_mean": r["eval_mean"], "last100_at_end": round(float(rolling_mean(r["returns"], WINDOW)[1][-1]), 2),
                  "episodes": len(r["returns"])} for s, r in runs.items()]
     solved = [p["steps_to_solve"] for p in per_seed]
     # an unsolved seed counts as infinitely slow, so the median stays honest
@@ -113,7 +87,7 @@ def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
     for ax, (title, names) in zip(axes[0], panels, strict=True):
         for color, name in zip(["C0", "C1"], names, strict=False):
             for i, r in enumerate(curves[name].values()):
-                steps, mean = rolling(r["returns"])
+                steps, mean = rolling_mean(r["returns"], WINDOW)
                 ax.plot(steps, mean, color=color, alpha=0.7, lw=1, label=name if i == 0 else None)
         ax.axhline(SOLVED, color="gray", ls="--", lw=0.8)
         ax.set(title=f"CartPole-v1, {title}", xlabel="environment steps", ylabel="mean return, last 100 episodes")
@@ -143,7 +117,7 @@ def main() -> None:
     for seed in range(1, n_seeds + 1):
         args = dataclasses.replace(zoo(), seed=seed, run_dir=os.path.join(tmp, f"zoo{seed}"), log_every=0)
         curves["ours (zoo)"][seed] = run_ours(args)
-        curves["SB3 (zoo)"][seed] = run_sb3(seed, args.total_timesteps)
+        curves["SB3 (zoo)"][seed] = run_sb3(args)
         for name in ("ours (zoo)", "SB3 (zoo)"):
             r = curves[name][seed]
             print(f"seed {seed} {name}: solved at {steps_to_solve(r['returns'])}, {r['sps']:.0f} SPS, "
@@ -153,7 +127,7 @@ def main() -> None:
         for seed in range(1, n_seeds + 1):
             args = dataclasses.replace(cleanrl(), seed=seed, run_dir=os.path.join(tmp, f"cleanrl{seed}"), log_every=0)
             r = curves["ours (cleanrl)"][seed] = run_ours(args)
-            print(f"seed {seed} ours (cleanrl): last-100 mean at 500k {rolling(r['returns'])[1][-1]:.1f}, "
+            print(f"seed {seed} ours (cleanrl): last-100 mean at 500k {rolling_mean(r['returns'], WINDOW)[1][-1]:.1f}, "
                   f"{r['sps']:.0f} SPS", flush=True)
 
     results = {name: summary(runs) for name, runs in curves.items()}
