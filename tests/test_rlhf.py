@@ -214,17 +214,22 @@ def test_held_out_prompts_are_cut_like_the_env_cuts_its_queries():
 
 def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
     from agents.rlhf.logger import RLHFLogger
+    from agents.rollout import Episode, Rollout
 
     tok = char_tokenizer("ab ")
     logp = torch.full((4, 2), -1.0)
+    zeros = torch.zeros(4, 2)
     # episodes of 1 and 3 tokens: the old estimate (per-token mean x mean length) would give 2 x 0.5 = 1.0
-    rollout = {"valid": torch.ones(4, 2, dtype=torch.bool), "logprobs": logp, "ref_logprobs": logp - 0.5,
-               "finished_infos": [{"score": 1.0, "completion": "a", "length": 2, "prompt_length": 1},
-                                  {"score": 0.0, "completion": "ab ", "length": 4, "prompt_length": 1}],
-               "episode_kls": [0.1, 3.0]}
+    episodes = [Episode(4, 1.0, 1, 0.1, {"score": 1.0, "completion": "a", "length": 2, "prompt_length": 1}),
+                Episode(8, 0.0, 3, 3.0, {"score": 0.0, "completion": "ab ", "length": 4, "prompt_length": 1})]
+    rollout = Rollout(obs=zeros, actions=zeros.long(), logprobs=logp, values=zeros, rewards=zeros,
+                      ref_logprobs=logp - 0.5, valid=torch.ones(4, 2, dtype=torch.bool),
+                      terminated=zeros.bool(), truncated=zeros.bool(), next_obs=zeros[0], episodes=episodes,
+                      kl_coef=0.2)
     logger = RLHFLogger(tok, total_iterations=1, print_every=0)
     stats = logger.on_iteration(1, 8, rollout)
     assert stats["rlhf/kl"] == pytest.approx(1.55) and stats["rlhf/kl_per_token"] == pytest.approx(0.5)
     assert logger.history[0]["kl"] == pytest.approx(1.55)
-    rollout["episode_kls"] = None  # no reference model: no KL per response
-    assert "rlhf/kl" not in logger.on_iteration(2, 16, rollout)
+    no_ref = dataclasses.replace(rollout, ref_logprobs=None,  # no reference model: no KL per response
+                                 episodes=[dataclasses.replace(e, kl=None) for e in episodes])
+    assert "rlhf/kl" not in logger.on_iteration(2, 16, no_ref)
