@@ -4,7 +4,7 @@ scratch (test accuracy within a 10-minute training budget), held-out judge; wall
     python benchmarks/models.py            # full run: ~25-35 min on 2 CPU cores
     python benchmarks/models.py --quick    # a couple of minutes, smoke only
 
-It runs exactly what `python -m textenv.build all --data-dir ../shared/data/imdb` runs (the "imdb" preset),
+It runs exactly what `python -m textenv.build all imdb` runs (the "imdb" preset),
 rebuilding every artefact (`force=True`) into a scratch folder, and reads each stage's `build.json`.
 Reward model: all of IMDb train (25,000 reviews); judge: the first half of IMDb test (seeded, class by class);
 both scored on the second half of IMDb test (12,500 reviews), which neither trains on.

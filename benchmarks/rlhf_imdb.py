@@ -1,8 +1,8 @@
 """The seed's RLHF recipe on real IMDb with the project's own models, measured against its targets.
 
 Runs `agents.rlhf` with the `imdb` preset (queries of 2-8 tokens cut from reviews, responses of 4-16
-tokens, PPO with gamma 1, lambda 0.95, clip 0.2, vf_coef 0.1, 4 epochs, adaptive KL init 0.2 / target 6 /
-horizon 10000) and compares before and after on held-out prompts:
+tokens, PPO with gamma 1, lambda 0.95, clip 0.2, vf_coef 0.1, 4 epochs, adaptive KL init 0.2 / target 5 /
+horizon 1000) and compares before and after on held-out prompts:
 
 - positive rate >= 95% by the reward model and >= 90% by the held-out judge,
 - mean reward gain >= +1.53 (the seed's: 0.157 -> 1.686 with GPT-2 and DistilBERT on a V100),
@@ -64,19 +64,21 @@ class Args:
 def main(a: Args) -> None:
     if not Path(a.data_dir).exists():
         raise SystemExit(f"IMDb not found at {a.data_dir}; pass --data-dir (a folder of <split>.jsonl.gz or aclImdb/)")
-    cfg = dataclasses.replace(imdb(), data_dir=a.data_dir, seed=a.seed, torch_threads=a.torch_threads,
-                              run_dir=f"{a.run_dir}-{int(time.time())}", policy=a.policy,
-                              reward_model=a.reward_model, judge=a.judge)
+    base = imdb()
+    ppo = dataclasses.replace(base.ppo, seed=a.seed, torch_threads=a.torch_threads,
+                              run_dir=f"{a.run_dir}-{int(time.time())}")
     if a.total_timesteps:
-        cfg.total_timesteps = a.total_timesteps
+        ppo.total_timesteps = a.total_timesteps
     if a.learning_rate:
-        cfg.learning_rate = a.learning_rate
+        ppo.learning_rate = a.learning_rate
     if a.kl_target:
-        cfg.kl_target = a.kl_target
+        ppo.kl_target = a.kl_target
+    cfg = dataclasses.replace(base, data_dir=a.data_dir, policy=a.policy, reward_model=a.reward_model, judge=a.judge,
+                              ppo=ppo)
     if a.quick:
-        cfg.total_timesteps, cfg.eval_prompts = min(cfg.total_timesteps, 20 * cfg.num_envs * cfg.num_steps), 64
+        ppo.total_timesteps, cfg.eval_prompts = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps), 64
     t0 = time.time()
-    pieces = prepare(cfg, resolve_device(cfg.device))  # builds or reuses the models (timed apart from RLHF)
+    pieces = prepare(cfg, resolve_device(ppo.device))  # builds or reuses the models (timed apart from RLHF)
     build_s = time.time() - t0
     rec = run(cfg, pieces)
     b, af, timing = rec["before"], rec["after"], rec["timing"]
@@ -103,7 +105,7 @@ def main(a: Args) -> None:
     results = {"before": b, "after": af, "gain": rec["gain"], "timing": timing, "build_s": build_s,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                "built_from": rec.get("pieces", {}), "samples": rec["samples"],
-               "config": rec["config"], "run_dir": cfg.run_dir}
+               "config": rec["config"], "run_dir": ppo.run_dir}
     print(f"\nwrote {write_result('rlhf_imdb', results, targets, a.quick, a.out)}")
 
 
