@@ -1,9 +1,10 @@
 """The KV-cached step equals a full recompute, through resets, mixed prompt lengths and padding."""
 
+import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import CacheLayerMixin, GPT2Config, GPT2LMHeadModel
 
-from textenv.lm_cache import CachedLM, forward_full
+from textenv.lm_cache import BufferLayer, CachedLM, LMError, check_lm_vocab, forward_full
 
 PAD = 0
 
@@ -63,3 +64,25 @@ def test_reset_forgets_rows_and_detects_continuation():
     assert lm.continuing_rows(nxt).tolist() == [True, False]
     lm.reset()
     assert not lm.continuing_rows(nxt).any()
+
+
+def test_buffer_layer_speaks_the_cache_layer_protocol_and_writes_in_place():
+    # The one library extension point used: a transformers cache layer. A new abstract method (or a protocol
+    # the model stops calling) fails here and in the recompute test above, not silently in training.
+    assert issubclass(BufferLayer, CacheLayerMixin) and not BufferLayer.__abstractmethods__
+    lm = CachedLM(tiny_lm(), PAD)
+    obs = torch.tensor([[PAD, PAD, 3, 4], [PAD, 5, 6, 7]])
+    lm.step(obs)
+    buffer, end = lm.kbuf[0].data_ptr(), lm.end
+    lm.step(torch.cat([obs[:, 1:], torch.tensor([[8], [9]])], dim=1))
+    assert lm.kbuf[0].data_ptr() == buffer and lm.end == end + 1  # the model wrote one column in place
+    assert lm.kbuf[0][:, :, end].abs().sum() > 0
+
+
+def test_check_lm_vocab():
+    assert check_lm_vocab(tiny_lm(), 40) == 50  # a larger (padded) vocabulary is fine
+    with pytest.raises(LMError, match="the policy .* vocabulary of 50 tokens, smaller than its tokenizer's 64"):
+        check_lm_vocab(tiny_lm(), 64, "the policy")
+    with pytest.raises(ValueError, match="not a transformers causal LM"):
+        check_lm_vocab(torch.nn.Linear(2, 2), 10)
+    assert LMError.user_error  # the CLIs print it as one line

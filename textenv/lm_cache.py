@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import Cache, CacheLayerMixin
 
 
 def attention_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -42,6 +42,35 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base, head
 
 
+class LMError(ValueError):
+    """A model that does not fit its use (not a causal LM, or a vocabulary smaller than the tokenizer's)."""
+
+    user_error = True  # a user's mistake: the CLIs print it as one line, without a traceback
+
+
+def check_lm_vocab(model: nn.Module, vocab_size: int, where: str = "the model") -> int:
+    """The output vocabulary of causal LM `model`, checked to cover a tokenizer's `vocab_size` ids.
+
+    The one vocabulary check of the project (policy, reference model, RLHF pieces): a larger vocabulary (e.g.
+    padded to a multiple of 64) is fine, the extra ids are never actions; a smaller one could never emit (or
+    score) the tokenizer's last ids. `where` names the model in the error (e.g. "the reference model").
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise LMError(
+            f"{where} is a {type(model).__name__}, not a transformers causal LM with an output head; pass one "
+            "(e.g. AutoModelForCausalLM.from_pretrained(path) or a GPT2LMHeadModel)"
+        )
+    n = int(head.weight.shape[0])
+    if n < vocab_size:
+        raise LMError(
+            f"{where} ({type(model).__name__}) has a vocabulary of {n} tokens, smaller than its tokenizer's "
+            f"{vocab_size}: it could never emit or score the last ids; use the tokenizer the model was trained "
+            f"with (same or padded vocabulary), or call model.resize_token_embeddings({vocab_size}) and fine-tune"
+        )
+    return n
+
+
 def forward_full(model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced forward over left-padded rows: (logits (B, T, V) float32, hidden (B, T, C))."""
     base, head = split_lm(model)
@@ -50,23 +79,44 @@ def forward_full(model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> tupl
     return head(hidden).float(), hidden
 
 
-class _SlotLayer(DynamicLayer):
-    """One layer's keys/values as a view of a preallocated (B, H, capacity, D) buffer: `update` writes the new
-    columns in place instead of `torch.cat`-ing the whole cache every step (DynamicLayer's way)."""
+class BufferLayer(CacheLayerMixin):
+    """One layer's keys/values as the live columns [start, end) of preallocated (B, H, capacity, D) buffers.
+
+    Built on transformers' public cache-layer protocol (`CacheLayerMixin`, the abstract base of every layer
+    of a `Cache`; it implements all of the protocol's abstract methods itself, so a protocol change fails at
+    construction, and a test checks it). `update` writes the new columns in place instead of `torch.cat`-ing
+    the whole cache every step (`DynamicLayer`'s way: O(width) copies per token).
+    """
+
+    is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, end: int) -> None:
         super().__init__()
         self.kbuf, self.vbuf, self.start, self.end = keys, values, start, end
-        self.keys, self.values = keys[:, :, start:end], values[:, :, start:end]
-        self.device, self.is_initialized = keys.device, True
+        self.lazy_initialization(keys, values)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.is_initialized = self.kbuf.device, True
+        self.keys, self.values = self.kbuf[:, :, self.start : self.end], self.vbuf[:, :, self.start : self.end]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new columns after the live ones; return all live keys/values (B, H, width, D)."""
         end = self.end + key_states.shape[-2]
         self.kbuf[:, :, self.end : end] = key_states
         self.vbuf[:, :, self.end : end] = value_states
         self.end = end
-        self.keys, self.values = self.kbuf[:, :, self.start : end], self.vbuf[:, :, self.start : end]
+        self.lazy_initialization(key_states, value_states)
         return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.end - self.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the attention mask: every live column plus the new ones."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.kbuf.shape[-2] - self.start
 
 
 class CachedLM:
@@ -151,7 +201,7 @@ class CachedLM:
         self.mbuf[:, self.end] = 1
         mask = self.mbuf[:, self.start : self.end + 1]  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        layers = [_SlotLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
+        layers = [BufferLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
         out = self.base(input_ids=obs[:, -1:], attention_mask=mask, position_ids=pos, cache=Cache(layers=layers),
                         use_cache=True)  # fmt: skip
         self.end += 1
