@@ -79,9 +79,12 @@ def test_single_env_wrapper_matches_recompute():
 
 
 def test_vocab_mismatch_and_bad_env():
-    with pytest.raises(ValueError, match=f"has {N - 1} output tokens.*vocabulary has {N}.*same or padded"):
+    smaller = f"vocabulary of {N - 1} tokens, smaller than its tokenizer's {N}.*same or padded"
+    with pytest.raises(ValueError, match=smaller):
         RefLogprob(TextVectorEnv(2, **KW), tiny_gpt(vocab=N - 1))
-    with pytest.raises(ValueError, match="output tokens"):
+    with pytest.raises(ValueError, match="reference model of RefLogprobEnv"):
         RefLogprobEnv(TextEnv(**KW), tiny_gpt(vocab=N - 1))
+    with pytest.raises(ValueError, match="not a transformers causal LM"):
+        RefLogprob(TextVectorEnv(2, **KW), torch.nn.Linear(3, 3))
     with pytest.raises(TypeError, match="Discrete"):
         RefLogprobEnv(gym.make("Pendulum-v1"), tiny_gpt(), pad_token_id=0)

@@ -28,23 +28,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from torch import nn
 
-from textenv.lm_cache import CachedLM
-
-
-def _check_ref_model(ref_model: nn.Module, n_actions: int) -> nn.Module:
-    head = ref_model.get_output_embeddings() if hasattr(ref_model, "get_output_embeddings") else None
-    if head is None:
-        raise TypeError(
-            f"reference model {type(ref_model).__name__} has no output embeddings; "
-            "pass a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(path))."
-        )
-    vocab = head.weight.shape[0]
-    if vocab < n_actions:
-        raise ValueError(
-            f"reference model has {vocab} output tokens but the environment's vocabulary has {n_actions}; "
-            "use a reference model trained with the environment's tokenizer (same or padded vocabulary)."
-        )
-    return ref_model.eval().requires_grad_(False)  # frozen: no dropout, no grad
+from textenv.lm_cache import CachedLM, check_lm_vocab
 
 
 def _pad_token_id(env: Any) -> int:
@@ -67,7 +51,8 @@ class _Reference:
             raise TypeError(f"{who} needs Discrete token actions, got {action_space}; wrap a TextEnv.")
         self.n_actions = int(action_space.n)
         self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
-        self.model = _check_ref_model(ref_model, self.n_actions).to(self.device)
+        check_lm_vocab(ref_model, self.n_actions, f"the reference model of {who}")
+        self.model = ref_model.eval().requires_grad_(False).to(self.device)  # frozen: no dropout, no grad
         self.cache = CachedLM(self.model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
 
     @torch.no_grad()
