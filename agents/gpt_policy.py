@@ -13,8 +13,10 @@ Three things keep it correct and fast (../shared/DESIGN.md, "Making token-by-tok
 - The policy samples from exactly the distribution it trains: plain categorical over the vocabulary,
   temperature 1, no top-k/top-p (drawn by inverting the CDF: `torch.multinomial` costs more than a decode
   step on CPU), dropout off for good (else the PPO ratio is not 1 at the first minibatch).
-- Caches never outlive the weights: `reset_cache()` (PPO calls it after each update), and as a guard any
-  in-place change of a parameter (optimizer step, `load_state_dict`) or `.to()` also drops them.
+- Caches never outlive the weights. The contract: whoever changes the weights in place calls `reset_cache()`
+  (`agents.ppo` does after each update; `watch(optimizer)` makes an optimizer do it after every step).
+  `load_state_dict` drops the caches by itself (a public post-hook), and so does `.to()`/`.half()` (a cached
+  step first checks that the parameters' device and dtype are still those the cache was built with).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textenv.lm_cache import CachedLM, attention_mask, position_ids, split_lm
+from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, position_ids, split_lm
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def sample(probs: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,7 @@ def sample(probs: torch.Tensor) -> torch.Tensor:
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability of `model` (modules and config fields) to 0."""
     for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, _DROPOUTS):
             module.p = 0.0
     config = getattr(model, "config", None)
     for name in (
@@ -82,13 +85,8 @@ class GPTAgent(nn.Module):
     ) -> None:
         super().__init__()
         _, head = split_lm(model)
-        model_vocab, hidden_size = head.weight.shape
-        if vocab_size is not None and model_vocab < vocab_size:
-            raise ValueError(
-                f"policy vocabulary ({model_vocab}) is smaller than the tokenizer's ({vocab_size}): the policy "
-                "could never emit the last tokens; call model.resize_token_embeddings(vocab_size) or use the "
-                "tokenizer the model was trained with."
-            )
+        model_vocab = check_lm_vocab(model, vocab_size or 0, "the policy")
+        hidden_size = head.weight.shape[1]
         if not 0 <= int(pad_token_id) < model_vocab:
             raise ValueError(
                 f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {model_vocab})."
@@ -105,6 +103,7 @@ class GPTAgent(nn.Module):
         nn.init.normal_(self.value_head.weight, std=value_init_std)
         nn.init.zeros_(self.value_head.bias)
         self.to(device if device is not None else head.weight.device)
+        self.register_load_state_dict_post_hook(_loaded)  # new weights: the caches hold the old ones' keys
         self.reset_cache()
 
     # --- plumbing ----------------------------------------------------------------------------------------
@@ -118,22 +117,21 @@ class GPTAgent(nn.Module):
         self.lm.eval()
         return self
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): cached keys are on the old device/dtype
-        out = super()._apply(fn, *args, **kwargs)
-        self.reset_cache()
-        return out
-
     def reset_cache(self) -> None:
-        """Forget cached keys/values (PPO calls this after each update and after loading a checkpoint)."""
+        """Forget cached keys/values; call it after changing the weights in place (PPO does after each update)."""
         self._rollout = CachedLM(self.lm, self.pad_token_id)
         self._eval = CachedLM(self.lm, self.pad_token_id)
         self._memo: tuple | None = None  # (cache name, obs, hidden) of the last cached step
-        self._params = list(self.parameters())
-        self._weights_seen = self._weights_version()
+        self._placement = self._where()
 
-    def _weights_version(self) -> int:
-        # In-place updates (optimizer.step, load_state_dict) bump tensors' version counters: a stale-cache guard.
-        return sum(p._version for p in self._params)
+    def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Make every `optimizer.step()` drop the caches (for training loops that do not call `reset_cache`)."""
+        return optimizer.register_step_post_hook(lambda *_: self.reset_cache())
+
+    def _where(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the weights; `.to()` / `.half()` change them, and with them the cached keys'."""
+        weight = self.lm.get_output_embeddings().weight
+        return weight.device, weight.dtype
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -171,7 +169,7 @@ class GPTAgent(nn.Module):
         a full forward."""
         if cache is None or torch.is_grad_enabled():
             return self._trunk(ids)[0][:, -1]
-        if self._weights_version() != self._weights_seen:  # weights changed without reset_cache()
+        if self._where() != self._placement:  # moved or cast since the caches were built
             self.reset_cache()
         memo = self._memo
         if memo is not None and memo[0] == cache and memo[1].shape == ids.shape and torch.equal(memo[1], ids):
@@ -247,7 +245,7 @@ class GPTAgent(nn.Module):
         steps = v.nonzero().squeeze(1)  # (S,) flat index of every valid step
         zeros = torch.zeros(T * E, device=self.device)
         if steps.numel() == 0:  # nothing to score; keep a graph so the caller's backward() still works
-            zeros = zeros + 0.0 * sum(p.sum() for p in self._params if p.requires_grad)
+            zeros = zeros + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
             return zeros.view(E, T).T, zeros.view(E, T).T, zeros.view(E, T).T
         segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
@@ -262,3 +260,8 @@ class GPTAgent(nn.Module):
             full[steps] = x
             outs.append(full.view(E, T).T)  # (T, E)
         return outs[0], outs[1], outs[2]
+
+
+def _loaded(agent: GPTAgent, incompatible_keys) -> None:
+    """`load_state_dict` post-hook: the loaded weights make every cached key stale."""
+    agent.reset_cache()

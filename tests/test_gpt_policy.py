@@ -140,18 +140,59 @@ def test_no_grads_leak_into_the_reference_or_the_cache():
     assert all(p.grad is not None for p in agent.parameters())
 
 
-def test_weight_update_invalidates_the_cache():
-    agent = GPTAgent(tiny_lm(5), PAD)
+def continue_after(agent: GPTAgent, change) -> None:
+    """Roll one cached step, `change(agent)` the weights, roll the next step (it continues every cached row):
+    its log-prob and value must be those of the new weights (a full forward), not of stale cached keys."""
     obs = torch.tensor([[PAD, PAD, 5, 6], [PAD, 7, 8, 9]])
     with torch.no_grad():
         action = agent.get_action_and_value(obs)[0]
-        for p in agent.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # an update that forgot to call reset_cache()
-        nxt = torch.cat([obs[:, 1:], action[:, None]], dim=1)  # continues every row of the cache
+    change(agent)
+    nxt = torch.cat([obs[:, 1:], action[:, None]], dim=1)
+    with torch.no_grad():
         action2, cached, _, value = agent.get_action_and_value(nxt)
     _, full, _, full_value = agent.get_action_and_value(nxt, action2)  # grad on: full forward, new weights
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(value, full_value, atol=1e-5, rtol=1e-5)
+
+
+def perturbed(agent: GPTAgent) -> dict:
+    return {k: v + 0.05 * torch.randn_like(v) for k, v in agent.state_dict().items()}
+
+
+def test_load_state_dict_drops_the_cache():
+    new = perturbed(GPTAgent(tiny_lm(5), PAD))
+    continue_after(GPTAgent(tiny_lm(5), PAD), lambda a: a.load_state_dict(new))  # no reset_cache() call
+
+
+def test_watched_optimizer_step_drops_the_cache():
+    agent = GPTAgent(tiny_lm(5), PAD)
+    opt = torch.optim.SGD(agent.parameters(), lr=1.0)
+    agent.watch(opt)
+
+    def step(a: GPTAgent) -> None:
+        for p in a.parameters():
+            p.grad = 0.05 * torch.randn_like(p)
+        opt.step()
+
+    continue_after(agent, step)
+
+
+def test_to_another_dtype_drops_the_cache():
+    continue_after(GPTAgent(tiny_lm(5), PAD), lambda a: a.to(torch.float64))  # float32 keys cached
+
+
+def test_a_stale_cache_would_be_caught():
+    """The checks above can fail: an in-place change behind the agent's back (no reset_cache) is not seen."""
+    agent = GPTAgent(tiny_lm(5), PAD)
+
+    def behind_its_back(a: GPTAgent) -> None:
+        with torch.no_grad():
+            for p in a.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+    with pytest.raises(AssertionError):
+        continue_after(agent, behind_its_back)
+    continue_after(agent, lambda a: (behind_its_back(a), a.reset_cache()))  # the contract: reset after a change
 
 
 def test_vocab_checks():
