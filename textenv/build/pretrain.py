@@ -81,8 +81,10 @@ class PretrainConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        ("cpu" if device == "auto" else device))
+    """`auto` -> cuda if available, else cpu; anything else as torch.device. The model factory's one device
+    rule (reward_train uses it too); agents.vector has the same rule for the agents side, which textenv
+    cannot import (agents -> textenv, never back)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
 def load_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None, block_size: int = 128,
