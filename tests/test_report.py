@@ -11,10 +11,21 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.rlhf.report import distinct_n, evaluate, report_table, response_logprobs, sample, write_report
+from agents.gpt_policy import GPTAgent
+from agents.rlhf.report import distinct_n, evaluate, md_cell, report_table, sample, write_report
 from textenv.char_tokenizer import char_tokenizer
+from textenv.env import TextEnv
 
 PROMPTS = ["ab", "ba a", "b", "aab", "bb b", "a"] * 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 16-wide models gain nothing from threads; on a busy 2-core machine spinning threads make them ~30x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +57,17 @@ def test_distinct_n_by_hand():
     assert distinct_n([[1], []], 2) == 0.0
 
 
-def test_kl_is_zero_when_policy_is_reference(tok):
+def test_evaluates_every_prompt_once_in_order_and_kl_of_the_reference_is_zero(tok):
     model = tiny_lm(len(tok))
-    m, s = evaluate(model, model, tok, PROMPTS, reward_fn=count_a, max_new_tokens=6, seed=3)
-    assert m["kl_mean"] == 0.0
-    assert m["reward_mean"] == pytest.approx(np.mean(count_a(s.texts)))
-    assert m["reward_median"] == pytest.approx(np.median(count_a(s.texts)))
-    assert all(t.startswith(p) for t, p in zip(s.texts, PROMPTS, strict=True))
+    for batch_size in (64, 5):  # 5: envs pick up the next prompt as soon as their episode ends
+        m, s = evaluate(model, model, tok, PROMPTS, reward_fn=count_a, max_new_tokens=6, seed=3, batch_size=batch_size)
+        assert m["n"] == len(s) == len(PROMPTS) and s.prompts == PROMPTS
+        assert [tok.decode(p) for p in s.prompt_ids] == PROMPTS
+        assert all(t == p + c for t, p, c in zip(s.texts, PROMPTS, s.completions, strict=True))
+        assert m["kl_mean"] == 0.0 and all(np.array_equal(a, b) for a, b in zip(s.logprobs, s.ref_logprobs, strict=True))
+        assert s.scores == count_a(s.texts) and m["reward_mean"] == pytest.approx(np.mean(count_a(s.texts)))
+        assert m["reward_median"] == pytest.approx(np.median(count_a(s.texts)))
+        assert m["mean_response_tokens"] == pytest.approx(np.mean([len(r) for r in s.response_ids]))
 
 
 def test_reference_perplexity_of_a_uniform_model_is_the_vocabulary_size(tok):
@@ -64,39 +79,75 @@ def test_reference_perplexity_of_a_uniform_model_is_the_vocabulary_size(tok):
 def test_kl_is_sum_of_logprob_differences_and_positive(tok):
     # a sharp policy against a uniform reference: per token KL = log V - H(pi) > 0
     policy, uniform = tiny_lm(len(tok), seed=1, scale=20.0), tiny_lm(len(tok), uniform=True)
-    m, s = evaluate(policy, uniform, tok, PROMPTS, reward_fn=count_a, max_new_tokens=6, seed=0)
-    # independent route: one unpadded forward per sample
+    m, s = evaluate(policy, uniform, tok, PROMPTS, reward_fn=count_a, max_new_tokens=6, seed=0, batch_size=7)
+    # independent route: one unpadded teacher-forced forward per sample
     expected = []
-    for p, r in zip(s.prompt_ids, s.response_ids, strict=True):
+    for p, r, lp_env in zip(s.prompt_ids, s.response_ids, s.logprobs, strict=True):
         ids = torch.tensor([p + r])
         with torch.no_grad():
             logits = policy(ids).logits
         lp = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), -1)
         lp = lp.gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        np.testing.assert_allclose(lp_env, lp.numpy(), rtol=1e-4, atol=1e-5)  # the agent's per-token log pi
         expected.append(float(lp.sum()) + len(r) * math.log(len(tok)))
+    assert all(np.allclose(b, -math.log(len(tok))) for b in s.ref_logprobs)
     assert m["kl_mean"] == pytest.approx(np.mean(expected), rel=1e-4, abs=1e-4)
     assert m["kl_mean"] > 0.5
 
 
-def test_sampling_is_seeded_and_ends_episodes_as_the_env(tok):
+def eos_happy_lm(tok) -> GPT2LMHeadModel:
     model = tiny_lm(len(tok), seed=2)
     head = torch.nn.Linear(16, len(tok))  # untied head with a large EOS bias: EOS is very likely everywhere
     with torch.no_grad():
         head.bias[tok.eos_token_id] = 6.0
     model.lm_head = head
-    a = sample(model, tok, PROMPTS, max_new_tokens=6, min_new_tokens=3, seed=7)
-    b = sample(model, tok, PROMPTS, max_new_tokens=6, min_new_tokens=3, seed=7)
-    assert a.response_ids == b.response_ids
-    for r in a.response_ids:
-        # as TextEnv: an EOS before min_new_tokens is an ordinary token; the first one after it ends the episode
-        assert len(r) == 6 or (len(r) >= 4 and r[-1] == tok.eos_token_id)
-        assert tok.eos_token_id not in r[3:-1]
+    return model
+
+
+def test_episodes_are_the_envs_and_sampling_is_seeded(tok):
+    model = eos_happy_lm(tok)
+    kw = dict(reward_fn=count_a, max_new_tokens=6, min_new_tokens=3, max_prompt_tokens=8, batch_size=4)
+    rng_state = torch.get_rng_state()
+    a = sample(model, model, tok, PROMPTS, seed=7, **kw)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is left as it was
+    b = sample(model, model, tok, PROMPTS, seed=7, **kw)
+    assert a.response_ids == b.response_ids and a.texts == b.texts and a.scores == b.scores
+    assert a.response_ids != sample(model, model, tok, PROMPTS, seed=8, **kw).response_ids
+    agent = GPTAgent(model, tok.pad_token_id, len(tok))
+    assert sample(agent, model, tok, PROMPTS, seed=7, **kw).response_ids == a.response_ids  # an agent as is
+    # the report's episode IS the env's: replaying its tokens in a TextEnv ends it on the same token, same score
+    env = TextEnv(tok, count_a, PROMPTS, max_prompt_tokens=8, max_new_tokens=6, min_new_tokens=3)
+    for k, r in enumerate(a.response_ids):
+        env.reset(seed=7 + k, options={"prompt_index": k})
+        ends = [env.step(t)[2:] for t in r]
+        assert [term or trunc for term, trunc, _ in ends] == [False] * (len(r) - 1) + [True]
+        assert ends[-1][2]["score"] == a.scores[k] and ends[-1][2]["completion"] == a.completions[k]
     assert sum(len(r) == 4 for r in a.response_ids) > len(PROMPTS) // 2  # EOS right after the minimum
-    assert sum(tok.eos_token_id in r[:3] for r in a.response_ids) > 0
-    lps = response_logprobs(model, tok, a)
-    assert all(np.all(lp <= 0) and np.all(np.isfinite(lp)) for lp in lps)
-    budgets = [len(r) for r in sample(tiny_lm(len(tok)), tok, PROMPTS * 5, max_new_tokens=(2, 4), seed=0).response_ids]
-    assert set(budgets) <= {1, 2, 3, 4} and {2, 3, 4} <= set(budgets)  # (lo, hi) budgets drawn per prompt
+    assert sum(tok.eos_token_id in r[:3] for r in a.response_ids) > 0  # an early EOS is an ordinary token
+    # (lo, hi) budgets: drawn per prompt from seed + k, so every policy gets the same ones
+    kw = dict(reward_fn=count_a, max_new_tokens=(2, 4), min_new_tokens=4, seed=0, batch_size=3)
+    budgets = [len(r) for r in sample(model, model, tok, PROMPTS * 2, **kw).response_ids]
+    other = tiny_lm(len(tok), seed=5)
+    assert budgets == [len(r) for r in sample(other, other, tok, PROMPTS * 2, **kw).response_ids]
+    assert set(budgets) == {2, 3, 4}
+
+
+def test_bad_evaluation_input(tok):
+    model = tiny_lm(len(tok))
+    with pytest.raises(ValueError, match="no prompts"):
+        evaluate(model, model, tok, [], reward_fn=count_a, max_new_tokens=2)
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens"):
+        evaluate(model, model, tok, ["ab" * 10], reward_fn=count_a, max_new_tokens=2, max_prompt_tokens=8)
+    with pytest.raises(ValueError, match="one float per text"):
+        evaluate(model, model, tok, PROMPTS, reward_fn=lambda t: [0.0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="tokenizer the agent was built with"):
+        evaluate(GPTAgent(model, tok.pad_token_id, len(tok) - 1), model, tok, PROMPTS, reward_fn=count_a,
+                 max_new_tokens=2)
+
+
+def test_md_cell_keeps_a_table_row_one_row():
+    assert md_cell("a|b\nc") == "a\\|b c"
+    assert md_cell(1.5) == "1.5"
 
 
 def test_write_report_files(tok, tmp_path):

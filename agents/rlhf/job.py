@@ -115,8 +115,10 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
                        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                        max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.ppo.seed + 12345)
 
-    def evaluate_policy(lm: torch.nn.Module) -> tuple:
-        return evaluate(lm, reference, tok, pieces.eval_prompts, **eval_kwargs)
+    def evaluate_policy(policy: GPTAgent | torch.nn.Module) -> tuple:
+        # the held-out prompts through TextVectorEnv + RefLogprob(reference), stepped by the policy: the env's
+        # own prompts, EOS, min/max tokens and scores (a bare LM is wrapped in a float32 GPTAgent)
+        return evaluate(policy, reference, tok, pieces.eval_prompts, **eval_kwargs)
     # --- end of the report's evaluation
 
     if dist.is_main:
@@ -132,7 +134,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     if not dist.is_main:
         return {}
     t_eval = time.time()
-    after = evaluate_policy(agent.lm)
+    after = evaluate_policy(agent)  # the trained agent as it samples in training (its dtype)
     agent.lm.save_pretrained(run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
     timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,

@@ -10,15 +10,17 @@ keeps that table and adds what tells a real gain from reward hacking, measured o
 - the reference model's perplexity of the samples (fluency as the pretrained model sees it);
 - distinct-2 over response tokens (diversity; a collapsed policy repeats itself).
 
-Sampling is pure ancestral sampling (temperature 1, no top-k/top-p), the distribution PPO trains, through
-the same left-padded window and KV cache (`textenv.lm_cache.CachedLM`) the environment's agents use.
+The samples come from the environment itself: a `TextVectorEnv` over the held-out prompts (each started
+once, in order, by `reset(options={"prompt_index": ...})`) wrapped with `textenv.kl.RefLogprob`, stepped by
+a `GPTAgent`. Prompts, EOS, min/max new tokens and scores thus have one definition, the env's; sampling is
+the agent's pure ancestral sampling (temperature 1, no top-k/top-p), the distribution PPO trains.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from textenv.lm_cache import CachedLM, forward_full
-
-TextScorer = Callable[[list[str]], Sequence[float]]
+from agents.gpt_policy import GPTAgent
+from textenv.kl import RefLogprob
+from textenv.rewards import RewardModel
+from textenv.vector import TextVectorEnv
 
 
 def distinct_n(seqs: Sequence[Sequence], n: int) -> float:
@@ -39,126 +42,123 @@ def distinct_n(seqs: Sequence[Sequence], n: int) -> float:
 
 @dataclass
 class Samples:
-    """Responses sampled for a list of prompts; `response_ids[i]` includes the EOS token if one ended it."""
+    """One episode per prompt, in prompt order; `response_ids[i]` includes the EOS token if one ended it."""
 
-    prompts: list[str]
-    prompt_ids: list[list[int]]
+    prompts: list[str]  # the prompts as given
+    prompt_ids: list[list[int]]  # as the env encoded them
     response_ids: list[list[int]]
-    completions: list[str]  # decoded responses without special tokens
-    texts: list[str] = field(default_factory=list)  # prompt + completion: what the reward model scores
+    completions: list[str]  # the env's info["completion"]: decoded response without special tokens
+    texts: list[str] = field(default_factory=list)  # the env's info["text"]: prompt + completion, as scored
+    scores: list[float] = field(default_factory=list)  # the env's info["score"]: the reward model's score
+    logprobs: list[np.ndarray] = field(default_factory=list)  # log pi of each response token (the agent's)
+    ref_logprobs: list[np.ndarray] = field(default_factory=list)  # log p_ref of each (infos["ref_logprob"])
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of each prompt, keeping the last `max_prompt_tokens` (an error for an empty prompt)."""
-    out = []
-    for p in prompts:
-        ids = tokenizer.encode(p, add_special_tokens=False)
-        if not ids:
-            raise ValueError(f"prompt {p!r} encodes to no tokens; drop empty prompts from the evaluation set")
-        out.append(ids[-max_prompt_tokens:])
-    return out
-
-
-def _left_pad(rows: Sequence[Sequence[int]], width: int, pad: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, width - len(r) :] = torch.tensor(r[-width:], dtype=torch.long)
-    return out
-
-
-def _budgets(max_new_tokens: int | Sequence[int], n: int, seed: int) -> list[int]:
-    """Per-response token budgets: `max_new_tokens`, or drawn uniformly in `lo..hi` for a pair (as the env)."""
-    if isinstance(max_new_tokens, int):
-        return [max_new_tokens] * n
-    lo, hi = max_new_tokens
-    return np.random.default_rng(seed).integers(lo, hi + 1, size=n).tolist()
-
-
-def _cut(row: list[int], eos: int, min_new_tokens: int, budget: int) -> list[int]:
-    """The env's episode end: the first EOS at or after `min_new_tokens` tokens, else the budget."""
-    for k in range(min_new_tokens, min(budget, len(row))):
-        if row[k] == eos:
-            return row[: k + 1]
-    return row[:budget]
+def as_agent(policy: GPTAgent | nn.Module, tokenizer) -> GPTAgent:
+    """`policy` itself if it is a GPTAgent over the tokenizer's vocabulary, else a causal LM wrapped in one
+    (float32, on the LM's device; its value head is never used)."""
+    if isinstance(policy, GPTAgent):
+        if policy.vocab_size != len(tokenizer) or policy.pad_token_id != tokenizer.pad_token_id:
+            raise ValueError(f"the agent's vocabulary ({policy.vocab_size}) / pad id ({policy.pad_token_id}) differ "
+                             f"from the tokenizer's ({len(tokenizer)} / {tokenizer.pad_token_id}); evaluate with the "
+                             "tokenizer the agent was built with")
+        return policy
+    return GPTAgent(policy, tokenizer.pad_token_id, len(tokenizer))
 
 
 @torch.no_grad()
 def sample(
-    model: nn.Module,
+    policy: GPTAgent | nn.Module,
+    reference: nn.Module,
     tokenizer,
     prompts: Sequence[str],
     *,
+    reward_fn: RewardModel,
     max_new_tokens: int | Sequence[int],
     min_new_tokens: int = 0,
     max_prompt_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 64,
 ) -> Samples:
-    """Pure sampling (temperature 1, full vocabulary) of one response per prompt, with TextEnv's episode
-    end: an EOS ends the response only after `min_new_tokens` tokens (an earlier one is an ordinary,
-    invisible token, as in the env), and `max_new_tokens` is the budget (or a `(lo, hi)` range drawn per
-    prompt)."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    device = _device_of(model)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens)
-    responses: list[list[int]] = []
-    lm = CachedLM(model, pad)
-    budgets = _budgets(max_new_tokens, len(prompt_ids), seed)
-    longest = max(budgets)
-    width = max_prompt_tokens + longest
-    vocab = len(tokenizer)
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start : start + batch_size]
-        obs = _left_pad(chunk, width, pad).to(device)  # (B, L) the env's observation window
-        lm.reset()
-        tokens = torch.zeros(len(chunk), longest, dtype=torch.long)
-        for t in range(longest):  # rows that ended keep sampling; `_cut` drops the extra tokens
-            logits, _ = lm.step(obs)  # (B, V) float32
-            probs = torch.softmax(logits[:, :vocab].cpu(), -1)  # a wider model vocab never samples past the tokenizer
-            a = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-            tokens[:, t] = a
-            obs = torch.cat([obs[:, 1:], a[:, None].to(device)], dim=1)
-        for row, budget in zip(tokens.tolist(), budgets[start : start + batch_size], strict=True):
-            responses.append(_cut(row, eos, min_new_tokens, budget))
-    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    texts = [tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompt_ids, responses, strict=True)]
-    return Samples(list(prompts), prompt_ids, responses, completions, texts)
+    """One episode per prompt, in order: the env (`TextVectorEnv` + `RefLogprob`) stepped by the policy.
+
+    `batch_size` envs run side by side; an env whose episode ends starts the next prompt right away. Prompt
+    `k`'s episode is reset with seed `seed + k` (so a `(lo, hi)` budget is the same for every policy), and
+    the agent samples under `torch.manual_seed(seed)` inside a forked RNG (the caller's RNG state stays).
+    """
+    prompts = list(prompts)
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("no prompts to evaluate; pass at least one held-out prompt")
+    E = min(batch_size, n)
+    # every CUDA device forked too: manual_seed reseeds them all, and the caller's RNG state must survive
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        agent = as_agent(policy, tokenizer)  # before seeding: a new (unused) value head does not shift the draws
+        torch.manual_seed(seed)
+        envs = RefLogprob(
+            TextVectorEnv(E, tokenizer=tokenizer, reward_model=reward_fn, prompts=prompts,
+                          max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                          min_new_tokens=min_new_tokens),
+            reference, pad_token_id=tokenizer.pad_token_id, device=agent.device)
+        agent.reset_cache()
+        try:
+            return _run(agent, envs, prompts, seed)
+        finally:
+            agent.reset_cache()  # PPO's rollout cache does not keep the evaluation's rows
+            envs.close()
 
 
-@torch.no_grad()
-def response_logprobs(model: nn.Module, tokenizer, samples: Samples, *, batch_size: int = 64) -> list[np.ndarray]:
-    """log p_model(response token | prefix) for every response token of every sample (teacher-forced)."""
-    pad = tokenizer.pad_token_id
-    device = _device_of(model)
-    vocab = len(tokenizer)
-    out: list[np.ndarray] = []
-    for start in range(0, len(samples), batch_size):
-        p = samples.prompt_ids[start : start + batch_size]
-        r = samples.response_ids[start : start + batch_size]
-        seqs = [a + b for a, b in zip(p, r, strict=True)]
-        width = max(len(s) for s in seqs)
-        ids = _left_pad(seqs, width, pad).to(device)  # (B, T)
-        logits, _ = forward_full(model, ids, pad)  # (B, T, V) float32
-        logits = logits[..., :vocab]
-        for i, ri in enumerate(r):
-            if not ri:
-                out.append(np.zeros(0))
-                continue
-            # logits at position j predict token j+1; response token k sits at width - len(ri) + k
-            first = width - len(ri)
-            lg = logits[i, first - 1 : width - 1]  # (len(ri), V)
-            lp = torch.log_softmax(lg, -1).gather(1, torch.tensor(ri, device=device)[:, None]).squeeze(1)
-            out.append(lp.cpu().double().numpy())
+def _run(agent: GPTAgent, envs: RefLogprob, prompts: list[str], seed: int) -> Samples:
+    """Step `envs` with `agent` until every prompt has had its one episode; see `sample`."""
+    n, E = len(prompts), envs.num_envs
+    W = envs.single_observation_space.shape[0]
+    out = Samples(prompts, [[]] * n, [[]] * n, [""] * n, [""] * n, [0.0] * n, [np.zeros(0)] * n, [np.zeros(0)] * n)
+    slot = np.arange(E)  # the prompt each env is on; -1: none left for it (it idles, its autoreset ignored)
+    obs, infos = envs.reset(seed=[seed + k for k in range(E)], options={"prompt_index": slot.copy()})
+    rows = [_Row(obs[i, W - infos["prompt_length"][i] :].tolist()) for i in range(E)]
+    following = E  # the next prompt to start
+    while (slot >= 0).any():
+        action, logprob, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=agent.device))
+        actions, logprob = action.cpu().numpy(), logprob.double().cpu().numpy()
+        obs, _, terminated, truncated, infos = envs.step(actions)
+        for i in np.flatnonzero(slot >= 0):
+            rows[i].add(int(actions[i]), logprob[i], infos["ref_logprob"][i])
+        done = np.flatnonzero((terminated | truncated) & (slot >= 0))
+        for i in done:
+            k, r = slot[i], rows[i]
+            out.prompt_ids[k], out.response_ids[k] = r.prompt_ids, r.tokens
+            out.logprobs[k], out.ref_logprobs[k] = np.array(r.logprobs), np.array(r.ref_logprobs)
+            out.completions[k], out.texts[k] = infos["completion"][i], infos["text"][i]
+            out.scores[k] = float(infos["score"][i])
+            slot[i] = following if following < n else -1
+            following += 1
+        restart = np.zeros(E, dtype=np.bool_)
+        restart[done] = slot[done] >= 0
+        if restart.any():  # the next prompts start now, in place of NEXT_STEP autoreset's random ones
+            seeds = [int(seed + slot[i]) if restart[i] else None for i in range(E)]
+            obs, infos = envs.reset(seed=seeds, options={"reset_mask": restart, "prompt_index": np.maximum(slot, 0)})
+            for i in np.flatnonzero(restart):
+                rows[i] = _Row(obs[i, W - infos["prompt_length"][i] :].tolist())
     return out
+
+
+@dataclass
+class _Row:
+    """The episode one env is running: its prompt and, so far, its response tokens and their log-probs."""
+
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ref_logprobs: list[float] = field(default_factory=list)
+
+    def add(self, token: int, logprob: float, ref_logprob: float) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(float(logprob))
+        self.ref_logprobs.append(float(ref_logprob))
 
 
 def _positive_rate(scores: Sequence[float], threshold: float) -> float:
@@ -166,14 +166,14 @@ def _positive_rate(scores: Sequence[float], threshold: float) -> float:
 
 
 def evaluate(
-    policy: nn.Module,
+    policy: GPTAgent | nn.Module,
     reference: nn.Module,
     tokenizer,
     prompts: Sequence[str],
     *,
-    reward_fn: TextScorer,
-    judge_fn: TextScorer | None = None,
-    reward_positive_fn: TextScorer | None = None,
+    reward_fn: RewardModel,
+    judge_fn: RewardModel | None = None,
+    reward_positive_fn: RewardModel | None = None,
     reward_threshold: float = 0.0,
     judge_threshold: float = 0.5,
     max_new_tokens: int | Sequence[int],
@@ -182,29 +182,20 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
 ) -> tuple[dict, Samples]:
-    """Sample one response per prompt from `policy` and measure it; returns (metrics, samples).
+    """One episode per prompt (`sample`: the env stepped by `policy`) and its measures; returns (metrics, samples).
 
-    `reward_fn` gives the training score (e.g. the positive-class logit); a sample counts as positive by
-    the reward model when `reward_positive_fn(texts)` (default `reward_fn`) exceeds `reward_threshold`.
+    `policy` is a `GPTAgent` (e.g. the trained one) or a causal LM (wrapped in a float32 GPTAgent: pass the
+    reference itself for "before"); `reference` is the frozen KL anchor (put in eval mode, no grad).
+    `reward_fn` is the env's reward model (e.g. the positive-class logit); a sample counts as positive by
+    the reward model when `reward_positive_fn(texts)` (default: the env's score) exceeds `reward_threshold`.
     `judge_fn` returns the judge's probability of positive, compared with `judge_threshold`.
     """
-    was_training = policy.training, reference.training
-    policy.eval()
-    reference.eval()
-    try:
-        s = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   max_prompt_tokens=max_prompt_tokens, seed=seed, batch_size=batch_size)
-        lp_pi = response_logprobs(policy, tokenizer, s, batch_size=batch_size)
-        lp_ref = response_logprobs(reference, tokenizer, s, batch_size=batch_size)
-    finally:
-        policy.train(was_training[0])
-        reference.train(was_training[1])
-    rewards = np.asarray(reward_fn(s.texts), dtype=float)
-    if rewards.shape != (len(s),):
-        raise ValueError(f"reward_fn returned shape {rewards.shape} for {len(s)} texts; it must return one float per text")
-    kl = np.array([float((a - b).sum()) for a, b in zip(lp_pi, lp_ref, strict=True)])
+    s = sample(policy, reference, tokenizer, prompts, reward_fn=reward_fn, max_new_tokens=max_new_tokens,
+               min_new_tokens=min_new_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed, batch_size=batch_size)
+    rewards = np.asarray(s.scores, dtype=float)
+    kl = np.array([float((a - b).sum()) for a, b in zip(s.logprobs, s.ref_logprobs, strict=True)])
     n_tokens = sum(len(r) for r in s.response_ids)
-    ref_nll = -sum(float(b.sum()) for b in lp_ref) / max(n_tokens, 1)
+    ref_nll = -sum(float(b.sum()) for b in s.ref_logprobs) / max(n_tokens, 1)
     pos_scores = rewards if reward_positive_fn is None else np.asarray(reward_positive_fn(s.texts), dtype=float)
     metrics = {
         "n": len(s),
@@ -249,8 +240,9 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def md_cell(text: str) -> str:
+    """`text` as one Markdown table cell: pipes escaped, newlines as spaces (the project's one escaping rule)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def plot_history(history: Sequence[dict], path: Path) -> Path | None:
@@ -338,8 +330,8 @@ def write_report(
         lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
     lines += ["", f"## {len(pairs)} sample pairs", "",
               "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
-    lines += [f"| {_cell(p['prompt'])} | {_cell(p['before'])} | {_fmt(p['reward_before'])} | "
-              f"{_cell(p['after'])} | {_fmt(p['reward_after'])} |" for p in pairs]
+    lines += [f"| {md_cell(p['prompt'])} | {md_cell(p['before'])} | {_fmt(p['reward_before'])} | "
+              f"{md_cell(p['after'])} | {_fmt(p['reward_after'])} |" for p in pairs]
     if png is not None:
         lines += ["", "## Training", "", f"![score and KL over training]({png.name})"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
