@@ -190,6 +190,22 @@ def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
     assert resumed["episode_returns"] == again["episode_returns"]
 
 
+def test_a_callers_process_group_is_used_and_left_up(tmp_path):
+    import torch.distributed as tdist
+
+    from agents import distributed
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        dist, _ = distributed.setup("cpu")  # joins the group made above
+        assert not dist.owns_group  # ... which is not setup's to end; the caller owns it and passes it on:
+        dist = dataclasses.replace(dist, owns_group=True)  # `cleanup(dist)` would now end it
+        result = train(small(tmp_path, "grp", total_timesteps=128), dist=dist)
+        assert tdist.is_initialized() and result["global_step"] == 128  # train did not tear the group down
+    finally:
+        tdist.destroy_process_group()
+
+
 def test_bad_resume_and_existing_run_dir_give_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(small(tmp_path, "none", resume=True))

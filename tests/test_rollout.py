@@ -1,0 +1,81 @@
+"""agents.rollout's phases on their own: collect_rollout across rollout boundaries, compute_advantages."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents.policies import MLPAgent
+from agents.rollout import Carry, collect_rollout, compute_advantages
+
+
+class ThreeSteps(gym.Env):
+    """Episodes of 3 steps (truncated), reward 1 at the end, `ref_logprob` = log(0.5) - 0.5."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.np_random.uniform(-1, 1, 2).astype(np.float32)
+        return obs, float(self.t == 3), False, self.t == 3, {"ref_logprob": math.log(0.5) - 0.5}
+
+
+def setup(seed: int = 0):
+    envs = gym.vector.SyncVectorEnv([ThreeSteps for _ in range(2)])
+    torch.manual_seed(seed)
+    return envs, MLPAgent(envs.single_observation_space, envs.single_action_space), Carry.start(envs, seed)
+
+
+def test_collect_rollout_carries_episodes_and_the_reset_mask_across_rollouts():
+    envs, agent, carry = setup()
+    cpu = torch.device("cpu")
+    # 2 envs (x 2 ranks: 4 global steps per vector step); the episodes end at the last step of the first rollout
+    first = collect_rollout(envs, agent, carry, 3, global_step=0, steps_per_step=4, kl_coef=0.0, device=cpu)
+    assert bool(first.valid.all()) and first.truncated[2].all() and not first.truncated[:2].any()
+    assert [(e.global_step, e.ret, e.length) for e in first.episodes] == [(12, 1.0, 3)] * 2
+    per_token = (first.logprobs - first.ref_logprobs).double()
+    np.testing.assert_allclose([e.kl for e in first.episodes], per_token.sum(0).numpy(), rtol=1e-6)
+    assert first.episodes[0].info["ref_logprob"] == pytest.approx(math.log(0.5) - 0.5)
+    second = collect_rollout(envs, agent, carry, 5, global_step=12, steps_per_step=4, kl_coef=0.0, device=cpu)
+    # its first step only resets the envs: masked, reward 0, acting on the final observation of the first
+    assert second.valid.tolist() == [[False, False]] + [[True, True]] * 3 + [[False, False]]
+    assert torch.equal(second.obs[0], first.next_obs) and bool((second.rewards[0] == 0).all())
+    assert [(e.global_step, e.length) for e in second.episodes] == [(28, 3)] * 2  # steps 1-3, not the reset step
+    # the second's last step was a reset, not an episode end: the third's first step is a transition
+    third = collect_rollout(envs, agent, carry, 1, global_step=32, steps_per_step=4, kl_coef=0.0, device=cpu)
+    assert third.valid.tolist() == [[True, True]] and third.episodes == []
+
+
+def test_compute_advantages_shapes_rewards_only_with_a_kl_coefficient():
+    envs, agent, carry = setup()
+    cpu = torch.device("cpu")
+    plain = collect_rollout(envs, agent, carry, 4, 0, 2, kl_coef=0.0, device=cpu)
+    compute_advantages(plain, agent, gamma=1.0, gae_lambda=1.0, bootstrap_truncated=False)
+    assert plain.shaped_rewards is plain.rewards
+    # gamma = lambda = 1, no bootstrap: the return of steps 0..2 is the episode's reward 1; reset step 3: advantage 0
+    torch.testing.assert_close(plain.returns[:3], torch.ones(3, 2))
+    assert bool((plain.advantages[3] == 0).all())
+    shaped = collect_rollout(envs, agent, carry, 4, 8, 2, kl_coef=0.1, device=cpu)
+    compute_advantages(shaped, agent, 1.0, 1.0, False)
+    expected = shaped.rewards - 0.1 * (shaped.logprobs - shaped.ref_logprobs) * shaped.valid
+    torch.testing.assert_close(shaped.shaped_rewards, expected)
+    assert shaped.kl_coef == 0.1
+
+
+def test_kl_coef_needs_the_reference_log_probs():
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
+    agent = MLPAgent(envs.single_observation_space, envs.single_action_space)
+    with pytest.raises(ValueError, match="ref_logprob"):
+        collect_rollout(envs, agent, Carry.start(envs, 0), 2, 0, 2, kl_coef=0.1, device=torch.device("cpu"))
+    rollout = collect_rollout(envs, agent, Carry.start(envs, 0), 2, 0, 2, kl_coef=0.0, device=torch.device("cpu"))
+    assert rollout.ref_logprobs is None and all(e.kl is None for e in rollout.episodes)
