@@ -13,6 +13,18 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMDB_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"  # the real IMDb, beside the repo
 
 
+def bench_texts(limit: int) -> tuple[list[str], str]:
+    """Up to `limit` IMDb train reviews (a seeded sample, via textenv.build.data) when IMDb lies beside the repo,
+    else the embedded corpus; and a line saying which."""
+    from textenv.build.data import load_texts
+
+    if IMDB_DIR.is_dir():
+        texts = load_texts(IMDB_DIR, "train", limit=limit).texts
+        return texts, f"IMDb train, {len(texts)} reviews (seeded sample)"
+    texts = load_texts("embedded", "train").texts
+    return texts, f"embedded corpus, {len(texts)} reviews (IMDb not found)"
+
+
 def machine_info() -> dict:
     """What ran the benchmark: CPU model, usable cores, GPU (if any), torch version, date."""
     import torch

@@ -9,6 +9,10 @@ Measured side by side in one run (rounds interleaved, medians reported), at the 
   batch 64, both raw (`model(token, cache=...)` + sampling) and through `textenv.lm_cache.CachedLM`
   on the environment's own observations (the rollout path of `agents.gpt_policy`).
 
+Texts and tokenizer come from the package (`textenv.build.data.load_texts`, `textenv.build.bpe.train_bpe`): a
+seeded sample of IMDb train reviews when IMDb lies beside the repo (else the embedded corpus). Results written
+before this used an every-k-th-review sample and a 2-special-token BPE: a slightly different vocabulary.
+
 Target: the batched env adds <= 10% to the GPT decode step at batch 64.
 Torch uses `--threads` (default 1, as `agents.ppo.Args.torch_threads`) threads.
 
@@ -19,8 +23,6 @@ Torch uses `--threads` (default 1, as `agents.ppo.Args.torch_threads`) threads.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import statistics
 import time
@@ -28,50 +30,18 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
-from _common import IMDB_DIR, print_table, target, write_result
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from _common import bench_texts, print_table, target, write_result
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
 )
 
+from agents.gpt_policy import sample  # the policy's own sampler (inverse CDF)
 from textenv import HFRewardModel, KeywordReward, TextEnv, TextVectorEnv
+from textenv.build.bpe import train_bpe
 from textenv.lm_cache import CachedLM
-
-IMDB = IMDB_DIR / "train.jsonl.gz"
-FALLBACK = [
-    "This movie was a wonderful surprise from start to finish.",
-    "I have never been so bored in a cinema in my whole life.",
-    "The acting was fine but the plot made no sense at all.",
-    "A classic that every fan of the genre should see at least once.",
-]
-
-
-def load_texts(n: int) -> tuple[list[str], str]:
-    """`n` IMDb train reviews (both labels), or a few built-in sentences when the data is absent."""
-    if not IMDB.exists():
-        return FALLBACK, "built-in sentences (IMDb not found)"
-    with gzip.open(IMDB, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"].replace("<br />", " ") for line in f]
-    return texts[:: max(1, len(texts) // n)][:n], f"IMDb train, {n} reviews"
-
-
-def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE like GPT-2's, trained here so the benchmark needs no download."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
 class Timed:
@@ -107,13 +77,6 @@ def time_vector(envs: gym.vector.VectorEnv, actions: np.ndarray) -> float:
     return (time.perf_counter() - start) / len(actions) * 1e6
 
 
-def sample(logits: torch.Tensor) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling (B, 1): same law as torch.multinomial, ~8x cheaper on CPU."""
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-
-
 @torch.inference_mode()
 def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab: int) -> float:
     """Microseconds per KV-cached decode step at `batch` (prefill of `prompt` tokens not counted)."""
@@ -124,7 +87,7 @@ def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab
     for _ in range(new):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache = out.cache
-        token = sample(out.logits[:, -1, :vocab])  # (B, 1)
+        token = sample(torch.softmax(out.logits[:, -1, :vocab], dim=-1))[:, None]  # (B, 1)
     return (time.perf_counter() - start) / new * 1e6
 
 
@@ -138,7 +101,7 @@ def time_cached_rollout(model: GPT2LMHeadModel, envs: TextVectorEnv, steps: int)
     for _ in range(steps):
         t0 = time.perf_counter()
         logits, _ = lm.step(torch.as_tensor(obs))
-        actions = sample(logits[:, :n])[:, 0].numpy()
+        actions = sample(torch.softmax(logits[:, :n], dim=-1)).numpy()
         t1 = time.perf_counter()
         obs, *_ = envs.step(actions)
         t_lm, t_env = t_lm + t1 - t0, t_env + time.perf_counter() - t1
@@ -161,8 +124,8 @@ def main() -> None:
     torch.manual_seed(0)
     E = args.batch
 
-    texts, text_source = load_texts(1000 if args.quick else 5000)
-    tok = train_bpe(texts)
+    texts, text_source = bench_texts(1000 if args.quick else 5000)
+    tok = train_bpe(texts)  # the project's byte-level BPE (4096 tokens), as the model factory trains it
     V = len(tok)
     # The seed recipe's episode shape: 2-8 token queries, 4-16 token responses.
     kw = dict(tokenizer=tok, prompts=texts, query_tokens=(2, 8), max_prompt_tokens=8, max_new_tokens=(4, 16))

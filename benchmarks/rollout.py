@@ -29,14 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import tyro
-from _common import IMDB_DIR, print_table, target, write_result
+from _common import bench_texts, print_table, target, write_result
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent
-from textenv.lm_cache import attention_mask, position_ids
+from textenv.lm_cache import forward_full
 from textenv.vector import TextVectorEnv
 
-IMDB = IMDB_DIR
 PRESETS = {  # (n_layer, n_embd, n_head, vocab)
     "small": (4, 256, 4, 4096),  # DESIGN.md's CPU reference model (4.2M parameters)
     "gpt2-small": (12, 768, 12, 50257),  # GPT-2 124M shape
@@ -73,10 +72,9 @@ class Args:
 def tokenizer(vocab: int):
     """A byte-level BPE of `vocab` tokens, trained on IMDb when present, else on the embedded corpus."""
     from textenv.build.bpe import train_bpe
-    from textenv.build.data import load_texts
 
-    texts = load_texts(IMDB, "train", limit=3000) if IMDB.is_dir() else load_texts("embedded", "train")
-    return train_bpe(texts.texts, vocab_size=vocab), texts.texts
+    texts, _ = bench_texts(3000)
+    return train_bpe(texts, vocab_size=vocab), texts
 
 
 def sync(device: str) -> None:
@@ -129,11 +127,8 @@ def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, arg
     for _ in range(episodes):
         ids = prompts
         for _ in range(args.new_tokens):
-            mask = attention_mask(ids, pad)
             with torch.no_grad(), autocast(args):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[
-                    :, -1
-                ]
+                logits = forward_full(model, ids, pad)[0][:, -1]  # the whole prefix again, every token
             action = torch.multinomial(torch.softmax(logits.float(), -1), 1)
             ids = torch.cat([ids, action], dim=1)
     return episodes * prompts.shape[0] * args.new_tokens
