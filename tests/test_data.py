@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,12 +109,13 @@ def test_hf_source_without_datasets_is_a_clear_error() -> None:
         pytest.skip("`datasets` is installed; loading it needs a network")
 
 
-def test_fingerprint_changes_with_content(jsonl_dir: Path) -> None:
+def test_fingerprint_names_the_data_not_the_path(jsonl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     before = source_fingerprint(jsonl_dir)
-    assert source_fingerprint(jsonl_dir) == before
+    copy = shutil.copytree(jsonl_dir, tmp_path_factory.mktemp("elsewhere") / "data")  # copy2 keeps sizes, mtimes
+    assert source_fingerprint(copy) == before
+    assert re.fullmatch(r"[0-9a-f]{16}", before) and source_fingerprint("embedded") != before
     _write_jsonl(jsonl_dir / "test.jsonl.gz", [{"text": "new", "label": 1}])
     assert source_fingerprint(jsonl_dir) != before
-    assert source_fingerprint("embedded") == source_fingerprint("embedded")
 
 
 def test_embedded_corpus_is_varied_balanced_and_deterministic() -> None:
