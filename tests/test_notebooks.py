@@ -62,11 +62,15 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     spec = KernelSpecManager().get_kernel_spec("python3")
     assert spec.argv[0] in ("python", "python3", sys.executable), spec.argv
     monkeypatch.setenv("TEXTENV_NB_SMALL", "1")
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    stored = sorted(NOTEBOOKS.iterdir())
+    path = NOTEBOOKS / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    stored, stored_bytes = sorted(NOTEBOOKS.iterdir()), path.read_bytes()
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})  # kernel's working dir
     client.execute()  # raises CellExecutionError (with the cell and traceback) when a cell or an assert fails
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))  # every cell ran, in order
+    showing = [c for c in cells if "print(" in c.source or "display(" in c.source]
+    assert showing and all(c.outputs for c in showing), "a cell that prints or displays showed nothing"
+    assert path.read_bytes() == stored_bytes  # the stored notebook keeps no outputs
     assert sorted(NOTEBOOKS.iterdir()) == stored  # runs/ and artifacts/ went to the temporary directory
