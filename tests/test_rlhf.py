@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+from agents.cli import UsageError
 from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
 from agents.rlhf.config import rlhf_ppo
 from textenv import KeywordReward, char_tokenizer
@@ -105,13 +106,15 @@ def test_tokenizer_without_eos(folders):
         run(toy_config(folders["tmp"]), Pieces(tok, tiny_gpt(len(tok)), KeywordReward("a"), PROMPTS, PROMPTS))
 
 
-def test_reward_model_that_is_not_a_sequence_classifier(folders):
+def test_model_folders_of_the_wrong_kind(folders):
     with pytest.raises(ValueError, match="not a sequence classifier"):
         prepare(given(folders, reward_model=folders["policy"]), torch.device("cpu"))
     empty = folders["tmp"] / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         prepare(given(folders, reward_model=str(empty)), torch.device("cpu"))
+    with pytest.raises(UsageError, match="not a causal LM"):
+        prepare(given(folders, policy=folders["rm"]), torch.device("cpu"))
 
 
 def test_data_dir_without_usable_text(folders):

@@ -67,22 +67,26 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
-def load_classifier(name: str, device: torch.device, what: str) -> tuple[RewardModel, RewardModel]:
-    """(positive-class logit, positive probability) scorers of a sequence classifier folder or hub name."""
+def check_architecture(name: str, what: str, suffixes: tuple[str, ...], expected: str) -> None:
+    """A saved transformers model whose architecture ends with one of `suffixes`, or a UsageError saying so."""
     from transformers import AutoConfig
 
-    from textenv.rewards import HFRewardModel
-
-    path = Path(name).expanduser()
-    if _is_local(name) and not (path / "config.json").is_file():
+    if _is_local(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise UsageError(f"{what} {name} has no config.json: it is not a saved transformers model; pass a folder "
-                         "written by save_pretrained (e.g. a trained reward model) or a hub name")
+                         "written by save_pretrained or a hub name")
     config = AutoConfig.from_pretrained(name)
     archs = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UsageError(f"{what} {name} is a {archs or config.model_type} model, not a sequence classifier: its "
-                         "classification head would be random; pass an AutoModelForSequenceClassification folder "
-                         "(e.g. lvwerra/distilbert-imdb or one trained by textenv.build.reward_train)")
+    if not any(a.endswith(suffixes) for a in archs):
+        raise UsageError(f"{what} {name} is a {archs or config.model_type} model, not {expected}")
+
+
+def load_classifier(name: str, device: torch.device, what: str) -> tuple[RewardModel, RewardModel]:
+    """(positive-class logit, positive probability) scorers of a sequence classifier folder or hub name."""
+    from textenv.rewards import HFRewardModel
+
+    check_architecture(name, what, ("ForSequenceClassification",), "a sequence classifier: its classification head "
+                       "would be random; pass an AutoModelForSequenceClassification folder (e.g. "
+                       "lvwerra/distilbert-imdb or one trained by textenv.build.reward_train)")
     logit = HFRewardModel.from_pretrained(name, device=device, output="logit")
     prob = HFRewardModel(logit.model, logit.tokenizer, output="prob", device=device)
     return logit, prob
@@ -101,6 +105,8 @@ def load_policy(name: str, tokenizer_name: str | None) -> tuple[torch.nn.Module,
     """A causal LM and its tokenizer from a folder or hub name (pad = EOS when the tokenizer has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_architecture(name, "policy", ("ForCausalLM", "LMHeadModel"), "a causal LM with an output head; pass an "
+                       "AutoModelForCausalLM folder or hub name (e.g. gpt2 or one built by textenv.build.pretrain)")
     tok = AutoTokenizer.from_pretrained(tokenizer_name or name)
     if tok.pad_token is None and tok.eos_token is not None:  # GPT-2's hub tokenizer: EOS stands in for pad
         tok.pad_token = tok.eos_token
