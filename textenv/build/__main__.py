@@ -1,0 +1,3 @@
+from textenv.build.pipeline import main
+
+main()
