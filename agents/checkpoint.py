@@ -54,10 +54,10 @@ def seed_everything(seed: int, deterministic: bool = True, threads: int = 0) -> 
 
 
 def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-              kl_coef: float, episode_returns: list, args: object, world_size: int) -> dict:
+              kl_control: object, episode_returns: list, args: object, world_size: int) -> dict:
     """What a PPO checkpoint holds: weights, Adam, RNG states, counters, the returns so far and the run's args."""
     return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-            "global_step": global_step, "kl_coef": kl_coef, "rng": rng_state(), "num_envs": args.num_envs,
+            "global_step": global_step, "kl_coef": kl_control.coef, "kl_control": kl_control.state_dict(), "rng": rng_state(), "num_envs": args.num_envs,
             "num_steps": args.num_steps, "world_size": world_size, "episode_returns": [list(x) for x in episode_returns],
             "args": dataclasses.asdict(args)}
 
@@ -92,15 +92,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, list]:
-    """Load a checkpoint's weights, optimizer and RNG states (and drop the agent's caches, computed with other
-    weights); returns (global_step, kl_coef, episode_returns)."""
+def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, kl_control: object) -> tuple[int, list]:
+    """Load a checkpoint's weights, optimizer, RNG and KL-controller states (and drop the agent's caches, computed
+    with other weights); returns (global_step, episode_returns)."""
     agent.load_state_dict(ckpt["agent"])
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     if hasattr(agent, "reset_cache"):
         agent.reset_cache()
-    return ckpt["global_step"], ckpt["kl_coef"], [tuple(x) for x in ckpt["episode_returns"]]
+    kl_control.load_state_dict(ckpt.get("kl_control") or {"coef": ckpt["kl_coef"]})
+    return ckpt["global_step"], [tuple(x) for x in ckpt["episode_returns"]]
 
 
 def open_run(path: str | Path, resume: bool, num_envs: int, num_steps: int) -> dict | None:

@@ -97,8 +97,8 @@ class PIDKL:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("integral", "prev_kl", "coef"):
-            setattr(self, k, float(state[k]))
+        self.coef = float(state["coef"])  # a checkpoint of another controller holds only the coefficient
+        self.integral, self.prev_kl = float(state.get("integral", 0.0)), float(state.get("prev_kl", 0.0))
 
 
 def make_kl_controller(kind: str, coef: float, target: float | None, horizon: int):

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -31,6 +32,7 @@ from agents import distributed
 from agents.checkpoint import StopOnCtrlC, open_run, restore, run_state, save_checkpoint, seed_everything
 from agents.cli import UsageError, run_cli
 from agents.evaluate import final_evaluation
+from agents.kl_control import make_kl_controller
 from agents.policies import MLPAgent
 from agents.rollout import (
     Carry,
@@ -41,7 +43,7 @@ from agents.rollout import (
     episode_stats,
     first_ratio_deviation,
     flat_minibatches,
-    next_kl_coef,
+    warn_if_negative_kl,
 )
 from agents.vector import resolve_device, vector_env
 
@@ -102,8 +104,10 @@ class Args:
     """per-token KL penalty coefficient to the reference policy in `infos["ref_logprob"]` (0 = off)"""
     kl_target: float | None = None
     """target KL per episode (nats) of the adaptive coefficient (None = fixed `kl_coef`)"""
+    kl_controller: Literal["proportional", "pid"] = "proportional"
+    """adaptive KL controller (agents.kl_control): Ziegler et al.'s `proportional` or a `pid` Lagrangian"""
     kl_horizon: int = 10_000
-    """horizon (episodes) of the adaptive KL controller"""
+    """horizon (episodes) of the proportional KL controller"""
     run_dir: str | None = None
     """where TensorBoard logs and checkpoints go (default runs/{exp_name}__{env_id}__{seed}__{time})"""
     save_every: int = 50
@@ -188,9 +192,10 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
-    kl_coef, start_iteration, global_step, episode_returns, env_seed = args.kl_coef, 0, 0, [], seed
+    kl_ctl = make_kl_controller(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
+    start_iteration, global_step, episode_returns, env_seed = 0, 0, [], seed
     if ckpt is not None:
-        global_step, kl_coef, episode_returns = restore(ckpt, agent, optimizer)  # weights, Adam, RNG states
+        global_step, episode_returns = restore(ckpt, agent, optimizer, kl_ctl)  # weights, Adam, RNG, KL state
         start_iteration = global_step // (T * E * W)  # saved with another number of ranks: same global step
         # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
         env_seed = dist.seed(args.seed + 7919 * start_iteration)
@@ -211,7 +216,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             for group in optimizer.param_groups:
                 group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
 
-            rollout = collect_rollout(envs, agent, carry, T, global_step, E * W, kl_coef, device)
+            rollout = collect_rollout(envs, agent, carry, T, global_step, E * W, kl_ctl.coef, device)
             global_step += T * E * W
             compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated)
             stats = update(agent, optimizer, rollout, args, clip, dist)
@@ -221,13 +226,15 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             episode_returns += new_returns
             stats.update({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/clip_coef": clip,
                           "charts/SPS": (global_step - start_step) / (time.time() - start_time)})
-            kl_coef = next_kl_coef(kl_coef, kls, args.kl_target, args.kl_horizon, iteration)
+            if kls:  # the controller sees this iteration's mean KL per episode (all ranks): nats per response
+                warn_if_negative_kl(kls, iteration)
+                kl_ctl.update(float(np.mean(kls)), len(kls))
             hook_logs += _log(writer, stats, hooks if dist.is_main else None, iteration, global_step, rollout)
             if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == n_iterations):
                 print(_progress_line(iteration, n_iterations, global_step, stats), flush=True)
             stop = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all together
             if dist.is_main and (stop or iteration == n_iterations or args.save_every and iteration % args.save_every == 0):
-                save_checkpoint(ckpt_path, run_state(agent, optimizer, iteration, global_step, kl_coef,
+                save_checkpoint(ckpt_path, run_state(agent, optimizer, iteration, global_step, kl_ctl,
                                                      episode_returns, args, W))
             if stop:
                 interrupted = True
@@ -245,7 +252,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
         distributed.cleanup(dist)
     return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
             "iterations": iteration, "eval_returns": eval_returns,
-            "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_coef,
+            "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_ctl.coef,
             "checkpoint": str(ckpt_path), "interrupted": interrupted, "rank": dist.rank, "world_size": W,
             "hook_logs": hook_logs}
 

@@ -222,21 +222,6 @@ def kl_penalty_rewards(
     return rewards - kl_coef * (logprobs - ref_logprobs) * valid.float()
 
 
-def adaptive_kl_coef(coef: float, kl: float, target: float, n_episodes: int, horizon: int) -> float:
-    """Ziegler et al.'s proportional controller: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
-    error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
-    return coef * (1.0 + error * n_episodes / horizon)
-
-
-def next_kl_coef(coef: float, episode_kls: list[float], target: float | None, horizon: int, iteration: int) -> float:
-    """The KL coefficient after an iteration whose episodes had `episode_kls` (all ranks; empty: no reference):
-    the adaptive controller's (`target` None: fixed), with a warning when the measured KL is negative."""
-    if not episode_kls:
-        return coef
-    warn_if_negative_kl(episode_kls, iteration)
-    return coef if target is None else adaptive_kl_coef(coef, float(np.mean(episode_kls)), target, len(episode_kls), horizon)
-
-
 def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:
     """Warn when the mean per-episode KL to the reference is negative beyond float noise and sampling error.
 
