@@ -73,3 +73,34 @@ def test_quiet_on_a_healthy_history():
     assert warnings(h) == []
     assert warnings([]) == []
     assert warnings(h, Thresholds(saturation=0.05))  # a stricter threshold does fire
+
+
+def test_the_rlhf_logger_logs_the_signals_and_warns_once_on_a_collapsed_batch(capsys):
+    import torch
+
+    from agents.rlhf.logger import RLHFLogger
+    from agents.rollout import Episode, Rollout
+    from textenv import char_tokenizer
+
+    tok = char_tokenizer("ab ")
+    zeros = torch.zeros(4, 2)
+
+    def rollout(completions, scores):
+        eps = [Episode(4, s, 2, 0.5, {"score": s, "completion": c, "text": "a" + c, "length": 3, "prompt_length": 1})
+               for c, s in zip(completions, scores, strict=True)]
+        return Rollout(obs=zeros, actions=zeros.long(), logprobs=zeros - 1, values=zeros, rewards=zeros,
+                       ref_logprobs=zeros - 1, valid=torch.ones(4, 2, dtype=torch.bool), terminated=zeros.bool(),
+                       truncated=zeros.bool(), next_obs=zeros[0], episodes=eps, kl_coef=0.2)
+
+    judged = []
+    logger = RLHFLogger(tok, total_iterations=3, print_every=0,
+                        judge_fn=lambda texts: judged.append(list(texts)) or [0.25] * len(texts))
+    stats = logger.on_iteration(1, 8, rollout(["ab", "ba", "a b", "bb a"], [1.0, 2.0, 3.0, 4.0]))
+    assert stats["rlhf/identical_share"] == 0.0 and stats["rlhf/judge_mean"] == 0.25
+    assert judged == [["aab", "aba", "aa b", "abb a"]]  # the judge scores the same prompt + completion texts
+    assert logger.warnings == [] and "warning" not in capsys.readouterr().out
+    for it in (2, 3):  # the policy collapses onto one answer: one warning per kind, printed once
+        logger.on_iteration(it, 8 * it, rollout(["ab"] * 4, [4.0] * 4))
+    out = capsys.readouterr().out
+    assert out.count("warning:") == len(logger.warnings) >= 2
+    assert any("copies" in w for w in logger.warnings) and any("saturated" in w for w in logger.warnings)

@@ -3,9 +3,10 @@
 PPO logs the generic losses (policy, value, entropy, approx-KL, clip fraction) and the KL to the reference
 (`charts/kl`, `charts/kl_coef`). This hook adds what is specific to text, read from the iteration's rollout:
 the reward-model score of the finished episodes, KL per token and per response (the mean of PPO's per-episode
-sums `[e.kl for e in rollout.episodes]`), a sampled entropy estimate, distinct-1/2 of the completions (a collapsing policy
-repeats itself), a TensorBoard text table of samples every `sample_every` iterations, and one progress line
-with tokens/s.
+sums `[e.kl for e in rollout.episodes]`), a sampled entropy estimate, the over-optimisation signals of
+`agents.rlhf.signals` (distinct-n, repeated 3-grams, identical responses, reward saturation, and the held-out
+judge's mean beside the reward model's on the same texts), a warning line when one crosses its threshold, a
+TensorBoard text table of samples every `sample_every` iterations, and one progress line with tokens/s.
 """
 
 from __future__ import annotations
@@ -15,23 +16,29 @@ from typing import Any
 
 import numpy as np
 
-from agents.rlhf.report import distinct_n, md_cell
+from agents.rlhf.report import md_cell
+from agents.rlhf.signals import Thresholds, batch_signals, check
 from agents.rollout import Rollout
 
 
 class RLHFLogger:
     """`on_iteration(iteration, global_step, rollout, writer) -> dict` for `agents.ppo.train(hooks=...)`.
 
-    `history` keeps one dict per iteration (for the report's plots).
+    `history` keeps one dict per iteration (for the report's plots); `warnings` every over-optimisation warning
+    printed (each kind once per run). `judge_fn` (texts -> P(positive)) scores the same texts as the reward model.
     """
 
     def __init__(self, tokenizer: Any, total_iterations: int, sample_every: int = 10, n_samples: int = 8,
-                 print_every: int = 1, world_size: int = 1) -> None:
+                 print_every: int = 1, world_size: int = 1, judge_fn: Any = None,
+                 thresholds: Thresholds | None = None) -> None:
         self.tokenizer = tokenizer
         self.world_size = world_size  # torchrun: the hook sees rank 0's rollout; tokens/s counts all ranks
         self.total_iterations = total_iterations
         self.sample_every, self.n_samples, self.print_every = sample_every, n_samples, print_every
+        self.judge_fn, self.thresholds = judge_fn, thresholds or Thresholds()
         self.history: list[dict] = []
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
         self.start = self.last = time.time()
 
     def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None) -> dict:
@@ -58,10 +65,10 @@ class RLHFLogger:
             stats["rlhf/score_std"] = float(np.std(scores))
         if lengths:
             stats["rlhf/response_tokens"] = float(np.mean(lengths))
-        if completions:
+        if completions and len(scores) == len(completions):
             ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
-            stats["rlhf/distinct_1"] = distinct_n(ids, 1)
-            stats["rlhf/distinct_2"] = distinct_n(ids, 2)
+            judged = self.judge_fn([str(e.get("text", "")) for e in eps]) if self.judge_fn is not None else None
+            stats.update({f"rlhf/{k}": v for k, v in batch_signals(ids, completions, scores, judged).items()})
         if writer is not None and eps and self.sample_every and (iteration == 1 or iteration % self.sample_every == 0):
             rows = [f"| {md_cell(e.get('prompt', ''))} | {md_cell(e.get('completion', ''))} | {float(e.get('score', 0)):+.3f} |"
                     for e in eps[: self.n_samples]]
@@ -75,5 +82,14 @@ class RLHFLogger:
             print(f"iter {iteration:4d}/{self.total_iterations} | {score} | {kl} | "
                   f"ent {h.get('entropy_sampled', float('nan')):5.2f} | d2 {h.get('distinct_2', float('nan')):.2f} | "
                   f"{h['tokens_per_second']:6.0f} tok/s | {now - self.start:6.1f}s", flush=True)
+        self._warn(iteration)
         self.last = now
         return stats
+
+    def _warn(self, iteration: int) -> None:
+        """Print each kind of over-optimisation warning the first time it fires."""
+        for kind, line in check(self.history, self.thresholds).items():
+            if kind not in self._warned:
+                self._warned.add(kind)
+                self.warnings.append(line)
+                print(f"warning: {line}", flush=True)

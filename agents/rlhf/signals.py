@@ -93,22 +93,27 @@ def warnings(history: Sequence[dict], th: Thresholds | None = None) -> list[str]
     """Warning lines for a run's per-iteration history (dicts with `score_mean` and the `batch_signals`
     keys); empty when the run looks healthy. Checks the latest iteration against the thresholds, and the judge's
     trend against the reward model's over the last `window` iterations vs the `window` before them."""
+    return list(check(history, th).values())
+
+
+def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, str]:
+    """`warnings` by kind: {"distinct_2" | "identical_share" | "repeated_3gram_rate" | "saturation" | "judge": line}."""
     th = th or Thresholds()
     if not history:
-        return []
+        return {}
     last, first, it = history[-1], history[0], history[-1].get("iteration", len(history))
-    out = []
+    out = {}
     if first.get("distinct_2") and last.get("distinct_2", 1e9) < th.distinct_2_ratio * first["distinct_2"]:
-        out.append(f"iteration {it}: distinct-2 fell to {last['distinct_2']:.3f}, below {th.distinct_2_ratio:.0%} of "
+        out["distinct_2"] = (f"iteration {it}: distinct-2 fell to {last['distinct_2']:.3f}, below {th.distinct_2_ratio:.0%} of "
                    f"its start {first['distinct_2']:.3f}: the policy is repeating itself")
     if last.get("identical_share", 0.0) > th.identical_share:
-        out.append(f"iteration {it}: {last['identical_share']:.0%} of responses are copies of another "
+        out["identical_share"] = (f"iteration {it}: {last['identical_share']:.0%} of responses are copies of another "
                    f"(threshold {th.identical_share:.0%}): the policy collapsed onto a few answers")
     if last.get("repeated_3gram_rate", 0.0) > th.repeated_3gram_rate:
-        out.append(f"iteration {it}: {last['repeated_3gram_rate']:.0%} of 3-grams repeat inside a response "
+        out["repeated_3gram_rate"] = (f"iteration {it}: {last['repeated_3gram_rate']:.0%} of 3-grams repeat inside a response "
                    f"(threshold {th.repeated_3gram_rate:.0%})")
     if last.get("saturation", 0.0) > th.saturation:
-        out.append(f"iteration {it}: {last['saturation']:.0%} of scores sit at the batch maximum (threshold "
+        out["saturation"] = (f"iteration {it}: {last['saturation']:.0%} of scores sit at the batch maximum (threshold "
                    f"{th.saturation:.0%}): the reward model is saturated, its gradient says little")
     judged = [h for h in history if "judge_mean" in h and "score_mean" in h]
     w = th.window
@@ -117,7 +122,7 @@ def warnings(history: Sequence[dict], th: Thresholds | None = None) -> list[str]
         d_judge = np.mean([h["judge_mean"] for h in after]) - np.mean([h["judge_mean"] for h in before])
         d_score = np.mean([h["score_mean"] for h in after]) - np.mean([h["score_mean"] for h in before])
         if d_judge < -th.judge_drop and d_score > 0:
-            out.append(f"iteration {it}: the held-out judge fell {-d_judge:.3f} while the reward model rose "
+            out["judge"] = (f"iteration {it}: the held-out judge fell {-d_judge:.3f} while the reward model rose "
                        f"{d_score:.3f} over the last {w} iterations: the policy is exploiting the reward model; "
                        "lower kl_target or stop earlier")
     return out
