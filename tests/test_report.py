@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent
-from agents.rlhf.report import distinct_n, evaluate, md_cell, report_table, sample, write_report
+from agents.rlhf.report import evaluate, md_cell, report_table, sample, write_report
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
 
@@ -48,13 +48,6 @@ def tiny_lm(vocab: int, seed: int = 0, uniform: bool = False, scale: float = 1.0
 
 def count_a(texts):
     return [float(t.count("a")) for t in texts]
-
-
-def test_distinct_n_by_hand():
-    seqs = [[1, 2, 1, 2], [1, 2]]
-    assert distinct_n(seqs, 1) == pytest.approx(2 / 6)
-    assert distinct_n(seqs, 2) == pytest.approx(2 / 4)  # (1,2) (2,1) (1,2) | (1,2)
-    assert distinct_n([[1], []], 2) == 0.0
 
 
 def test_evaluates_every_prompt_once_in_order_and_kl_of_the_reference_is_zero(tok):
@@ -160,9 +153,12 @@ def test_write_report_files(tok, tmp_path):
     rec = write_report(tmp_path, before, after, history=history, config={"x": 1}, extra={"timing": {"total_s": 1.5}})
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["before"]["positive_rate_judge"] == 1.0 and data["after"]["positive_rate_judge"] == 0.0
-    assert len(data["samples"]) == 16 and data == json.loads(json.dumps(rec, default=str))
+    assert len(data["samples"]) == len(PROMPTS) and data == json.loads(json.dumps(rec, default=str))  # all of them
+    assert [x["prompt"] for x in data["samples"]] == PROMPTS and data["samples"][0]["judge_after"] == 0.1
+    assert any("judge" in w for w in data["warnings"])  # judge 0% positive vs the reward model's rate
     assert data["gain"]["reward_mean"] == pytest.approx(after[0]["reward_mean"] - before[0]["reward_mean"])
     md = (tmp_path / "report.md").read_text()
+    assert "## 16 sample pairs" in md and "## Over-optimisation warnings" in md  # Markdown: the first 16
     assert "positive rate (held-out judge)" in md and "training.png" in md and "| timing.total_s | 1.500 |" in md
     assert (tmp_path / "training.png").stat().st_size > 1000
     table = report_table(rec)

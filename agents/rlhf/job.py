@@ -128,7 +128,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               f"distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
-    logger = RLHFLogger(tok, num_iterations(args, dist.world_size), cfg.sample_every, world_size=dist.world_size)
+    logger = RLHFLogger(tok, num_iterations(args, dist.world_size), cfg.sample_every, world_size=dist.world_size,
+                        judge_fn=pieces.judge_fn)  # the judge beside the reward model, every iteration
     result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
     if not dist.is_main:
@@ -141,7 +142,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
-    record = write_report(run_dir, before, after, history=logger.history,
+    record = write_report(run_dir, before, after, history=logger.history, warnings=logger.warnings,
                           config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info,
                                                                        "run_dir": str(run_dir)})
     a, b = record["after"], record["before"]
@@ -149,6 +150,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
           f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "
           f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
           f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
+    for w in record["warnings"][len(logger.warnings):]:
+        print(f"warning: {w}")
     print(f"report: {run_dir / 'report.md'}")
     return record
 

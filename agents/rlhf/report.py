@@ -8,7 +8,9 @@ keeps that table and adds what tells a real gain from reward hacking, measured o
 - KL(pi || p_ref) per response: the sum over response tokens of log pi - log p_ref, with the responses
   sampled from pi (so its expectation is the true KL and is >= 0);
 - the reference model's perplexity of the samples (fluency as the pretrained model sees it);
-- distinct-2 over response tokens (diversity; a collapsed policy repeats itself).
+- distinct-2 over response tokens (diversity; a collapsed policy repeats itself), and the other
+  over-optimisation signals of `agents.rlhf.signals` (repeated 3-grams, identical responses, reward
+  saturation, the judge's mean), with a warning section when they cross their thresholds.
 
 The samples come from the environment itself: a `TextVectorEnv` over the held-out prompts (each started
 once, in order, by `reset(options={"prompt_index": ...})`) wrapped with `textenv.kl.RefLogprob`, stepped by
@@ -29,15 +31,10 @@ import torch
 from torch import nn
 
 from agents.gpt_policy import GPTAgent
+from agents.rlhf.signals import batch_signals, compare
 from textenv.kl import RefLogprob
 from textenv.rewards import RewardModel
 from textenv.vector import TextVectorEnv
-
-
-def distinct_n(seqs: Sequence[Sequence], n: int) -> float:
-    """Unique n-grams / all n-grams over a set of sequences (0.0 when there is no n-gram at all)."""
-    grams = [tuple(s[i : i + n]) for s in seqs for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 @dataclass
@@ -208,12 +205,13 @@ def evaluate(
         "kl_mean": float(kl.mean()),
         "kl_sem": float(kl.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0,
         "ref_perplexity": float(math.exp(ref_nll)),
-        "distinct_1": distinct_n(s.response_ids, 1),
-        "distinct_2": distinct_n(s.response_ids, 2),
         "mean_response_tokens": n_tokens / max(len(s), 1),
     }
-    if judge_fn is not None:
-        metrics["positive_rate_judge"] = _positive_rate(judge_fn(s.texts), judge_threshold)
+    judged = None if judge_fn is None else np.asarray(judge_fn(s.texts), dtype=float)
+    metrics.update(batch_signals(s.response_ids, s.completions, rewards, judged))  # distinct-n, collapse, judge mean
+    if judged is not None:
+        metrics["positive_rate_judge"] = _positive_rate(judged, judge_threshold)
+        metrics["_judge"] = judged.tolist()
     metrics["_rewards"] = rewards.tolist()  # per-sample, for the sample table; dropped from the summary
     return metrics, s
 
@@ -228,8 +226,12 @@ _ROWS = [
     ("positive rate (held-out judge)", "positive_rate_judge"),
     ("KL to reference (nats/response)", "kl_mean"),
     ("reference perplexity", "ref_perplexity"),
+    ("judge mean P(positive)", "judge_mean"),
     ("distinct-1", "distinct_1"),
     ("distinct-2", "distinct_2"),
+    ("repeated 3-grams (share)", "repeated_3gram_rate"),
+    ("identical responses (share)", "identical_share"),
+    ("reward saturation (share at the max)", "saturation"),
     ("response tokens (mean)", "mean_response_tokens"),
 ]
 
@@ -286,19 +288,26 @@ def write_report(
     config: dict | None = None,
     extra: dict | None = None,
     n_pairs: int = 16,
+    warnings: Sequence[str] = (),
 ) -> dict:
-    """Write `report.md`, `report.json` and `training.png` into `run_dir`; returns the JSON record."""
+    """Write `report.md`, `report.json` and `training.png` into `run_dir`; returns the JSON record.
+
+    `report.json` holds every held-out sample (prompt, both completions, both rewards and judge scores), the
+    Markdown its first `n_pairs`. `warnings` (e.g. the training log's) are listed with the over-optimisation
+    checks of the held-out samples (`agents.rlhf.signals.compare`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (mb, sb), (ma, sa) = before, after
     if sb.prompts != sa.prompts:
         raise ValueError("before and after were evaluated on different prompts; evaluate both on the same list")
     rb, ra = mb.get("_rewards", [None] * len(sb)), ma.get("_rewards", [None] * len(sa))
-    pairs = [
+    jb, ja = mb.get("_judge", [None] * len(sb)), ma.get("_judge", [None] * len(sa))
+    samples = [
         {"prompt": sb.prompts[i], "before": sb.completions[i], "after": sa.completions[i],
-         "reward_before": rb[i], "reward_after": ra[i]}
-        for i in range(min(n_pairs, len(sb)))
+         "reward_before": rb[i], "reward_after": ra[i], "judge_before": jb[i], "judge_after": ja[i]}
+        for i in range(len(sb))
     ]
+    pairs = samples[:n_pairs]
     summary_b = {k: v for k, v in mb.items() if not k.startswith("_")}
     summary_a = {k: v for k, v in ma.items() if not k.startswith("_")}
     png = plot_history(history, run_dir / "training.png")
@@ -307,7 +316,8 @@ def write_report(
         "after": summary_a,
         "gain": {"reward_mean": summary_a["reward_mean"] - summary_b["reward_mean"],
                  "reward_median": summary_a["reward_median"] - summary_b["reward_median"]},
-        "samples": pairs,
+        "warnings": list(warnings) + list(compare(summary_b, summary_a).values()),
+        "samples": samples,
         "history": list(history),
         "config": config or {},
         **(extra or {}),
@@ -322,6 +332,8 @@ def write_report(
              f"Reward mean gain: {record['gain']['reward_mean']:+.3f} "
              f"(standard error before {summary_b['reward_sem']:.3f}, after {summary_a['reward_sem']:.3f}).", "",
              report_table(record)]
+    if record["warnings"]:
+        lines += ["", "## Over-optimisation warnings", "", *[f"- {md_cell(w)}" for w in record["warnings"]]]
     flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in (extra or {}).items()
             for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}

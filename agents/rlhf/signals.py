@@ -7,6 +7,7 @@ reads a run's history and names what crossed its threshold (`Thresholds`, docume
 
     batch_signals(response_ids, completions, scores, judge_scores) -> {"distinct_2": ..., "identical_share": ...}
     warnings(history, Thresholds()) -> ["iteration 30: the judge fell 0.21 while the reward model rose 1.3 ..."]
+    compare(before, after) -> {"judge": "the held-out judge calls 44% of the tuned samples positive, ..."}
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class Thresholds:
     """iterations averaged at each end when comparing the judge's and the reward model's trends"""
     judge_drop: float = 0.05
     """warn when the judge's mean falls by more than this while the reward model's rises"""
+    judge_gap: float = 0.10
+    """report: warn when the reward model's positive rate exceeds the judge's by more than this"""
 
 
 def warnings(history: Sequence[dict], th: Thresholds | None = None) -> list[str]:
@@ -125,4 +128,24 @@ def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, st
             out["judge"] = (f"iteration {it}: the held-out judge fell {-d_judge:.3f} while the reward model rose "
                        f"{d_score:.3f} over the last {w} iterations: the policy is exploiting the reward model; "
                        "lower kl_target or stop earlier")
+    return out
+
+
+def compare(before: dict, after: dict, th: Thresholds | None = None) -> dict[str, str]:
+    """Warnings on a report's held-out samples (`agents.rlhf.report.evaluate` metrics, before vs after): the
+    judge disagreeing with the reward model, and the collapse signals of the tuned policy's samples."""
+    th = th or Thresholds()
+    out = {}
+    pr, pj = after.get("positive_rate_reward_model"), after.get("positive_rate_judge")
+    if pr is not None and pj is not None and pr - pj > th.judge_gap:
+        out["judge"] = (f"the held-out judge calls {pj:.0%} of the tuned samples positive, the reward model {pr:.0%}: "
+                        f"a gap over {th.judge_gap:.0%} means the policy found the reward model's blind spots")
+    if before.get("distinct_2") and after.get("distinct_2", 1e9) < th.distinct_2_ratio * before["distinct_2"]:
+        out["distinct_2"] = (f"distinct-2 fell from {before['distinct_2']:.3f} to {after['distinct_2']:.3f} "
+                             f"(below {th.distinct_2_ratio:.0%}): the tuned policy repeats itself")
+    for key, what in (("identical_share", "of the tuned samples are copies of another"),
+                      ("repeated_3gram_rate", "of the tuned samples' 3-grams repeat inside a response"),
+                      ("saturation", "of the tuned samples' scores sit at the maximum")):
+        if after.get(key, 0.0) > getattr(th, key):
+            out[key] = f"{after[key]:.0%} {what} (threshold {getattr(th, key):.0%})"
     return out
