@@ -1,0 +1,141 @@
+"""Proxy vs held-out judge over KL: where to set `kl_target` (Gao et al. 2022, https://arxiv.org/abs/2210.10760).
+
+Trains the embedded preset of `agents.rlhf` at several KL setpoints (and with no KL penalty at all, the fixed
+coefficient 0), two seeds each, and plots, against the KL each run measured on the held-out prompts, the reward
+model's score (the proxy the policy trains on) and the held-out judge's P(positive) (a "gold" it never sees).
+Past some KL the proxy keeps rising while the judge stops following or falls: that knee is where `kl_target`
+belongs. The best setpoint by the judge is saved in the JSON.
+
+    python benchmarks/overoptimisation.py            # 5 setpoints + coef 0, 2 seeds; JSON + PNG in results/
+    python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tyro
+from _common import RESULTS_DIR, print_table, target, write_result
+
+from agents.rlhf import embedded, prepare, run
+from agents.vector import resolve_device
+
+
+@dataclass
+class Args:
+    setpoints: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
+    """KL setpoints (nats per response) of the adaptive controller"""
+    no_penalty: bool = True
+    """also train with a fixed KL coefficient of 0 (the right end of the curve)"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    """seeds per setpoint (each point of the plot is their mean)"""
+    iterations: int | None = None
+    """PPO iterations per run (default: the embedded preset's)"""
+    eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = all cores)"""
+    quick: bool = False
+    """2 setpoints, 1 seed, 8 iterations, 32 prompts"""
+    out: str | None = None
+    """JSON path (default benchmarks/results/overoptimisation.json; the PNG goes beside it)"""
+
+
+def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[dict, dict]:
+    """Train from the pretrained policy (a fresh copy: `run` tunes the policy it is given in place); returns the
+    run's point and the report's "before" (the reference's held-out numbers, the same for every run)."""
+    ppo = dataclasses.replace(base.ppo, seed=seed, torch_threads=a.torch_threads,
+                              kl_target=setpoint, kl_coef=base.ppo.kl_coef if setpoint else 0.0,
+                              run_dir=f"runs/bench-overopt-{setpoint or 0:g}-{seed}-{int(time.time())}")
+    if a.iterations:
+        ppo.total_timesteps = a.iterations * ppo.num_envs * ppo.num_steps
+    cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts)
+    rec = run(cfg, dataclasses.replace(pieces, policy=copy.deepcopy(pieces.policy)))
+    hist = [h for h in rec["history"] if "kl" in h]
+    tail = hist[-max(1, len(hist) // 4):]  # the final quarter of training
+    af = rec["after"]
+    return {"setpoint": setpoint, "seed": seed, "kl": af["kl_mean"], "proxy": af["reward_mean"],
+            "judge": af["judge_mean"], "judge_positive": af["positive_rate_judge"],
+            "reward_positive": af["positive_rate_reward_model"], "distinct_2": af["distinct_2"],
+            "ref_perplexity": af["ref_perplexity"], "train_kl_final_quarter": float(np.mean([h["kl"] for h in tail])),
+            "warnings": rec["warnings"], "seconds": rec["timing"]["total_s"]}, rec["before"]
+
+
+def plot(points: list[dict], before: dict, path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    ax2 = ax.twinx()
+    for p in points:
+        ax.scatter(p["kl"], p["proxy"], color="tab:blue", alpha=0.35, s=14)
+        ax2.scatter(p["kl"], p["judge"], color="tab:green", alpha=0.35, s=14)
+    means = _means(points)
+    xs = [m["kl"] for m in means]
+    ax.plot(xs, [m["proxy"] for m in means], "o-", color="tab:blue", label="reward model (proxy, trained on)")
+    ax2.plot(xs, [m["judge"] for m in means], "s-", color="tab:green", label="held-out judge P(positive)")
+    for m in means:
+        ax.annotate("coef 0" if m["setpoint"] is None else f"{m['setpoint']:g}", (m["kl"], m["proxy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(before["reward_mean"], color="tab:blue", ls=":", lw=1)
+    ax2.axhline(before["judge_mean"], color="tab:green", ls=":", lw=1)
+    ax.set(xlabel="KL to the reference on held-out prompts (nats per response)", ylabel="reward-model score",
+           title="Proxy vs judge over KL (labels: kl_target; dotted: before)")
+    ax2.set_ylabel("judge P(positive)")
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _means(points: list[dict]) -> list[dict]:
+    out = []
+    for sp in dict.fromkeys(p["setpoint"] for p in points):
+        group = [p for p in points if p["setpoint"] == sp]
+        out.append({"setpoint": sp, **{k: float(np.mean([p[k] for p in group]))
+                                       for k in ("kl", "proxy", "judge", "judge_positive", "reward_positive",
+                                                 "distinct_2", "ref_perplexity", "train_kl_final_quarter")}})
+    return sorted(out, key=lambda m: m["kl"])
+
+
+def main(a: Args) -> None:
+    if a.quick:
+        a = dataclasses.replace(a, setpoints=a.setpoints[:2], seeds=a.seeds[:1], iterations=8, eval_prompts=32)
+    t0 = time.time()
+    base = embedded()
+    pieces = prepare(base, resolve_device(base.ppo.device))  # built once (cached in artifacts/)
+    runs = [(sp, seed) for sp in a.setpoints for seed in a.seeds] + [(None, s) for s in a.seeds if a.no_penalty]
+    points, before = [], None
+    for i, (sp, seed) in enumerate(runs):
+        print(f"\n=== run {i + 1}/{len(runs)}: kl_target {sp}, seed {seed} ({time.time() - t0:.0f}s so far)", flush=True)
+        point, before = one_run(base, pieces, sp, seed, a)
+        points.append(point)
+    means = _means(points)
+    rows = [["coef 0" if m["setpoint"] is None else m["setpoint"], m["kl"], m["train_kl_final_quarter"], m["proxy"],
+             m["judge"], m["judge_positive"], m["distinct_2"]] for m in means]
+    print_table(["kl_target", "KL held-out", "KL train (last 25%)", "reward", "judge P(pos)", "judge pos rate",
+                 "distinct-2"], rows)
+    best = max(means, key=lambda m: m["judge"])
+    png = RESULTS_DIR / "overoptimisation.png" if a.out is None else Path(a.out).with_suffix(".png")
+    plot(points, before, png)
+    total_s = time.time() - t0
+    held = [m for m in means if m["setpoint"] is not None]
+    worst = max((abs(m["train_kl_final_quarter"] - m["setpoint"]) / m["setpoint"] for m in held), default=float("nan"))
+    targets = [target("setpoints", len(a.setpoints), ">= 5", len(a.setpoints) >= 5),
+               target("seeds_per_point", len(a.seeds), ">= 2", len(a.seeds) >= 2),
+               target("wall_minutes", total_s / 60, "<= 30", total_s <= 30 * 60),
+               target("worst_final_quarter_kl_error", worst, "<= 0.2 (fraction of the setpoint)", worst <= 0.2)]
+    results = {"points": points, "means": means, "before": before, "best_setpoint_by_judge": best["setpoint"],
+               "best": best, "png": png.name, "total_s": total_s,
+               "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    print(f"\nbest kl_target by the judge: {best['setpoint']} (judge {best['judge']:.3f} at KL {best['kl']:.2f})")
+    print(f"wrote {write_result('overoptimisation', results, targets, a.quick, a.out)} and {png}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
