@@ -60,13 +60,14 @@ class ProportionalKL:
 class PIDKL:
     """PID-Lagrangian coefficient (Stooke et al. 2020) in units of the initial coefficient `coef0`:
 
-        e = kl / target - 1;  I = max(I + e, -1 / ki);  D = max(kl - kl_prev, 0) / target
-        coef = coef0 * max(1 + kp * e + ki * I + kd * D, floor)
+        e = kl / target - 1;  D = max(kl - kl_prev, 0) / target;  I += e unless that would push u below floor
+        coef = coef0 * max(u, floor),  u = 1 + kp * e + ki * I + kd * D
 
     The proportional term answers an overshoot in the same iteration instead of after a slow integral; the
     derivative term (on rises only) brakes a KL that is climbing fast before it crosses the target; the
-    integral removes the steady-state error (its floor keeps it from winding down without bound while the
-    KL is still below target at the start)."""
+    integral removes the steady-state error. Anti-windup by conditional integration: while the coefficient sits
+    at its floor (the KL far below target, as at the start of every run) the integral does not keep winding down,
+    so it has nothing to unwind when the KL arrives."""
 
     coef0: float
     target: float
@@ -87,10 +88,13 @@ class PIDKL:
 
     def update(self, kl: float, n_episodes: int) -> float:
         e = kl / self.target - 1.0
-        self.integral = max(self.integral + e, -1.0 / self.ki)
         rise = max(kl - self.prev_kl, 0.0) / self.target
         self.prev_kl = kl
-        self.coef = self.coef0 * max(1.0 + self.kp * e + self.ki * self.integral + self.kd * rise, self.floor)
+        u = 1.0 + self.kp * e + self.ki * (self.integral + e) + self.kd * rise
+        if u > self.floor or e > 0:  # conditional integration: no winding down while pinned at the floor
+            self.integral += e
+        u = 1.0 + self.kp * e + self.ki * self.integral + self.kd * rise
+        self.coef = self.coef0 * max(u, self.floor)
         return self.coef
 
     def state_dict(self) -> dict:

@@ -82,8 +82,9 @@ class Thresholds:
     """warn when more than this share of a batch's responses are copies of another response"""
     repeated_3gram_rate: float = 0.2
     """warn when more than this share of 3-grams repeat earlier ones in the same response"""
-    saturation: float = 0.5
-    """warn when more than this share of scores sit within 1% (of the range) of the batch maximum"""
+    saturation: float = 0.75
+    """warn when more than this share of scores sit within 1% (of the range) of the batch maximum (a confident
+    classifier puts its positive half there from the start: the embedded reward model's ~40-60% is healthy)"""
     window: int = 5
     """iterations averaged at each end when comparing the judge's and the reward model's trends"""
     judge_drop: float = 0.05
