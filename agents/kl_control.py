@@ -20,14 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
-@dataclass
-class FixedKL:
-    """A constant coefficient (no target)."""
+class _Coefficient:
+    """State of a controller whose only state is `coef` (PIDKL adds its integral and last KL)."""
 
     coef: float
-
-    def update(self, kl: float, n_episodes: int) -> float:
-        return self.coef
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +33,17 @@ class FixedKL:
 
 
 @dataclass
-class ProportionalKL:
+class FixedKL(_Coefficient):
+    """A constant coefficient (no target)."""
+
+    coef: float
+
+    def update(self, kl: float, n_episodes: int) -> float:
+        return self.coef
+
+
+@dataclass
+class ProportionalKL(_Coefficient):
     """Ziegler et al. 2019: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_episodes / horizon."""
 
     coef: float
@@ -49,15 +55,9 @@ class ProportionalKL:
         self.coef *= 1.0 + error * n_episodes / self.horizon
         return self.coef
 
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.coef = float(state["coef"])
-
 
 @dataclass
-class PIDKL:
+class PIDKL(_Coefficient):
     """PID-Lagrangian coefficient (Stooke et al. 2020) in units of the initial coefficient `coef0`:
 
         e = kl / target - 1;  D = max(kl - kl_prev, 0) / target;  I += e unless that would push u below floor
@@ -96,9 +96,6 @@ class PIDKL:
         u = 1.0 + self.kp * e + self.ki * self.integral + self.kd * rise
         self.coef = self.coef0 * max(u, self.floor)
         return self.coef
-
-    def state_dict(self) -> dict:
-        return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.coef = float(state["coef"])  # a checkpoint of another controller holds only the coefficient

@@ -8,30 +8,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from test_ppo import FixedLength  # episodes of a fixed length with a known ref_logprob
 
 from agents.policies import MLPAgent
 from agents.rollout import Carry, collect_rollout, compute_advantages
 
 
-class ThreeSteps(gym.Env):
-    """Episodes of 3 steps (truncated), reward 1 at the end, `ref_logprob` = log(0.5) - 0.5."""
-
-    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        obs = self.np_random.uniform(-1, 1, 2).astype(np.float32)
-        return obs, float(self.t == 3), False, self.t == 3, {"ref_logprob": math.log(0.5) - 0.5}
-
-
 def setup(seed: int = 0):
-    envs = gym.vector.SyncVectorEnv([ThreeSteps for _ in range(2)])
+    envs = gym.vector.SyncVectorEnv([lambda: FixedLength(length=3) for _ in range(2)])
     torch.manual_seed(seed)
     return envs, MLPAgent(envs.single_observation_space, envs.single_action_space), Carry.start(envs, seed)
 
