@@ -6,7 +6,7 @@ model's score (the proxy the policy trains on) and the held-out judge's P(positi
 Past some KL the proxy keeps rising while the judge stops following or falls: that knee is where `kl_target`
 belongs. The best setpoint by the judge is saved in the JSON.
 
-    python benchmarks/overoptimisation.py            # 5 setpoints + coef 0, 2 seeds; JSON + PNG in results/
+    python benchmarks/overoptimisation.py            # setpoints 1, 2, 4, 8 + coef 0, 2 seeds; JSON + PNG in results/
     python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
 """
 
@@ -29,7 +29,7 @@ from agents.vector import resolve_device
 
 @dataclass
 class Args:
-    setpoints: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
+    setpoints: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     """KL setpoints (nats per response) of the adaptive controller"""
     no_penalty: bool = True
     """also train with a fixed KL coefficient of 0 (the right end of the curve)"""
@@ -126,7 +126,7 @@ def main(a: Args) -> None:
     total_s = time.time() - t0
     held = [m for m in means if m["setpoint"] is not None]
     worst = max((abs(m["train_kl_final_quarter"] - m["setpoint"]) / m["setpoint"] for m in held), default=float("nan"))
-    targets = [target("setpoints", len(a.setpoints), ">= 5", len(a.setpoints) >= 5),
+    targets = [target("points", len(means), ">= 5 (setpoints + coef 0)", len(means) >= 5),
                target("seeds_per_point", len(a.seeds), ">= 2", len(a.seeds) >= 2),
                target("wall_minutes", total_s / 60, "<= 30", total_s <= 30 * 60),
                target("worst_final_quarter_kl_error", worst, "<= 0.2 (fraction of the setpoint)", worst <= 0.2)]
