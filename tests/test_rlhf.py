@@ -136,13 +136,15 @@ def test_presets_keep_the_jobs_ppo_settings():
     # the values the job trained with before PPO's settings moved into `ppo` (and the PID KL controller of issue 13)
     job = dict(exp_name="rlhf", env_id="TextEnv-v0", seed=1, num_envs=64, num_steps=34, anneal_lr=True,
                update_epochs=4, num_minibatches=4, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True,
-               vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000, kl_controller="pid",
+               vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000,
                minibatch_by_env=True,
                bootstrap_truncated=False, eval_episodes=0, log_every=0, save_every=50, run_dir=None, resume=False)
-    for cfg, steps, lr, kl_target in ((embedded(), 40 * 64 * 34, 5e-5, 6.0), (imdb(), 100 * 64 * 34, 1e-4, 5.0)):
+    for cfg, steps, lr, kl_target, ctl in ((embedded(), 40 * 64 * 34, 5e-5, 6.0, "pid"),
+                                           (imdb(), 100 * 64 * 34, 1e-4, 5.0, "proportional")):
         got = dataclasses.asdict(cfg.ppo)
         assert {k: got[k] for k in job} == job
-        assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target) == (steps, lr, kl_target)
+        assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target, cfg.ppo.kl_controller) == (
+            steps, lr, kl_target, ctl)
     assert (embedded().models, imdb().models, imdb().data_dir) == ("embedded", "imdb", "../shared/data/imdb")
     assert embedded() == RLHFConfig()
 
