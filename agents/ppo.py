@@ -17,7 +17,6 @@ This file imports only gymnasium, torch, numpy and the stdlib (a test checks it)
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,11 +357,9 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
             sums = distributed.all_reduce_mean(sums / max(n, 1), dist)
         if args.target_kl is not None and sums[4] > args.target_kl:
             break
-    keys = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
-            "losses/approx_kl", "losses/clipfrac"]
-    out = dict(zip(keys, sums.tolist(), strict=True))
-    out["debug/first_ratio_max_dev"] = first_dev
-    out["debug/epochs"] = epoch + 1
+    out = dict(zip(["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
+                    "losses/approx_kl", "losses/clipfrac"], sums.tolist(), strict=True))
+    out.update({"debug/first_ratio_max_dev": first_dev, "debug/epochs": epoch + 1})
     if hasattr(agent, "reset_cache"):
         agent.reset_cache()  # caches computed with the old weights must not be reused
     return out
@@ -375,8 +372,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     import tyro
 
     from agents.checkpoint import load_checkpoint
-
-    argv = sys.argv[1:] if argv is None else list(argv)
 
     def parse(defaults: dict[str, Args]) -> Args:
         descriptions = {name: (PRESETS[name].__doc__ or "").split("\n")[0] for name in defaults}
