@@ -17,10 +17,12 @@ The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed r
    the policy writes 4-16 tokens, the reward model scores prompt + completion (positive-class logit).
    `textenv.kl.RefLogprob` adds each token's log-prob under a frozen copy of the pretrained policy.
 3. PPO (`agents.ppo.train`, the same loop that solves CartPole) with `GPTAgent`: gamma 1, lambda 0.95,
-   clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs, per-token KL penalty with Ziegler's adaptive
-   coefficient (init 0.2, target 6 nats; horizon 1000 episodes for our shorter runs), minibatches of env columns.
+   clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs, per-token KL penalty whose coefficient (init 0.2) a PID
+   controller holds at the setpoint (`agents.kl_control`; embedded 2 nats, imdb 5 with Ziegler's proportional
+   controller), minibatches of env columns; `agents.rlhf.logger` logs over-optimisation signals and warns.
 4. Report (`agents.rlhf.report`): held-out prompts before and after; reward, positive rate by the reward model
-   and by the judge, KL to the reference, reference perplexity, distinct-2, sample pairs; Markdown + JSON + PNG.
+   and by the judge, KL to the reference, reference perplexity, distinct-n and the collapse signals, warnings,
+   sample pairs (all of them in report.json); Markdown + JSON + PNG.
 
 Every bad input (vocabulary, EOS, classifier folder, data, context length) fails before any training.
 """
