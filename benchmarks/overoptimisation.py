@@ -88,7 +88,7 @@ def plot(points: list[dict], before: dict, path) -> None:
     ax.set(xlabel="KL to the reference on held-out prompts (nats per response)", ylabel="reward-model score",
            title="Proxy vs judge over KL (labels: kl_target; dotted: before)")
     ax2.set_ylabel("judge P(positive)")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.2), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
