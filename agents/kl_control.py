@@ -73,7 +73,7 @@ class PIDKL(_Coefficient):
     target: float
     kp: float = 1.0
     """proportional gain: coef doubles at KL = 2 x target"""
-    ki: float = 0.1
+    ki: float = 0.3
     """integral gain per iteration"""
     kd: float = 1.0
     """derivative gain on KL rises (per target per iteration)"""

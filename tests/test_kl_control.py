@@ -29,22 +29,25 @@ def test_pid_reacts_within_one_iteration_and_proportional_lags():
 
 
 def test_pid_below_target_lowers_the_coefficient_without_winding_up():
-    c = PIDKL(0.2, target=6.0, floor=0.05)
+    c = PIDKL(0.2, target=6.0, ki=0.3, floor=0.05)
     coefs = [c.update(0.5, 128) for _ in range(200)]  # KL far below target, as at the start of every run
     assert coefs[1] < coefs[0] < 0.2 and min(coefs) >= 0.2 * 0.05
-    assert coefs[-1] == pytest.approx(0.2 * 0.05)  # at the floor
-    # the first iteration integrated (its rise kept u above the floor), then integrating would have pushed u
-    # further below the floor: conditional integration stopped it after one step, not after 200
-    assert c.integral == pytest.approx(0.5 / 6 - 1)
+    # integrating would push u below the floor from the first step: conditional integration keeps the integral at
+    # 0, and the proportional term alone holds the coefficient: coef0 * (1 + e), e = 0.5 / 6 - 1
+    assert c.integral == 0.0 and coefs[-1] == pytest.approx(0.2 * 0.5 / 6)
     # so the moment the KL overshoots, the coefficient jumps above its start (no wound-down integral to undo)
     assert c.update(12.0, 128) > 0.2
+    plain = PIDKL(0.2, target=6.0, ki=0.3, floor=-1e9)  # without a floor the integral winds down without bound
+    for _ in range(200):
+        plain.update(0.5, 128)
+    assert plain.integral < -150
 
 
 def test_pid_integral_removes_a_steady_error():
     c = PIDKL(0.2, target=6.0)
     coefs = [c.update(7.2, 128) for _ in range(10)]  # 20% over target, steady
     assert all(b > a for a, b in zip(coefs[1:], coefs[2:], strict=False))  # keeps rising while the error stays
-    assert coefs[-1] == pytest.approx(0.2 * (1 + 0.2 + 0.1 * 10 * 0.2))
+    assert coefs[-1] == pytest.approx(0.2 * (1 + 0.2 + c.ki * 10 * 0.2))
 
 
 def test_state_round_trip_and_factory():
