@@ -1,20 +1,24 @@
-"""Data-parallel scaling of `agents.ppo`: steps per second with 1 and 2 processes (torchrun, gloo / NCCL).
+"""Data-parallel scaling of `agents.ppo`: steps per second with 1 and N processes (torchrun, gloo / NCCL).
 
 Weak scaling, as data-parallel PPO is used: every process keeps the same rollout (`num_envs` x `num_steps`) and
-iteration count, so 2 processes collect and train on twice the batch; speedup = steps/s(2) / steps/s(1),
-efficiency = speedup / 2. Workloads:
+iteration count, so N processes collect and train on N times the batch. The baseline is what a user runs:
+1 process with all the threads (`--threads`, default every usable core); N processes split those threads
+(cores // N each). speedup = steps/s(config) / steps/s(1 process, all threads). The old baseline, 1 process
+with 1 thread, stays as a row labelled so (`speedup_vs_1_thread`: the number earlier READMEs quoted).
+Workloads:
 
 - `cartpole`: CartPole-v1, `MLPAgent`, the zoo preset's shapes (8 envs x 32 steps per process, 20 epochs).
 - `textenv`: the embedded RLHF job's shapes with a rule reward: `TextVectorEnv` (64 envs x 34 steps per process,
   char tokenizer, keyword reward, 4-16 new tokens), a GPT-2 of 4 layers x 128 (`GPTAgent`, KV cache, 4 minibatches
   of env columns, 4 epochs), the per-token KL penalty to a frozen reference copy (`RefLogprob`), gamma 1.
 
-One process runs with no launcher (`python benchmarks/scaling.py --worker ...`), two under
-`torchrun --standalone --nproc-per-node 2`; each process uses 1 torch thread. The machine may be shared: each
-round runs every configuration back to back (order alternating), medians over rounds are reported, plus CPU time
-per 1k steps summed over the processes (what the work itself costs, steadier than wall time under load) and the
-load average. `cpu_efficiency` = CPU per step with 1 process / CPU per step with 2 (1.0: distribution adds no
-work); on otherwise idle cores, wall-clock speedup ~= 2 x cpu_efficiency.
+One process runs with no launcher (`python benchmarks/scaling.py --worker ...`), N under
+`torchrun --standalone --nproc-per-node N`; each process gets its share of the threads (torch and OMP). The
+machine may be shared: each round runs every configuration back to back (order alternating), medians over
+rounds are reported, plus the CPU seconds per step summed over the processes (per token for `textenv`: one env
+step is one token; what the work itself costs, steadier than wall time under load) and the load average.
+`cpu_efficiency` = CPU per step of the baseline / CPU per step of the configuration (1.0: no extra work; > 1:
+the configuration spends less CPU per step, e.g. no threads spinning on tiny ops).
 
     python benchmarks/scaling.py                     # CPU, 3 rounds
     python benchmarks/scaling.py --quick             # 1 round, shorter runs
@@ -43,7 +47,9 @@ class Args:
     workloads: tuple[str, ...] = ("cartpole", "textenv")
     """which runs to time"""
     nproc: tuple[int, ...] = (1, 2)
-    """process counts (1 = no launcher)"""
+    """process counts (1 = no launcher); the first must be 1 (the baseline)"""
+    threads: int = 0
+    """threads shared by the processes of a configuration (0 = every usable core)"""
     rounds: int = 3
     """timing rounds (every configuration once per round)"""
     device: str = "cpu"
@@ -56,6 +62,8 @@ class Args:
     """internal: run one workload in this process (under torchrun or not) and print its numbers"""
     iterations: int = 0
     """internal: PPO iterations of the worker (0 = the workload's default)"""
+    worker_threads: int = 1
+    """internal: torch threads of each worker process"""
 
 
 ITERATIONS = {"cartpole": (60, 12), "textenv": (6, 2)}  # (full, quick)
@@ -100,7 +108,7 @@ def run_worker(args: Args) -> None:
     from agents.ppo import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.worker_threads)
     n_iter = args.iterations or ITERATIONS[args.worker][args.quick]
     if args.worker == "cartpole":
         envs, agent = None, None
@@ -110,7 +118,7 @@ def run_worker(args: Args) -> None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device
         envs, agent, ppo = textenv_setup(device)
     ppo = dataclasses.replace(ppo, total_timesteps=n_iter * ppo.num_envs * ppo.num_steps * world, eval_episodes=0,
-                              save_every=0, log_every=0, torch_threads=1, device=args.device, seed=1,
+                              save_every=0, log_every=0, torch_threads=args.worker_threads, device=args.device, seed=1,
                               run_dir=tempfile.mkdtemp(prefix="scaling-"))
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(ppo, envs=envs, agent=agent)
@@ -122,20 +130,38 @@ def run_worker(args: Args) -> None:
     distributed.exit_worker(0)
 
 
-def launch(workload: str, nproc: int, args: Args) -> dict:
-    """Run one configuration in fresh processes; returns steps/s and CPU seconds per 1k steps (all ranks)."""
-    worker = [str(Path(__file__).resolve()), "--worker", workload, "--device", args.device]
+def launch(workload: str, nproc: int, threads: int, args: Args) -> dict:
+    """Run one configuration (`nproc` fresh processes of `threads` threads each); returns steps/s and CPU seconds
+    per step (all ranks)."""
+    worker = [str(Path(__file__).resolve()), "--worker", workload, "--device", args.device,
+              "--worker-threads", str(threads)]
     worker += ["--quick"] if args.quick else []
     cmd = [sys.executable] + worker if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] + worker
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     rows = [json.loads(m) for m in re.findall(MARK + r"(\{[^{}]*\})", run.stdout)]
     if run.returncode != 0 or len(rows) != nproc:
         raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     steps = rows[0]["steps"]
-    return {"sps": rows[0]["sps"], "cpu_s_per_1k_steps": 1000 * sum(r["cpu_s"] for r in rows) / steps,
+    cpu = sum(r["cpu_s"] for r in rows)
+    return {"sps": rows[0]["sps"], "cpu_s_per_step": cpu / steps, "cpu_s_per_1k_steps": 1000 * cpu / steps,
             "wall_s": max(r["wall_s"] for r in rows), "steps": steps}
+
+
+def configurations(args: Args) -> list[tuple[int, int]]:
+    """(processes, threads per process): 1 x all threads (the baseline), N x threads // N, and 1 x 1 thread."""
+    if args.nproc[0] != 1:
+        raise SystemExit("--nproc must start with 1: the baseline is 1 process with all the threads")
+    cores = args.threads or len(os.sched_getaffinity(0))
+    configs = [(n, max(1, cores // n)) for n in args.nproc]
+    return configs + ([(1, 1)] if cores > 1 else [])
+
+
+def label(n: int, threads: int, cores: int) -> str:
+    if n == 1 and threads == 1 and cores > 1:
+        return "1 proc x 1 thread (old baseline)"
+    return f"{n} proc x {threads} thread{'s' if threads > 1 else ''}" + (" (baseline)" if n == 1 else "")
 
 
 def main() -> None:
@@ -147,40 +173,51 @@ def main() -> None:
     from _common import machine_info, print_table, target, write_result
 
     rounds = 1 if args.quick else args.rounds
-    samples: dict[tuple[str, int], list[dict]] = {(w, n): [] for w in args.workloads for n in args.nproc}
+    configs = configurations(args)
+    cores = configs[0][1]
+    samples: dict[tuple[str, int, int], list[dict]] = {(w, n, t): [] for w in args.workloads for n, t in configs}
     loads = [os.getloadavg()[0]]
     for r in range(rounds):
         order = list(samples) if r % 2 == 0 else list(reversed(samples))
-        for w, n in order:
-            samples[(w, n)].append(launch(w, n, args))
-            s = samples[(w, n)][-1]
-            print(f"round {r + 1}/{rounds} {w} x{n}: {s['sps']:.0f} steps/s, "
+        for w, n, t in order:
+            samples[(w, n, t)].append(launch(w, n, t, args))
+            s = samples[(w, n, t)][-1]
+            print(f"round {r + 1}/{rounds} {w} {label(n, t, cores)}: {s['sps']:.0f} steps/s, "
                   f"{s['cpu_s_per_1k_steps']:.2f} CPU s / 1k steps (load {os.getloadavg()[0]:.1f})", flush=True)
             loads.append(os.getloadavg()[0])
 
-    results: dict = {"load_average": {"min": min(loads), "max": max(loads)}, "rounds": rounds, "runs": {}}
+    results: dict = {"load_average": {"min": min(loads), "max": max(loads)}, "rounds": rounds, "threads": cores,
+                     "baseline": label(1, cores, cores), "runs": {}}  # fmt: skip
     rows, targets = [], []
     for w in args.workloads:
-        base = samples[(w, args.nproc[0])]
-        for n in args.nproc:
-            s = samples[(w, n)]
+        base, one = samples[(w, 1, cores)], samples.get((w, 1, 1), samples[(w, 1, cores)])
+        for n, t in configs:
+            s = samples[(w, n, t)]
             # per-round ratios (the rounds see different loads): median speedup over rounds
-            speedups = [b["sps"] and x["sps"] / b["sps"] for x, b in zip(s, base, strict=True)]
-            cpu_eff = [b["cpu_s_per_1k_steps"] / x["cpu_s_per_1k_steps"] for x, b in zip(s, base, strict=True)]
-            rec = {"sps": statistics.median(x["sps"] for x in s),
+            speedups = [x["sps"] / b["sps"] for x, b in zip(s, base, strict=True)]
+            vs_one = [x["sps"] / b["sps"] for x, b in zip(s, one, strict=True)]
+            cpu_eff = [b["cpu_s_per_step"] / x["cpu_s_per_step"] for x, b in zip(s, base, strict=True)]
+            rec = {"label": label(n, t, cores), "procs": n, "threads_per_proc": t,
+                   "sps": statistics.median(x["sps"] for x in s),
+                   "cpu_s_per_step": statistics.median(x["cpu_s_per_step"] for x in s),
                    "cpu_s_per_1k_steps": statistics.median(x["cpu_s_per_1k_steps"] for x in s),
-                   "speedup": statistics.median(speedups), "efficiency": statistics.median(speedups) / n,
-                   "cpu_efficiency": statistics.median(cpu_eff), "samples": s}
-            results["runs"][f"{w}_x{n}"] = rec
-            rows.append([w, n, rec["sps"], rec["speedup"], rec["efficiency"], rec["cpu_s_per_1k_steps"],
-                         rec["cpu_efficiency"]])
-        if 2 in args.nproc and args.nproc[0] == 1:
-            rec = results["runs"][f"{w}_x2"]
+                   "speedup": statistics.median(speedups), "speedup_vs_1_thread": statistics.median(vs_one),
+                   "cpu_efficiency": statistics.median(cpu_eff), "samples": s}  # fmt: skip
+            results["runs"][f"{w}_x{n}_t{t}"] = rec
+            rows.append([w, rec["label"], rec["sps"], rec["speedup"], rec["speedup_vs_1_thread"],
+                         1e3 * rec["cpu_s_per_step"], rec["cpu_efficiency"]])  # fmt: skip
+        two = [(n, t) for n, t in configs if n == 2]
+        if two:
+            rec = results["runs"][f"{w}_x2_t{two[0][1]}"]
             if w == "textenv":
-                targets.append(target("textenv_speedup_2_procs", rec["speedup"], ">= 1.6", rec["speedup"] >= 1.6))
-            targets.append(target(f"{w}_cpu_efficiency_2_procs", rec["cpu_efficiency"], ">= 0.8 (informational)",
-                                  rec["cpu_efficiency"] >= 0.8))
-    print_table(["workload", "procs", "steps/s", "speedup", "efficiency", "CPU s/1k steps", "CPU efficiency"], rows)
+                targets.append(target("textenv_speedup_2_procs_vs_1_proc_all_threads", rec["speedup"],
+                                      "> 1.0 (informational)", rec["speedup"] > 1.0))  # fmt: skip
+                targets.append(target("textenv_speedup_2_procs_vs_1_proc_1_thread", rec["speedup_vs_1_thread"],
+                                      ">= 1.6 (the old baseline)", rec["speedup_vs_1_thread"] >= 1.6))  # fmt: skip
+            targets.append(target(f"{w}_cpu_efficiency_2_procs_vs_1_proc_all_threads", rec["cpu_efficiency"],
+                                  ">= 0.8 (informational)", rec["cpu_efficiency"] >= 0.8))  # fmt: skip
+    print_table(["workload", "configuration", "steps/s", "speedup (vs 1 proc, all threads)", "speedup vs 1 thread",
+                 "CPU ms/step (= /token for textenv)", "CPU efficiency"], rows)  # fmt: skip
     print(f"load average during the run: {min(loads):.1f} - {max(loads):.1f} on {machine_info()['cores']} cores")
     print(f"wrote {write_result('scaling', results, targets, args.quick, args.out)}")
 
