@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from textenv.build.bpe import classifier_tokenizer, train_bpe
-from textenv.build.texts import Texts
 from textenv.build.pretrain import resolve_device
+from textenv.build.texts import Texts
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
