@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import tyro
 from _common import print_table, target, write_result
-from rollout import tokenizer  # benchmarks/rollout.py's BPE (with its filler tokens)
+from rollout import PRESETS, sync, tokenizer  # benchmarks/rollout.py's model shapes, BPE (with fillers)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents import distributed, ppo
@@ -57,11 +57,6 @@ from agents.rlhf.config import rlhf_ppo
 from agents.rollout import Carry, collect_rollout, compute_advantages, episode_stats
 from textenv import KeywordReward, RefLogprob, TextVectorEnv
 
-PRESETS = {  # (n_layer, n_embd, n_head, vocab)
-    "small": (4, 256, 4, 4096),  # DESIGN.md's CPU reference model (4.2M parameters)
-    "gpt2-small": (12, 768, 12, 50257),  # GPT-2 124M shape (BPE + filler tokens: see rollout.tokenizer)
-    "tiny": (1, 32, 2, 300),  # tests
-}
 PHASES = ["rollout: policy", "rollout: env", "rollout: reference", "rollout: reward", "rollout: other",
           "advantages", "update", "everything else"]  # fmt: skip
 FLOOR = ["floor: generate", "floor: fwd+bwd"]
@@ -101,11 +96,6 @@ class Args:
     """smoke run: 1 warm-up iteration, 2 rounds, 3 train() iterations"""
     out: str | None = None
     """JSON path (default benchmarks/results/ppo_iteration[-gpu].json)"""
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Clock:

@@ -98,9 +98,10 @@ def tokenizer(vocab: int, limit: int = 3000):
     return tok, texts, source, fillers
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a timer measures it; nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def autocast(args: Args):
