@@ -105,20 +105,8 @@ def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, st
     th = th or Thresholds()
     if not history:
         return {}
-    last, first, it = history[-1], history[0], history[-1].get("iteration", len(history))
-    out = {}
-    if first.get("distinct_2") and last.get("distinct_2", 1e9) < th.distinct_2_ratio * first["distinct_2"]:
-        out["distinct_2"] = (f"iteration {it}: distinct-2 fell to {last['distinct_2']:.3f}, below {th.distinct_2_ratio:.0%} of "
-                   f"its start {first['distinct_2']:.3f}: the policy is repeating itself")
-    if last.get("identical_share", 0.0) > th.identical_share:
-        out["identical_share"] = (f"iteration {it}: {last['identical_share']:.0%} of responses are copies of another "
-                   f"(threshold {th.identical_share:.0%}): the policy collapsed onto a few answers")
-    if last.get("repeated_3gram_rate", 0.0) > th.repeated_3gram_rate:
-        out["repeated_3gram_rate"] = (f"iteration {it}: {last['repeated_3gram_rate']:.0%} of 3-grams repeat inside a response "
-                   f"(threshold {th.repeated_3gram_rate:.0%})")
-    if last.get("saturation", 0.0) > th.saturation:
-        out["saturation"] = (f"iteration {it}: {last['saturation']:.0%} of scores sit at the batch maximum (threshold "
-                   f"{th.saturation:.0%}): the reward model is saturated, its gradient says little")
+    it = history[-1].get("iteration", len(history))
+    out = _collapse(history[0], history[-1], th, f"iteration {it}")
     judged = [h for h in history if "judge_mean" in h and "score_mean" in h]
     w = th.window
     if len(judged) >= 2 * w:
@@ -127,8 +115,8 @@ def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, st
         d_score = np.mean([h["score_mean"] for h in after]) - np.mean([h["score_mean"] for h in before])
         if d_judge < -th.judge_drop and d_score > 0:
             out["judge"] = (f"iteration {it}: the held-out judge fell {-d_judge:.3f} while the reward model rose "
-                       f"{d_score:.3f} over the last {w} iterations: the policy is exploiting the reward model; "
-                       "lower kl_target or stop earlier")
+                            f"{d_score:.3f} over the last {w} iterations: the policy is exploiting the reward model; "
+                            "lower kl_target or stop earlier")
     return out
 
 
@@ -136,17 +124,27 @@ def compare(before: dict, after: dict, th: Thresholds | None = None) -> dict[str
     """Warnings on a report's held-out samples (`agents.rlhf.report.evaluate` metrics, before vs after): the
     judge disagreeing with the reward model, and the collapse signals of the tuned policy's samples."""
     th = th or Thresholds()
-    out = {}
+    out = _collapse(before, after, th, "held-out samples after training")
     pr, pj = after.get("positive_rate_reward_model"), after.get("positive_rate_judge")
     if pr is not None and pj is not None and pr - pj > th.judge_gap:
         out["judge"] = (f"the held-out judge calls {pj:.0%} of the tuned samples positive, the reward model {pr:.0%}: "
                         f"a gap over {th.judge_gap:.0%} means the policy found the reward model's blind spots")
-    if before.get("distinct_2") and after.get("distinct_2", 1e9) < th.distinct_2_ratio * before["distinct_2"]:
-        out["distinct_2"] = (f"distinct-2 fell from {before['distinct_2']:.3f} to {after['distinct_2']:.3f} "
-                             f"(below {th.distinct_2_ratio:.0%}): the tuned policy repeats itself")
-    for key, what in (("identical_share", "of the tuned samples are copies of another"),
-                      ("repeated_3gram_rate", "of the tuned samples' 3-grams repeat inside a response"),
-                      ("saturation", "of the tuned samples' scores sit at the maximum")):
-        if after.get(key, 0.0) > getattr(th, key):
-            out[key] = f"{after[key]:.0%} {what} (threshold {getattr(th, key):.0%})"
+    return out
+
+
+def _collapse(first: dict, last: dict, th: Thresholds, where: str) -> dict[str, str]:
+    """The collapse checks of `last` (distinct-2 against `first`'s), each line starting with `where`."""
+    out = {}
+    if first.get("distinct_2") and last.get("distinct_2", 1e9) < th.distinct_2_ratio * first["distinct_2"]:
+        out["distinct_2"] = (f"{where}: distinct-2 fell to {last['distinct_2']:.3f}, below {th.distinct_2_ratio:.0%} "
+                             f"of its start {first['distinct_2']:.3f}: the policy is repeating itself")
+    if last.get("identical_share", 0.0) > th.identical_share:
+        out["identical_share"] = (f"{where}: {last['identical_share']:.0%} of responses are copies of another "
+                                  f"(threshold {th.identical_share:.0%}): the policy collapsed onto a few answers")
+    if last.get("repeated_3gram_rate", 0.0) > th.repeated_3gram_rate:
+        out["repeated_3gram_rate"] = (f"{where}: {last['repeated_3gram_rate']:.0%} of 3-grams repeat inside a "
+                                      f"response (threshold {th.repeated_3gram_rate:.0%})")
+    if last.get("saturation", 0.0) > th.saturation:
+        out["saturation"] = (f"{where}: {last['saturation']:.0%} of scores sit at the batch maximum (threshold "
+                             f"{th.saturation:.0%}): the reward model is saturated, its gradient says little")
     return out
