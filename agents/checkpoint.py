@@ -57,9 +57,9 @@ def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteratio
               kl_control: object, episode_returns: list, args: object, world_size: int) -> dict:
     """What a PPO checkpoint holds: weights, Adam, RNG states, counters, the returns so far and the run's args."""
     return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-            "global_step": global_step, "kl_coef": kl_control.coef, "kl_control": kl_control.state_dict(), "rng": rng_state(), "num_envs": args.num_envs,
-            "num_steps": args.num_steps, "world_size": world_size, "episode_returns": [list(x) for x in episode_returns],
-            "args": dataclasses.asdict(args)}
+            "global_step": global_step, "kl_coef": kl_control.coef, "kl_control": kl_control.state_dict(),
+            "rng": rng_state(), "num_envs": args.num_envs, "num_steps": args.num_steps, "world_size": world_size,
+            "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
