@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, position_ids, split_lm
+from textenv.trunk import TrunkSplit
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -72,6 +73,10 @@ class GPTAgent(nn.Module):
         device: where to put the agent (default: where the model already is).
         dtype: "float32" (default) or "bf16": bf16 autocast for the transformer, float32 master weights,
             log-probs and values.
+        trainable_layers: train only the top k decoder blocks (+ final norm and the value head); the rest of
+            the model (embeddings, lower blocks, the usually tied LM head) is a frozen trunk whose outputs the
+            rollout computes once per token and the update and the reference reuse (`textenv.trunk`). None:
+            train every parameter.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class GPTAgent(nn.Module):
         value_init_std: float = 0.01,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
+        trainable_layers: int | None = None,
     ) -> None:
         super().__init__()
         _, head = split_lm(model)
@@ -99,6 +105,11 @@ class GPTAgent(nn.Module):
         self.vocab_size = int(vocab_size) if vocab_size is not None else int(model_vocab)
         disable_dropout(model)
         self.lm = model.eval()
+        self.split = None if trainable_layers is None else TrunkSplit(model, trainable_layers, pad_token_id)
+        if self.split is not None:
+            model.requires_grad_(False)
+            for p in self.split.trainable():
+                p.requires_grad_(True)
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.normal_(self.value_head.weight, std=value_init_std)
         nn.init.zeros_(self.value_head.bias)
@@ -119,10 +130,18 @@ class GPTAgent(nn.Module):
 
     def reset_cache(self) -> None:
         """Forget cached keys/values; call it after changing the weights in place (PPO does after each update)."""
-        self._rollout = CachedLM(self.lm, self.pad_token_id)
-        self._eval = CachedLM(self.lm, self.pad_token_id)
+        if self.split is not None:
+            self._rollout, self._eval = self.split.cached(), self.split.cached()
+        else:
+            self._rollout, self._eval = CachedLM(self.lm, self.pad_token_id), CachedLM(self.lm, self.pad_token_id)
         self._memo: tuple | None = None  # (cache name, obs, hidden) of the last cached step
         self._placement = self._where()
+
+    def reference(self, model: nn.Module) -> nn.Module | TrunkSplit:
+        """What `textenv.kl.RefLogprob` should score with for the frozen reference `model` (a copy of this
+        agent's LM before training): `model` itself, or with `trainable_layers` its split over this agent's
+        frozen trunk, so the reference runs only its top blocks."""
+        return model if self.split is None else self.split.sharing(model)
 
     def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
         """Make every `optimizer.step()` drop the caches (for training loops that do not call `reset_cache`)."""
@@ -159,8 +178,10 @@ class GPTAgent(nn.Module):
         mask = attention_mask(ids, self.pad_token_id)
         width = int(mask.sum(dim=1).max())
         ids, mask = ids[:, -width:], mask[:, -width:]  # (B, W)
-        base, _ = split_lm(self.lm)
         with self._autocast():
+            if self.split is not None:  # frozen trunk looked up, top blocks differentiated
+                return self.split.hidden(ids, mask), width
+            base, _ = split_lm(self.lm)
             out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return out.last_hidden_state, width
 

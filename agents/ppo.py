@@ -189,7 +189,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     device = resolve_device(device_name)
     agent = (MLPAgent(envs.single_observation_space, envs.single_action_space) if agent is None else agent).to(device)
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+    trainable = [p for p in agent.parameters() if p.requires_grad]  # e.g. GPTAgent's top blocks only
+    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_ctl = make_kl_controller(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
     start_iteration, global_step, episode_returns, env_seed = 0, 0, [], seed

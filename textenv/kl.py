@@ -29,6 +29,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from torch import nn
 
 from textenv.lm_cache import CachedLM, check_lm_vocab
+from textenv.trunk import TrunkSplit
 
 
 def _pad_token_id(env: Any) -> int:
@@ -50,10 +51,13 @@ class _Reference:
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"{who} needs Discrete token actions, got {action_space}; wrap a TextEnv.")
         self.n_actions = int(action_space.n)
+        split = ref_model if isinstance(ref_model, TrunkSplit) else None  # shares the policy's frozen trunk
+        ref_model = ref_model.model if split is not None else ref_model
         self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
         check_lm_vocab(ref_model, self.n_actions, f"the reference model of {who}")
         self.model = ref_model.eval().requires_grad_(False).to(self.device)  # frozen: no dropout, no grad
-        self.cache = CachedLM(self.model, _pad_token_id(env) if pad_token_id is None else pad_token_id)
+        pad = _pad_token_id(env) if pad_token_id is None else pad_token_id
+        self.cache = split.cached() if split is not None else CachedLM(self.model, pad)
 
     @torch.no_grad()
     def logprobs(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -69,7 +73,8 @@ class RefLogprob(VectorWrapper):
     """Adds `infos["ref_logprob"]` (E,) float64: log p_ref(action | obs before it) under a frozen causal LM.
 
     Works on any vector env with `Discrete` actions and left-padded token-id observations (TextVectorEnv,
-    or SyncVectorEnv of TextEnv). Under NEXT_STEP autoreset the step right after an episode end applies
+    or SyncVectorEnv of TextEnv). `ref_model` is a causal LM, or `agent.reference(model)` of a `GPTAgent`
+    with `trainable_layers` (the reference then runs only its top blocks over the policy's frozen trunk). Under NEXT_STEP autoreset the step right after an episode end applies
     no action: its `ref_logprob` is 0 and its `_ref_logprob` mask False.
     """
 

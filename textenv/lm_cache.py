@@ -133,10 +133,12 @@ class CachedLM:
     and the block is moved back to the left only when it reaches the buffer's end.
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+    def __init__(self, model: nn.Module, pad_token_id: int, base: nn.Module | None = None) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.base, self.head = split_lm(model)
+        if base is not None:  # a view of the model's trunk that runs only some of its blocks (textenv.trunk)
+            self.base = base
         self.reset()
 
     def reset(self) -> None:
@@ -146,6 +148,11 @@ class CachedLM:
         self.mbuf: torch.Tensor | None = None  # (B, capacity) long: which columns are real for each row
         self.start = self.end = self.capacity = 0
         self.last_obs: torch.Tensor | None = None
+        self.live: list[int] = []  # the model's cache layers this cache holds (all, unless a split model's view)
+        self.num_layers = 0
+        self.prefill_rows: torch.Tensor | None = None
+        self.prefill_states: torch.Tensor | None = None
+        self.prefill_end = 0
 
     @property
     def width(self) -> int:
@@ -181,8 +188,13 @@ class CachedLM:
             return self.head(hidden).float(), hidden
 
     @torch.no_grad()
-    def hidden(self, obs: torch.Tensor) -> torch.Tensor:
-        """Final hidden state (B, C) at the last position of each row of `obs` (B, L); advances the cache."""
+    def hidden(self, obs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden state (B, C) at the last position of each row of `obs` (B, L); advances the cache.
+
+        `embeds` (B, L, C), if given, are the model's inputs for every position of `obs` in place of its token
+        embeddings (the upper blocks of a split model read the frozen trunk's outputs; `textenv.trunk`).
+        After the call, `prefill_rows` / `prefill_states` (R, W, C) hold the rows that were (re-)encoded and
+        their hidden states at every position of the encoded prefix, whose last column is `prefill_end` - 1."""
         obs = obs.long()
         restart = ~self.continuing_rows(obs)
         if self.mbuf is None or self.mbuf.shape[0] != obs.shape[0]:
@@ -190,39 +202,53 @@ class CachedLM:
         if bool(restart.all()):  # first call, or every episode restarted at once: one forward over whole rows
             self.start = self.end = 0
             self.capacity = 2 * obs.shape[1]  # room to slide: the live block moves back left every ~L steps
-            self._prefill(torch.arange(obs.shape[0], device=obs.device), obs)
+            self._prefill(torch.arange(obs.shape[0], device=obs.device), obs, embeds)
+            self.prefill_end = obs.shape[1]
             self.last_obs = obs.clone()
             return self.prefill_hidden
+        self.prefill_rows, self.prefill_states, self.prefill_end = restart.nonzero().squeeze(1), None, obs.shape[1] - 1
         if bool(restart.any()):
-            self._prefill(restart.nonzero().squeeze(1), obs[restart, :-1])
+            self._prefill(self.prefill_rows, obs[restart, :-1], None if embeds is None else embeds[restart, :-1])
         if self.end == self.mbuf.shape[1]:  # buffer full on the right: move the live block back to column 0
             self._move(0)
         # One batched decode step for every row: its newest token.
         self.mbuf[:, self.end] = 1
         mask = self.mbuf[:, self.start : self.end + 1]  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        layers = [BufferLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
-        out = self.base(input_ids=obs[:, -1:], attention_mask=mask, position_ids=pos, cache=Cache(layers=layers),
-                        use_cache=True)  # fmt: skip
+        buffers = [BufferLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
+        layers = [buffers[self.live.index(i)] if i in self.live else buffers[0] for i in range(self.num_layers)]
+        out = self._forward(obs[:, -1:], None if embeds is None else embeds[:, -1:], attention_mask=mask,
+                            position_ids=pos, cache=Cache(layers=layers), use_cache=True)  # fmt: skip
         self.end += 1
         self.last_obs = obs.clone()
         self._trim(obs.shape[1])
         return out.last_hidden_state[:, -1]  # (B, C)
 
-    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor) -> None:
+    def _forward(self, ids: torch.Tensor, embeds: torch.Tensor | None, **kwargs):
+        """The trunk on token ids, or on input embeddings when given."""
+        if embeds is None:
+            return self.base(input_ids=ids, **kwargs)
+        return self.base(inputs_embeds=embeds, **kwargs)
+
+    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor, embeds: torch.Tensor | None = None) -> None:
         """Encode the restarted rows' `prefix` tokens and write their keys/values right-aligned in the cache;
         `self.prefill_hidden` is the hidden state at each prefix's last position (None for empty prefixes)."""
         self.prefill_hidden: torch.Tensor | None = None
+        self.prefill_rows, self.prefill_states = rows, None
         pmask = attention_mask(prefix, self.pad_token_id)  # (R, L')
         width = int(pmask.sum(dim=1).max())
         if width == 0:  # one-token prompts: nothing to cache, just forget the rows
             self.mbuf[rows, self.start : self.end] = 0
             return
         prefix, pmask = prefix[:, -width:], pmask[:, -width:]
-        out = self.base(input_ids=prefix, attention_mask=pmask, position_ids=position_ids(pmask), use_cache=True)
+        out = self._forward(prefix, None if embeds is None else embeds[:, -width:], attention_mask=pmask,
+                            position_ids=position_ids(pmask), use_cache=True)  # fmt: skip
+        # A split model's view runs only some of the model's blocks: only their cache layers are filled.
+        self.num_layers = len(out.cache.layers)
+        self.live = [i for i, layer in enumerate(out.cache.layers) if getattr(layer, "keys", None) is not None]
         keep = pmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
-        new_k = [torch.where(keep, layer.keys, 0.0) for layer in out.cache.layers]  # (R, H, W, D) each
-        new_v = [torch.where(keep, layer.values, 0.0) for layer in out.cache.layers]
+        new_k = [torch.where(keep, out.cache.layers[i].keys, 0.0) for i in self.live]  # (R, H, W, D) each
+        new_v = [torch.where(keep, out.cache.layers[i].values, 0.0) for i in self.live]
         if self.kbuf is None:  # allocate from the shapes the model produced
             batch, capacity = self.mbuf.shape[0] if self.mbuf is not None else len(rows), max(self.capacity, 2 * width)
             self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in new_k]
@@ -241,6 +267,7 @@ class CachedLM:
             v[rows, :, col : self.end] = nv
         self.mbuf[rows, self.start : self.end] = 0
         self.mbuf[rows, col : self.end] = pmask
+        self.prefill_states = out.last_hidden_state  # (R, W, C)
         self.prefill_hidden = out.last_hidden_state[:, -1]  # (R, C)
 
     def _move(self, first: int) -> None:
