@@ -11,8 +11,9 @@ The step comes first (default `all`), then the preset (default `embedded`), then
 Steps: `tokenizer` (byte-level BPE), `pretrain` (GPT-2-architecture LM), `reward` (DistilBERT-architecture
 sentiment classifier), `judge` (held-out n-gram classifier), `all`; and `smollm2`, a pretrained LM fetched, not
 trained (`textenv.build.smollm2`: `<out-dir>/smollm2-135m-instruct/`; only `--out-dir`, `--force` apply).
-Each other artefact lands in `<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data source's fingerprint and its
-inputs' hashes; a finished artefact has `build.json` and is reused by later runs with the same settings.
+Each other artefact lands in `<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data
+source's fingerprint and its inputs' hashes; a finished artefact has `build.json` and is reused by later runs
+with the same settings.
 
 Data split (why the judge is "held out"): the reward model trains on the whole training split, as the
 seed's does. The test split is shuffled with seed 0 and halved class by class (`eval_split`): the judge
