@@ -177,10 +177,11 @@ class GPTAgent(nn.Module):
         """Final hidden states (B, W, C) of rows cropped to the longest real row; returns (hidden, W)."""
         mask = attention_mask(ids, self.pad_token_id)
         width = int(mask.sum(dim=1).max())
+        if self.split is not None:  # frozen trunk looked up by the whole rows, top blocks differentiated
+            with self._autocast():
+                return self.split.hidden(ids, width), width
         ids, mask = ids[:, -width:], mask[:, -width:]  # (B, W)
         with self._autocast():
-            if self.split is not None:  # frozen trunk looked up, top blocks differentiated
-                return self.split.hidden(ids, mask), width
             base, _ = split_lm(self.lm)
             out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return out.last_hidden_state, width

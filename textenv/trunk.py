@@ -77,7 +77,8 @@ class FrozenTrunk:
     `window(obs)` -> (B, L, C): the trunk's output at every position of the left-padded rows `obs` (0 at
     padding), advancing a KV cache by one token per row and step. A few streams of observations are followed
     at once (the rollout, which the reference wrapper reads too, and an evaluation), each found by its rows.
-    `lookup(ids)` -> the windows of finished or current rows by their token ids (recomputed if forgotten).
+    Every row's window is remembered by its token ids (the newest `store_bytes`: ~4,600 rows of 24 tokens x
+    576 floats in 256 MB); `lookup(ids)` returns them, recomputing the rows it does not find.
     """
 
     def __init__(self, model: nn.Module, k: int, pad_token_id: int, streams: int = 3,
@@ -86,12 +87,14 @@ class FrozenTrunk:
         base, _ = split_lm(model)
         self.model, self.pad_token_id, self.num_streams, self.store_bytes = model, int(pad_token_id), streams, store_bytes
         self.view = _view(base, name, list(blocks[: len(blocks) - k]), norm=False, positions=True)
-        self.streams: list[dict] = []  # {"cache": CachedLM, "obs": (B, L), "window": (B, L, C)}, newest last
-        self.finished: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # row ids -> (L, C) window
-        self._size = 0  # bytes held by `finished`
+        self.reset()
 
     def reset(self) -> None:
-        self.streams, self.finished, self._size = [], OrderedDict(), 0
+        """Forget every stream and remembered row."""
+        self.streams: list[dict] = []  # {"cache": CachedLM, "obs": (B, L), "window": (B, L, C)}, newest last
+        self.known: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # row ids -> (L, C) window, oldest first
+        self._size = 0  # bytes of the rows in `known`
+        self.recomputed = 0  # rows `lookup` did not find and ran the trunk for
 
     @torch.no_grad()
     def full(self, ids: torch.Tensor) -> torch.Tensor:
@@ -109,8 +112,6 @@ class FrozenTrunk:
         stream = self._stream_for(obs)
         cache, old = stream["cache"], stream["window"]
         cont = cache.continuing_rows(obs)
-        if old is not None and old.shape[:2] == obs.shape:
-            self._keep(stream["obs"][~cont], old[~cont])  # rows that ended: their last window
         last = cache.hidden(obs)  # (B, C) trunk output at the newest token
         new = torch.zeros(*obs.shape, last.shape[-1], dtype=last.dtype, device=last.device)
         if old is not None and old.shape == new.shape:
@@ -120,6 +121,7 @@ class FrozenTrunk:
             new[cache.prefill_rows, end - states.shape[1] : end] = states
         new[:, -1] = last
         new *= attention_mask(obs, self.pad_token_id)[..., None]
+        self._keep(obs, new)  # every step's rows: an episode segment ends at any of them (PPO looks them up)
         stream.update(obs=obs.clone(), window=new)
         self.streams.remove(stream)
         self.streams.append(stream)
@@ -135,31 +137,29 @@ class FrozenTrunk:
         if best is not None:
             return best
         if len(self.streams) >= self.num_streams:
-            old = self.streams.pop(0)
-            self._keep(old["obs"], old["window"])
+            self.streams.pop(0)
         stream = {"cache": CachedLM(self.model, self.pad_token_id, base=self.view), "obs": None, "window": None}
         self.streams.append(stream)
         return stream
 
     def _keep(self, rows: torch.Tensor, windows: torch.Tensor) -> None:
-        """Remember finished rows' windows by their ids, dropping the oldest beyond `store_bytes`."""
+        """Remember rows' windows by their ids (views of `windows`: no copy), dropping the oldest beyond
+        `store_bytes`."""
+        row_bytes = windows[0].numel() * windows.element_size()
         for key, win in zip(_keys(rows), windows, strict=True):
-            old = self.finished.pop(key, None)
-            self._size += win.numel() * win.element_size() - (0 if old is None else old.numel() * old.element_size())
-            self.finished[key] = win
-        while self.finished and self._size > self.store_bytes:
-            _, w = self.finished.popitem(last=False)
+            self._size += row_bytes * (self.known.pop(key, None) is None)
+            self.known[key] = win
+        while self.known and self._size > self.store_bytes:
+            _, w = self.known.popitem(last=False)
             self._size -= w.numel() * w.element_size()
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Trunk outputs (N, L, C) of rows `ids` (N, L): remembered windows, the rest by one forward."""
         ids = ids.long()
-        known = dict(self.finished)
-        for stream in self.streams:
-            known.update(zip(_keys(stream["obs"]), stream["window"], strict=True))
-        found = [known.get(key) for key in _keys(ids)]
+        found = [self.known.get(key) for key in _keys(ids)]
         missing = [i for i, w in enumerate(found) if w is None]
+        self.recomputed += len(missing)
         if missing:
             fresh = self.full(ids[missing])
             for j, i in enumerate(missing):
@@ -200,10 +200,11 @@ class TrunkSplit:
                 params += list(norm.parameters())
         return params
 
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, W, C) of rows `ids` (B, W) (cropped left-padded rows, `mask` their real
-        tokens): the trunk's outputs looked up, then the top blocks with gradients."""
-        inputs = self.trunk.lookup(ids)
+    def hidden(self, ids: torch.Tensor, width: int) -> torch.Tensor:
+        """Final hidden states (B, width, C) of the last `width` positions of left-padded observations `ids`
+        (B, L): the trunk's outputs looked up by the whole rows, then the top blocks, with gradients."""
+        inputs = self.trunk.lookup(ids)[:, -width:]
+        mask = attention_mask(ids, self.pad_token_id)[:, -width:]
         return self.top(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids(mask),
                         use_cache=False).last_hidden_state  # fmt: skip
 

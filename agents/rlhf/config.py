@@ -55,6 +55,9 @@ class RLHFConfig:
     """policy tokenizer folder or hub name; None = the policy's own"""
     dtype: Literal["auto", "float32", "bf16"] = "auto"
     """policy compute dtype: `auto` = bf16 on CUDA, float32 on CPU"""
+    trainable_layers: int | None = None
+    """train only the policy's top k decoder blocks (+ final norm, value head) over a frozen trunk that the
+    rollout, the reference and every PPO epoch share; None = train every parameter"""
     quick: bool = False
     """a smoke run: 6 PPO iterations and 64 held-out prompts"""
     # --- environment (the seed's shapes)

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while ra
 # ------------------------------------------------------------------------------------------- the job
 
 
-def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: torch.nn.Module, device: torch.device):
+def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: Any, device: torch.device):
     """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env) wrapped with the reference log-probs."""
     import gymnasium as gym
 
@@ -108,8 +109,10 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     policy = pieces.policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor and "before"
-    envs = make_envs(cfg, pieces, reference, device)
-    agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype)
+    agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype,
+                     trainable_layers=cfg.trainable_layers)
+    # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
+    envs = make_envs(cfg, pieces, agent.reference(reference), device)
 
     # --- the report's evaluation: one definition for "before" (the reference) and "after" (the tuned policy)
     eval_kwargs = dict(reward_fn=pieces.reward_fn, reward_positive_fn=pieces.reward_positive_fn,
