@@ -41,6 +41,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -65,7 +66,13 @@ FLOOR = ["floor: generate", "floor: fwd+bwd"]
 @dataclass
 class Args:
     model: Literal["gpt2", "smollm2"] = "gpt2"
-    """`gpt2`: a random GPT-2-architecture model of `--preset`'s shape; `smollm2`: not available yet"""
+    """`gpt2`: a random GPT-2-architecture model of `--preset`'s shape, cases `fixed` and `realistic`; `smollm2`:
+    SmolLM2-135M-Instruct (fetched into --artifacts-dir once), cases `all` (every parameter trained) and `top-k`
+    (`--trainable-layers`), both fixed-length"""
+    trainable_layers: int = 4
+    """k of the `smollm2` top-k case"""
+    artifacts_dir: str = "artifacts"
+    """where `--model smollm2` is fetched to / reused from"""
     preset: str = "small"
     """model shape: `small` (4 layers x 256, 4k vocab), `gpt2-small` (12 x 768, 50k vocab) or `tiny` (tests)"""
     batch: int = 64
@@ -83,7 +90,9 @@ class Args:
     rounds: int = 8
     """timed rounds (fixed, realistic and floor once each)"""
     train_check: bool = True
-    """also time `agents.ppo.train` itself (fixed case, warmup + rounds iterations)"""
+    """also time `agents.ppo.train` itself (the first case, warmup + rounds iterations)"""
+    floor: bool = True
+    """also time each case's compute floor (off: only the iterations)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default: all cores, what a user runs)"""
     device: str = "cpu"
@@ -140,38 +149,61 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def build(args: Args) -> dict:
-    """Tokenizer, model, the two cases and the floor's prompts."""
-    if args.model != "gpt2":
-        raise SystemExit(f"--model {args.model} is not available yet: it needs the real-LM loader of the SmolLM2 "
-                         "issue (DESIGN.md, 'Data and models'); use --model gpt2 with --preset")
-    from torch.utils.tensorboard import SummaryWriter
+def load_model(args: Args, device: torch.device):
+    """(tokenizer, LM, texts, a line saying which texts, fillers) for `--model`."""
+    if args.model == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(args.device)
+        from textenv.build.data import load_texts
+        from textenv.build.smollm2 import fetch_smollm2
+
+        folder = fetch_smollm2(args.artifacts_dir)
+        tok, lm = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+        data = "../shared/data/imdb" if Path("../shared/data/imdb").is_dir() else "embedded"
+        texts = load_texts(data, "train", seed=0).texts[: args.texts]
+        return tok, lm.to(device).eval(), texts, f"{len(texts)} {data} training texts", 0
     n_layer, n_embd, n_head, vocab = PRESETS[args.preset]
     tok, texts, source, fillers = tokenizer(vocab, args.texts)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=max(64, args.prompt_tokens + args.new_tokens),
                      n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    lm = GPT2LMHeadModel(cfg).to(device).eval()
+    return tok, GPT2LMHeadModel(cfg).to(device).eval(), texts, source, fillers
+
+
+def case_specs(args: Args) -> list[tuple[str, int | tuple[int, int], int | None]]:
+    """(name, response budget, trainable_layers) of each case."""
+    N = args.new_tokens
+    if args.model == "smollm2":
+        return [("all", N, None), (f"top-{args.trainable_layers}", N, args.trainable_layers)]
+    return [("fixed", N, None), ("realistic", (args.min_tokens, N), None)]
+
+
+def build(args: Args) -> dict:
+    """Tokenizer, model, the two cases and the floor's prompts."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = torch.device(args.device)
+    tok, lm, texts, source, fillers = load_model(args, device)
     reference = copy.deepcopy(lm).eval().requires_grad_(False)
     P, N, E = args.prompt_tokens, args.new_tokens, args.batch
     base = rlhf_ppo(num_envs=E, num_steps=N + 1, num_minibatches=1, update_epochs=args.epochs, anneal_lr=False,
                     device=args.device, torch_threads=args.threads, save_every=0, eval_episodes=0, log_every=0)
     cases = {}
-    for name, budget in (("fixed", N), ("realistic", (args.min_tokens, N))):
+    for name, budget, k in case_specs(args):
         reward, clocks = KeywordReward(["good", "great", "fun"]), {k: Clock(device) for k in PHASES[:4]}
         env = TextVectorEnv(E, tokenizer=tok, reward_model=clocks["rollout: reward"].wrap(reward), prompts=texts,
-                            max_prompt_tokens=P, max_new_tokens=budget, min_new_tokens=N if name == "fixed" else args.min_tokens,
+                            max_prompt_tokens=P, max_new_tokens=budget,
+                            min_new_tokens=N if isinstance(budget, int) else args.min_tokens,
                             query_tokens=(P, P))  # fmt: skip
         env.step = clocks["rollout: env"].wrap(env.step)  # an instance attribute: the package is untouched
-        envs = RefLogprob(env, reference, pad_token_id=tok.pad_token_id, device=device)
+        agent = GPTAgent(copy.deepcopy(lm), tok.pad_token_id, vocab_size=len(tok), device=device, dtype=args.dtype,
+                         trainable_layers=k)  # fmt: skip
+        envs = RefLogprob(env, agent.reference(reference), pad_token_id=tok.pad_token_id, device=device)
         envs.ref.logprobs = clocks["rollout: reference"].wrap(envs.ref.logprobs)
-        agent = GPTAgent(copy.deepcopy(lm), tok.pad_token_id, vocab_size=len(tok), device=device, dtype=args.dtype)
         agent.get_action_and_value = clocks["rollout: policy"].wrap(agent.get_action_and_value)
-        optimizer = torch.optim.Adam(agent.parameters(), lr=base.learning_rate, eps=1e-5,
-                                     fused=device.type in ("cpu", "cuda"))  # as train() builds it
+        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=base.learning_rate,
+                                     eps=1e-5, fused=device.type in ("cpu", "cuda"))  # as train() builds it
         kl_ctl = make_kl_controller(base.kl_controller, base.kl_coef, base.kl_target, base.kl_horizon)
         writer = SummaryWriter(tempfile.mkdtemp(prefix=f"ppo_iteration-{name}-"))
         cases[name] = Case(name, envs, agent, optimizer, base, Carry.start(envs, 1), kl_ctl, writer, clocks)
@@ -179,7 +211,7 @@ def build(args: Args) -> dict:
                              max_prompt_tokens=P, max_new_tokens=N, query_tokens=(P, P)).reset(seed=0)
     prompts = torch.as_tensor(first[:, -P:]).to(device)
     assert (prompts != tok.pad_token_id).all(), "prompts must be exactly --prompt-tokens long"
-    return {"tok": tok, "lm": cases["fixed"].agent.lm, "reference": reference, "cases": cases, "prompts": prompts,
+    return {"tok": tok, "lm": next(iter(cases.values())).agent.lm, "reference": reference, "cases": cases, "prompts": prompts,
             "texts_source": source, "fillers": fillers, "device": device, "ppo_args": base, "parameters": sum(p.numel() for p in lm.parameters())}
 
 
@@ -215,8 +247,10 @@ def run_iteration(case: Case) -> dict[str, float]:
     return out
 
 
-def run_floor(lm: GPT2LMHeadModel, prompts: torch.Tensor, reference: GPT2LMHeadModel, args: Args, pad: int) -> dict:
-    """The compute floor: `generate` of the batch, then epochs x forward+backward of the 64 x 24 result."""
+def run_floor(lm, prompts: torch.Tensor, reference, args: Args, pad: int, split=None) -> dict:
+    """The compute floor: `generate` of the batch, then epochs x forward+backward of the 64 x 24 result. With
+    `split` (a `textenv.trunk.TrunkSplit` of `lm`), the top-k floor: the trunk's outputs are what `generate`
+    already computed (not timed again), so each epoch differentiates only the top blocks and the head."""
     device, P = prompts.device, prompts.shape[1]
     sync(device)
     t0 = time.perf_counter()
@@ -226,16 +260,25 @@ def run_floor(lm: GPT2LMHeadModel, prompts: torch.Tensor, reference: GPT2LMHeadM
                           max_new_tokens=args.new_tokens, pad_token_id=pad)  # fmt: skip  # (B, P + N)
     sync(device)
     t1 = time.perf_counter()
+    if split is not None:
+        inputs = split.trunk.full(ids)  # generate computed these; untimed
+        pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+        top = lambda model: model.get_output_embeddings()(  # noqa: E731
+            split.top(inputs_embeds=inputs, position_ids=pos, use_cache=False).last_hidden_state)
+        sync(device)
+        t1 += time.perf_counter() - t1  # the untimed trunk forward does not count
     for _ in range(args.epochs):
         with autocast(device, args.dtype):
-            logits = lm(input_ids=ids).logits  # (B, P + N, V)
+            logits = top(lm) if split is not None else lm(input_ids=ids).logits  # (B, P + N, V)
         logp = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)  # (B, N, V): the response positions
         loss = -logp.gather(-1, ids[:, P:, None]).mean()
         loss.backward()
     sync(device)
     t2 = time.perf_counter()
-    with torch.no_grad(), autocast(device, args.dtype):
-        reference(input_ids=ids).logits.float().log_softmax(-1)
+    with torch.no_grad(), autocast(device, args.dtype):  # the reference: its top blocks only over a shared trunk
+        ref = split.sharing(reference) if split is not None else None
+        (ref.head(ref.top(inputs_embeds=inputs, position_ids=pos, use_cache=False).last_hidden_state)
+         if ref is not None else reference(input_ids=ids).logits).float().log_softmax(-1)  # fmt: skip
     sync(device)
     t3 = time.perf_counter()
     lm.zero_grad(set_to_none=True)
@@ -253,10 +296,16 @@ class HookClock:
 
 
 def train_check(built: dict, args: Args, iterations: int) -> list[float]:
-    """Seconds per iteration of `agents.ppo.train` itself on a fresh fixed case (hook to hook)."""
-    case = built["cases"]["fixed"]
-    agent = GPTAgent(copy.deepcopy(built["lm"]), built["tok"].pad_token_id, vocab_size=len(built["tok"]),
-                     device=built["device"], dtype=args.dtype)
+    """Seconds per iteration of `agents.ppo.train` itself (hook to hook) on the headline case: the top-k one if
+    there is one (its agent and envs continue: the reference shares that agent's trunk), else a fresh copy of
+    the first case's agent."""
+    case = next((c for c in built["cases"].values() if c.agent.split is not None), None)
+    if case is not None:
+        agent = case.agent
+    else:
+        case = next(iter(built["cases"].values()))
+        agent = GPTAgent(copy.deepcopy(built["lm"]), built["tok"].pad_token_id, vocab_size=len(built["tok"]),
+                         device=built["device"], dtype=args.dtype)
     a = dataclasses.replace(case.args, total_timesteps=iterations * case.args.num_steps * case.args.num_envs,
                             run_dir=tempfile.mkdtemp(prefix="ppo_iteration-train-"))
     hooks = HookClock()
@@ -264,43 +313,68 @@ def train_check(built: dict, args: Args, iterations: int) -> list[float]:
     return list(np.diff(hooks.times))
 
 
+def floors(built: dict) -> dict:
+    """Each case's floor: the whole model's, or the top-k floor for a case with a frozen trunk."""
+    return {name: ("floor" if case.agent.split is None else f"floor {name}") for name, case in built["cases"].items()}
+
+
+def floor_of(built: dict, name: str, args: Args) -> dict:
+    case, pad = built["cases"][name], built["tok"].pad_token_id
+    return run_floor(case.agent.lm, built["prompts"], built["reference"], args, pad, case.agent.split)
+
+
 def measure(built: dict, args: Args) -> dict:
-    """Warm-up, then `rounds` rounds of fixed, realistic and floor; per-round records."""
-    cases, pad = built["cases"], built["tok"].pad_token_id
+    """Warm-up, then `rounds` rounds of every case and every floor (order alternating); per-round records."""
+    cases, of = built["cases"], floors(built)
     for case in cases.values():
         for _ in range(args.warmup):
             run_iteration(case)
-    run_floor(built["lm"], built["prompts"], built["reference"], args, pad)
-    rounds: dict[str, list[dict]] = {"fixed": [], "realistic": [], "floor": []}
+    jobs = [(name, "case") for name in cases] + [(name, "floor") for name in dict.fromkeys(of.values()) if args.floor]
+    first = {f: next(n for n in cases if of[n] == f) for f in set(of.values())}
+    for f in (set(of.values()) if args.floor else ()):
+        floor_of(built, first[f], args)  # warm-up
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     for r in range(args.rounds):
-        order = ["fixed", "realistic", "floor"] if r % 2 == 0 else ["floor", "realistic", "fixed"]
-        for name in order:
-            if name == "floor":
-                rounds[name].append(run_floor(built["lm"], built["prompts"], built["reference"], args, pad))
-            else:
-                rounds[name].append(run_iteration(cases[name]))
-        print(f"round {r + 1}/{args.rounds}: fixed {rounds['fixed'][-1]['total']:.3f} s, realistic "
-              f"{rounds['realistic'][-1]['total']:.3f} s, floor {rounds['floor'][-1]['floor']:.3f} s", flush=True)
+        for name, kind in jobs if r % 2 == 0 else jobs[::-1]:
+            rounds[name].append(run_iteration(cases[name]) if kind == "case" else floor_of(built, first[name], args))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {rs[-1]['total' if kind == 'case' else 'floor']:.3f} s" for (name, kind), rs in
+            zip(jobs, [rounds[n] for n, _ in jobs], strict=True)), flush=True)  # fmt: skip
     return rounds
 
 
-def summarise(rounds: dict) -> dict:
-    """Mean split (adds up to the mean total), median iteration and median per-round ratio to the floor."""
-    floors = [f["floor"] for f in rounds["floor"]]
-    out = {"floor": {"median_s": statistics.median(floors),
-                     "mean_split_s": {k: statistics.mean(f[k] for f in rounds["floor"]) for k in FLOOR},
-                     "median_floor_plus_ref_s": statistics.median(f["floor"] + f["ref fwd"] for f in rounds["floor"])}}
-    for name in ("fixed", "realistic"):
-        rs = rounds[name]
-        split = {k: statistics.mean(x[k] for x in rs) for k in PHASES}
+def summarise(rounds: dict, built: dict) -> dict:
+    """Mean split (adds up to the mean total), median iteration and median per-round ratio to its floor."""
+    out = {}
+    for f in set(floors(built).values()) & set(rounds):
+        fs = rounds[f]
+        out[f] = {"median_s": statistics.median(x["floor"] for x in fs),
+                  "mean_split_s": {k: statistics.mean(x[k] for x in fs) for k in FLOOR},
+                  "median_floor_plus_ref_s": statistics.median(x["floor"] + x["ref fwd"] for x in fs)}
+    for name, f in floors(built).items():
+        rs, fs = rounds[name], rounds.get(f)
         out[name] = {"median_s": statistics.median(x["total"] for x in rs),
                      "mean_s": statistics.mean(x["total"] for x in rs),
-                     "mean_split_s": split,
-                     "tokens_per_iteration": statistics.mean(x["tokens"] for x in rs),
-                     "ratio_to_floor": statistics.median(x["total"] / f["floor"] for x, f in zip(rs, rounds["floor"], strict=True)),
-                     "ratio_to_floor_plus_ref": statistics.median(
-                         x["total"] / (f["floor"] + f["ref fwd"]) for x, f in zip(rs, rounds["floor"], strict=True)),
-                     "per_round": rs}  # fmt: skip
+                     "mean_split_s": {k: statistics.mean(x[k] for x in rs) for k in PHASES},
+                     "tokens_per_iteration": statistics.mean(x["tokens"] for x in rs), "per_round": rs}  # fmt: skip
+        if fs:
+            out[name]["floor"] = f
+            out[name]["ratio_to_floor"] = statistics.median(x["total"] / y["floor"] for x, y in zip(rs, fs, strict=True))
+            out[name]["ratio_to_floor_plus_ref"] = statistics.median(
+                x["total"] / (y["floor"] + y["ref fwd"]) for x, y in zip(rs, fs, strict=True))
+    return out
+
+
+def targets_of(s: dict, args: Args, names: list[str]) -> list[dict]:
+    if args.model == "smollm2":
+        whole, top = (s[n] for n in names)
+        speedup = whole["median_s"] / top["median_s"]
+        return [target("smollm2_topk_iteration_s", round(top["median_s"], 2), "<= 20", top["median_s"] <= 20),
+                target("smollm2_full_over_topk", round(speedup, 2), ">= 3.5", speedup >= 3.5)]
+    out = [target(f"iteration_over_floor_{n}", round(s[n]["ratio_to_floor"], 3), limit, s[n]["ratio_to_floor"] <= float(limit[3:]))
+           for n, limit in zip(names, ("<= 1.15", "<= 1.25"), strict=True) if "ratio_to_floor" in s[n]]  # fmt: skip
+    if args.device.startswith("cuda") and args.preset == "gpt2-small":
+        out.append(target("gpt2_small_iteration_s", round(s[names[0]]["median_s"], 3), "<= 3.0", s[names[0]]["median_s"] <= 3.0))
     return out
 
 
@@ -310,48 +384,49 @@ def main(args: Args) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     built = build(args)
-    rounds = measure(built, args)
-    s = summarise(rounds)
-    fx, rl, fl = s["fixed"], s["realistic"], s["floor"]
-    rows = []
-    for k in PHASES:
-        rows.append([k, fx["mean_split_s"][k], f"{100 * fx['mean_split_s'][k] / fx['mean_s']:.1f}%",
-                     rl["mean_split_s"][k], f"{100 * rl['mean_split_s'][k] / rl['mean_s']:.1f}%"])
-    rows += [["iteration (mean)", fx["mean_s"], "100%", rl["mean_s"], "100%"],
-             ["iteration (median)", fx["median_s"], "", rl["median_s"], ""],
-             ["tokens per iteration", fx["tokens_per_iteration"], "", rl["tokens_per_iteration"], ""]]
-    for k in FLOOR:
-        rows.append([k, fl["mean_split_s"][k], "", fl["mean_split_s"][k], ""])
-    rows += [["floor (median)", fl["median_s"], "", fl["median_s"], ""],
-             ["iteration / floor", fx["ratio_to_floor"], "", rl["ratio_to_floor"], ""],
-             ["iteration / (floor + ref fwd)", fx["ratio_to_floor_plus_ref"], "", rl["ratio_to_floor_plus_ref"], ""]]
-    lo, hi = args.min_tokens, args.new_tokens
-    print_table(["phase (s)", f"fixed {hi}", "share", f"realistic {lo}-{hi}", "share"], rows)
+    names = list(built["cases"])
+    s = summarise(measure(built, args), built)
+    rows = [[k] + [v for n in names for v in (s[n]["mean_split_s"][k], f"{100 * s[n]['mean_split_s'][k] / s[n]['mean_s']:.1f}%")]
+            for k in PHASES]  # fmt: skip
+    rows += [["iteration (mean)"] + [v for n in names for v in (s[n]["mean_s"], "100%")],
+             ["iteration (median)"] + [v for n in names for v in (s[n]["median_s"], "")],
+             ["tokens per iteration"] + [v for n in names for v in (s[n]["tokens_per_iteration"], "")]]
+    if args.floor:
+        for k in FLOOR:
+            rows.append([k] + [v for n in names for v in (s[s[n]["floor"]]["mean_split_s"][k], "")])
+        rows += [["floor (median)"] + [v for n in names for v in (s[s[n]["floor"]]["median_s"], "")],
+                 ["iteration / floor"] + [v for n in names for v in (s[n]["ratio_to_floor"], "")],
+                 ["iteration / (floor + ref fwd)"] + [v for n in names for v in (s[n]["ratio_to_floor_plus_ref"], "")]]
+    header = [f"{n} {case.args.num_steps - 1} tokens" if n != "realistic" else f"realistic {args.min_tokens}-{args.new_tokens}"
+              for n, case in built["cases"].items()]  # fmt: skip
+    print_table(["phase (s)"] + [v for h in header for v in (h, "share")], rows)
     train_times = []
     if args.train_check:
         n = 3 if args.quick else args.warmup + args.rounds
         train_times = train_check(built, args, n)[1:]  # the first interval still warms up
         if train_times:
-            print(f"agents.ppo.train, fixed case: {statistics.median(train_times):.3f} s per iteration (median of "
-                  f"{len(train_times)}; phased loop above: {fx['median_s']:.3f} s)")
-    targets = [target("iteration_over_floor_fixed", round(fx["ratio_to_floor"], 3), "<= 1.15", fx["ratio_to_floor"] <= 1.15),
-               target("iteration_over_floor_realistic", round(rl["ratio_to_floor"], 3), "<= 1.25",
-                      rl["ratio_to_floor"] <= 1.25)]  # fmt: skip
-    if args.device.startswith("cuda") and args.preset == "gpt2-small":
-        targets.append(target("gpt2_small_iteration_s", round(fx["median_s"], 3), "<= 3.0", fx["median_s"] <= 3.0))
+            head = names[-1] if args.model == "smollm2" else names[0]
+            print(f"agents.ppo.train, {head} case: {statistics.median(train_times):.3f} s per iteration (median "
+                  f"of {len(train_times)}; phased loop above: {s[head]['median_s']:.3f} s)")
+    targets = targets_of(s, args, names)
     for t in targets:
         print(f"target {t['name']}: {t['value']} (want {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
-    n_layer, n_embd, n_head, _ = PRESETS[args.preset]
+    cfg = built["lm"].config
     results = {
-        "model": {"preset": args.preset, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
-                  "vocab": len(built["tok"]), "filler_tokens": built["fillers"], "parameters": built["parameters"]},
+        "model": {"name": args.model, "preset": args.preset if args.model == "gpt2" else None,
+                  "n_layer": cfg.num_hidden_layers, "n_embd": cfg.hidden_size, "vocab": len(built["tok"]),
+                  "filler_tokens": built["fillers"], "parameters": built["parameters"]},
+        "cases": {n: {"trainable_layers": c.agent.split.k if c.agent.split else None,
+                      "trainable_parameters": sum(p.numel() for p in c.agent.parameters() if p.requires_grad)}
+                  for n, c in built["cases"].items()},
         "texts": built["texts_source"], "batch": args.batch, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "realistic_tokens": [args.min_tokens, args.new_tokens], "epochs": args.epochs,
         "num_steps": built["ppo_args"].num_steps, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds,
         **s, "train_check_s_per_iteration": train_times,
     }  # fmt: skip
-    print(f"wrote {write_result('ppo_iteration', results, targets, args.quick, args.out)}")
+    name = "ppo_iteration" if args.model == "gpt2" else f"ppo_iteration_{args.model}"
+    print(f"wrote {write_result(name, results, targets, args.quick, args.out)}")
 
 
 if __name__ == "__main__":

