@@ -272,8 +272,7 @@ class GPTAgent(nn.Module):
         segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
         back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end
-        hidden, width = self._trunk(ids.transpose(0, 1).reshape(E * T, L)[seg_end])  # (N, W, C)
-        h = hidden[segment, width - 1 - back]  # (S, C): each step's last observed token
+        h = self._segment_hidden(ids.transpose(0, 1).reshape(E * T, L)[seg_end], segment, back)  # (S, C)
         _, logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps])
         value = self._value(h)
         outs = []
@@ -282,6 +281,58 @@ class GPTAgent(nn.Module):
             full[steps] = x
             outs.append(full.view(E, T).T)  # (T, E)
         return outs[0], outs[1], outs[2]
+
+
+    def _segment_hidden(self, rows: torch.Tensor, segment: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """Hidden state (S, C) at each step's last observed token, from the segments' last observations `rows`
+        (N, L): one forward per group of segments of similar length, each cropped to its longest row, so short
+        segments (episodes cut by EOS or by the rollout's end) do not pay for the longest one's padding."""
+        lengths = attention_mask(rows, self.pad_token_id).sum(dim=1)  # (N,)
+        hidden_parts, step_parts = [], []
+        for group in length_groups(lengths):
+            hidden, width = self._trunk(rows[group])  # (n, W, C)
+            local = torch.full_like(lengths, -1)
+            local[group] = torch.arange(len(group), device=rows.device)
+            steps = (local[segment] >= 0).nonzero().squeeze(1)  # the steps whose segment is in this group
+            hidden_parts.append(hidden[local[segment[steps]], width - 1 - back[steps]])
+            step_parts.append(steps)
+        order = torch.cat(step_parts).argsort()
+        return torch.cat(hidden_parts)[order]
+
+
+def length_groups(lengths: torch.Tensor, max_groups: int = 3, min_saving: float = 0.1) -> list[torch.Tensor]:
+    """Row indices split into at most `max_groups` groups by length so that sum(len(group) x its longest row)
+    is smallest (exact over the distinct lengths); one group unless that saves `min_saving` of the padded cost
+    (each forward has a fixed cost too)."""
+    values, counts = torch.unique(lengths.cpu(), return_counts=True)  # sorted distinct lengths
+    v, c = values.tolist(), counts.tolist()
+    n = len(v)
+    prefix = [0]
+    for x in c:
+        prefix.append(prefix[-1] + x)
+    # best[g][j]: cheapest cost of the first j distinct lengths in g groups; cut[g][j]: where the last group starts
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (prefix[j] - prefix[i]) * v[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    if best[g][n] > (1 - min_saving) * best[1][n]:
+        g = 1
+    bounds, j = [], n
+    for k in range(g, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    groups = []
+    for i, j in reversed(bounds):
+        lo, hi = v[i], v[j - 1]
+        groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
+    return groups
 
 
 def _loaded(agent: GPTAgent, incompatible_keys) -> None:

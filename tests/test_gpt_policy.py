@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.gpt_policy import GPTAgent, sample
+from agents.gpt_policy import GPTAgent, length_groups, sample
 
 PAD, VOCAB, MAX_PROMPT, MAX_NEW = 0, 50, 5, 7
 WINDOW = MAX_PROMPT + MAX_NEW
@@ -81,12 +81,21 @@ def test_left_padding_does_not_change_logprobs():
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+def test_length_groups_split_rows_by_length_when_it_saves_padding():
+    groups = length_groups(torch.tensor([24, 24, 10, 11, 24, 12, 3, 4]))
+    assert [g.tolist() for g in groups] == [[6, 7], [2, 3, 5], [0, 1, 4]]  # cost 2*4 + 3*12 + 3*24 vs 8*24
+    assert [g.tolist() for g in length_groups(torch.tensor([24, 23, 24]))] == [[0, 1, 2]]  # saves < 10%: one
+
+
 def test_evaluate_sequences_equals_per_transition_evaluation():
     agent = GPTAgent(tiny_lm(1), PAD)
     roll = simulate(agent, steps=24, envs=4, seed=1)
     valid = roll["valid"]
+    forwards, trunk = [], agent._trunk
+    agent._trunk = lambda ids: forwards.append(len(ids)) or trunk(ids)
     logprob, entropy, value = agent.evaluate_sequences(roll["obs"].float(), roll["actions"], valid)
     assert logprob.shape == entropy.shape == value.shape == valid.shape
+    assert len(forwards) > 1  # segments of several lengths: one forward per length group was exercised
     for t in range(valid.shape[0]):
         _, lp, ent, v = agent.get_action_and_value(roll["obs"][t], roll["actions"][t])
         m = valid[t]

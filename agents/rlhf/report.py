@@ -100,7 +100,8 @@ def sample(
             TextVectorEnv(E, tokenizer=tokenizer, reward_model=reward_fn, prompts=prompts,
                           max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                           min_new_tokens=min_new_tokens),
-            reference, pad_token_id=tokenizer.pad_token_id, device=agent.device)
+            agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device)  # a top-k
+        # agent's reference runs only its top blocks over the agent's frozen trunk (the same log-probs)
         agent.reset_cache()
         try:
             return _run(agent, envs, prompts, seed)
