@@ -11,6 +11,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
+from textenv.masks import ActionMask, check_mask
 from textenv.rewards import check_scores
 
 
@@ -128,9 +129,12 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     | `min_new_tokens`    | int                    | 0       | EOS ends the episode only after this many     |
     | `query_tokens`      | (lo, hi) or None       | None    | cut queries of lo..hi tokens from `prompts`   |
     | `render_mode`       | "ansi" or None         | None    | `render()` returns "prompt|completion"        |
+    | `action_mask`       | callable or None       | None    | `(prefix_ids, turn_ids) -> allowed` (masks)   |
 
     Info: "prompt", "text" (decoded prompt + completion so far), "length" (real tokens), "prompt_length";
-    on the last step also "score" and "completion".
+    on the last step also "score" and "completion". With `action_mask` (see `textenv.masks`): "action_mask",
+    a bool array (vocab_size,) of the tokens allowed next (all True once the episode has ended), also returned
+    by `action_masks()` (sb3-contrib's `MaskablePPO` calls it); a masked action sent to `step` raises.
 
     ```python
     >>> import gymnasium as gym, textenv
@@ -160,6 +164,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         min_new_tokens: int = 0,
         query_tokens: Sequence[int] | None = None,
         render_mode: str | None = None,
+        action_mask: ActionMask | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id, self.pad_token_id, self.vocab_size = check_tokenizer(tokenizer)
@@ -190,6 +195,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r} is not supported; use 'ansi' or None.")
         self.render_mode = render_mode
+        if action_mask is not None and not callable(action_mask):
+            raise TypeError(f"action_mask {type(action_mask).__name__} is not callable; pass a function "
+                            "(prefix_ids, turn_ids) -> allowed ids or bool mask, e.g. textenv.masks.BannedTokens.")
+        self.action_mask = action_mask
         self._prompt_ids, self._prompt_texts = self._encode_prompts(prompts)
 
         self.window = self.max_prompt_tokens + self.max_new_tokens
@@ -197,6 +206,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         self.action_space = spaces.Discrete(self.vocab_size)
         self._obs = np.full(self.window, self.pad_token_id, dtype=np.int64)
         self._done: bool | None = None  # None: never reset
+        self._mask: np.ndarray | None = None  # the tokens allowed next (with `action_mask`)
 
     # -- pieces shared with the batched TextVectorEnv ------------------------------------------------
 
@@ -298,6 +308,24 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             )
         return a
 
+    def compute_mask(self, prefix_ids: Sequence[int], turn_ids: Sequence[int]) -> np.ndarray:
+        """The `action_mask` callable's answer as a checked bool array (vocab_size,)."""
+        allowed = self.action_mask([int(i) for i in prefix_ids], [int(i) for i in turn_ids])
+        return check_mask(allowed, self.vocab_size, self.action_mask)
+
+    def check_allowed(self, a: int, mask: np.ndarray | None) -> None:
+        """Raise if token `a` is masked out by `mask` (None: no mask)."""
+        if mask is not None and not mask[a]:
+            allowed = np.flatnonzero(mask)
+            raise ValueError(
+                f"action {a} is masked out at this step ({len(allowed)} of {self.vocab_size} tokens allowed, e.g. "
+                f"{allowed[:5].tolist()}); sample only from info['action_mask'] (or env.action_masks())."
+            )
+
+    def action_masks(self) -> np.ndarray:
+        """The tokens allowed next, bool (vocab_size,): all True without `action_mask` (sb3-contrib's MaskablePPO)."""
+        return np.ones(self.vocab_size, dtype=np.bool_) if self._mask is None else self._mask.copy()
+
     # -- the Gymnasium API --------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -310,6 +338,8 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         self._obs[self.window - len(ids) :] = ids
         self._done = False
         info = {"prompt": self._prompt, "text": self._prompt, "length": len(ids), "prompt_length": len(ids)}
+        if self.action_mask is not None:
+            self._mask = info["action_mask"] = self.compute_mask(ids, [])
         return self._obs.copy(), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -318,6 +348,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         if self._done:
             raise ResetNeeded("step() called after the episode ended; call env.reset() to start a new one.")
         a = self.check_action(action)
+        self.check_allowed(a, self._mask)
         self._obs[:-1] = self._obs[1:]  # shift left, newest token last
         self._obs[-1] = a
         terminated = a == self.eos_token_id and len(self._new) >= self.min_new_tokens
@@ -332,6 +363,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             reward = float(self.score([text])[0])
             info["score"] = reward
             info["completion"] = decode_rows(self.tokenizer, [self._new])[0]
+        if self.action_mask is not None:  # nothing follows an episode's end: every token allowed
+            prompt = self._obs[self.window - length : self.window - len(self._new)]
+            self._mask = np.ones(self.vocab_size, np.bool_) if self._done else self.compute_mask(prompt, self._new)
+            info["action_mask"] = self._mask.copy()
         return self._obs.copy(), reward, bool(terminated), bool(truncated), info
 
     def render(self) -> str | None:

@@ -5,6 +5,8 @@ observation window of every env shifts in one numpy op, texts decode in one batc
 episodes that finish on a step are scored in ONE reward-model call (the expensive part with a neural
 reward model). Autoreset follows Gymnasium's default NEXT_STEP mode: the step after an episode ends
 ignores that env's action and returns the first observation of its next episode with reward 0.
+With `action_mask`, `infos["action_mask"]` is a bool array (num_envs, vocab_size) of the tokens allowed next
+(see `textenv.masks` for its memory and a packed form).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class TextVectorEnv(VectorEnv):
         self._prompt = np.full(E, None, dtype=object)
         self._autoreset = np.zeros(E, dtype=np.bool_)
         self._started = False
+        masked = self.env.action_mask is not None
+        self._mask = np.ones((E, self.env.vocab_size), dtype=np.bool_) if masked else None  # (E, V)
 
     def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
         """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
@@ -58,6 +62,8 @@ class TextVectorEnv(VectorEnv):
             self._obs[i, self.env.window - len(ids) :] = ids
             self._length[i] = self._prompt_length[i] = len(ids)
             self._new[i] = 0
+            if self._mask is not None:
+                self._mask[i] = self.env.compute_mask(ids, [])
         self._autoreset[rows] = False
 
     def _infos(self, rows: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,10 +74,13 @@ class TextVectorEnv(VectorEnv):
         prompt[rows], text[rows] = self._prompt[rows], texts[rows]
         length = np.where(mask, self._length, 0)
         prompt_length = np.where(mask, self._prompt_length, 0)
-        return {
+        infos = {
             "prompt": prompt, "_prompt": mask, "text": text, "_text": mask.copy(),
             "length": length, "_length": mask.copy(), "prompt_length": prompt_length, "_prompt_length": mask.copy(),
         }  # fmt: skip
+        if self._mask is not None:
+            infos["action_mask"], infos["_action_mask"] = self._mask.copy(), np.ones(self.num_envs, np.bool_)
+        return infos
 
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict | None = None
@@ -134,6 +143,9 @@ class TextVectorEnv(VectorEnv):
         E, W, env = self.num_envs, self.env.window, self.env
         restart = self._autoreset.copy()  # NEXT_STEP autoreset: these envs ignore their action
         live = ~restart
+        if self._mask is not None:
+            for i in np.flatnonzero(live & ~self._mask[np.arange(E), actions]):
+                self.env.check_allowed(int(actions[i]), self._mask[i])  # raises, naming the action
         rewards = np.zeros(E, dtype=np.float64)
 
         # Append each live env's token: shift its window left by one, newest token last.
@@ -148,6 +160,11 @@ class TextVectorEnv(VectorEnv):
         texts = np.full(E, None, dtype=object)
         rows = np.flatnonzero(live)
         texts[rows] = decode_rows(env.tokenizer, [self._obs[i, W - self._length[i] :].tolist() for i in rows])
+        if self._mask is not None:  # an ended episode allows every token: its next action is ignored
+            self._mask[done] = True
+            for i in np.flatnonzero(live & ~done):
+                row = self._obs[i, W - self._length[i] :]
+                self._mask[i] = env.compute_mask(row[: self._prompt_length[i]], row[self._prompt_length[i] :])
         self._start(np.flatnonzero(restart))
         texts[restart] = self._prompt[restart]
         infos = self._infos(np.arange(E), texts)
