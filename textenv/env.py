@@ -12,7 +12,7 @@ from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from textenv.masks import ActionMask, check_mask
-from textenv.rewards import check_scores
+from textenv.rewards import check_scores, check_token_rewards, pay_newest
 
 
 def _range(name: str, value: int | Sequence[int]) -> tuple[int, int]:
@@ -101,6 +101,13 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     completion (special tokens skipped), also in `info["score"]`. A reward model is any callable
     `list[str] -> sequence of float` (see `textenv.rewards`).
 
+    Dense rewards: with `token_rewards=f`, every step also pays the reward of the token it emitted:
+    `f(texts, action_ids)` gets the text so far and the policy's tokens so far and returns one reward per policy
+    token (aligned to them); the step pays the last one (`info["token_reward"]`; the whole array is
+    `info["token_rewards"]` on the last step). A token's reward may depend only on the text up to it: the env
+    checks that the earlier entries equal what it already paid. Cost: one call per step (batched over the
+    vector env's envs), on a text that grows by one token each time.
+
     ## Starting State
 
     A prompt drawn uniformly with `self.np_random` from `prompts` (each string a whole prompt), or, with
@@ -130,6 +137,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     | `query_tokens`      | (lo, hi) or None       | None    | cut queries of lo..hi tokens from `prompts`   |
     | `render_mode`       | "ansi" or None         | None    | `render()` returns "prompt|completion"        |
     | `action_mask`       | callable or None       | None    | `(prefix_ids, turn_ids) -> allowed` (masks)   |
+    | `token_rewards`     | callable or None       | None    | `(texts, action_ids) -> per-token rewards`    |
 
     Info: "prompt", "text" (decoded prompt + completion so far), "length" (real tokens), "prompt_length";
     on the last step also "score" and "completion". With `action_mask` (see `textenv.masks`): "action_mask",
@@ -165,6 +173,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         query_tokens: Sequence[int] | None = None,
         render_mode: str | None = None,
         action_mask: ActionMask | None = None,
+        token_rewards: Callable[[list[str], list[list[int]]], Sequence] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id, self.pad_token_id, self.vocab_size = check_tokenizer(tokenizer)
@@ -199,6 +208,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             raise TypeError(f"action_mask {type(action_mask).__name__} is not callable; pass a function "
                             "(prefix_ids, turn_ids) -> allowed ids or bool mask, e.g. textenv.masks.BannedTokens.")
         self.action_mask = action_mask
+        if token_rewards is not None and not callable(token_rewards):
+            raise TypeError(f"token_rewards {type(token_rewards).__name__} is not callable; pass a function "
+                            "(texts, action_ids) -> one reward per policy token, e.g. textenv.rewards.TokenReward.")
+        self.token_rewards = token_rewards
         self._prompt_ids, self._prompt_texts = self._encode_prompts(prompts)
 
         self.window = self.max_prompt_tokens + self.max_new_tokens
@@ -313,6 +326,13 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         allowed = self.action_mask([int(i) for i in prefix_ids], [int(i) for i in turn_ids])
         return check_mask(allowed, self.vocab_size, self.action_mask)
 
+    def dense_rewards(self, texts: list[str], action_ids: list[list[int]], paid: list[list[float]]) -> np.ndarray:
+        """The newest token's dense reward of each text (float64), checked for length and causality; appended to
+        `paid` (each row's rewards paid so far)."""
+        rows = check_token_rewards(self.token_rewards(texts, action_ids), [len(a) for a in action_ids],
+                                   self.token_rewards)
+        return np.array([pay_newest(r, p, self.token_rewards) for r, p in zip(rows, paid, strict=True)])
+
     def check_allowed(self, a: int, mask: np.ndarray | None) -> None:
         """Raise if token `a` is masked out by `mask` (None: no mask)."""
         if mask is not None and not mask[a]:
@@ -333,7 +353,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         super().reset(seed=seed)
         index = (options or {}).get("prompt_index")
         ids, self._prompt, self._budget = self.draw_episode(self.np_random, index)
-        self._prompt_length, self._new = len(ids), []
+        self._prompt_length, self._new, self._paid = len(ids), [], []
         self._obs[:] = self.pad_token_id
         self._obs[self.window - len(ids) :] = ids
         self._done = False
@@ -358,10 +378,14 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         text = decode_rows(self.tokenizer, [self._obs[self.window - length :].tolist()])[0]
         info = {"prompt": self._prompt, "text": text, "length": length, "prompt_length": self._prompt_length}
         reward = 0.0
+        if self.token_rewards is not None:
+            reward = info["token_reward"] = float(self.dense_rewards([text], [list(self._new)], [self._paid])[0])
         if terminated or truncated:
             self._done = True
-            reward = float(self.score([text])[0])
-            info["score"] = reward
+            info["score"] = float(self.score([text])[0])
+            reward += info["score"]
+            if self.token_rewards is not None:
+                info["token_rewards"] = list(self._paid)  # a list: episodes differ in length
             info["completion"] = decode_rows(self.tokenizer, [self._new])[0]
         if self.action_mask is not None:  # nothing follows an episode's end: every token allowed
             prompt = self._obs[self.window - length : self.window - len(self._new)]

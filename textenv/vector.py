@@ -6,7 +6,8 @@ episodes that finish on a step are scored in ONE reward-model call (the expensiv
 reward model). Autoreset follows Gymnasium's default NEXT_STEP mode: the step after an episode ends
 ignores that env's action and returns the first observation of its next episode with reward 0.
 With `action_mask`, `infos["action_mask"]` is a bool array (num_envs, vocab_size) of the tokens allowed next
-(see `textenv.masks` for its memory and a packed form).
+(see `textenv.masks` for its memory and a packed form). With `token_rewards`, one batched call per step pays every
+live env its newest token's reward.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TextVectorEnv(VectorEnv):
         self._started = False
         masked = self.env.action_mask is not None
         self._mask = np.ones((E, self.env.vocab_size), dtype=np.bool_) if masked else None  # (E, V)
+        self._paid: list[list[float]] = [[] for _ in range(E)]  # dense rewards paid so far, per env
 
     def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
         """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
@@ -61,7 +63,7 @@ class TextVectorEnv(VectorEnv):
             self._obs[i] = self.env.pad_token_id
             self._obs[i, self.env.window - len(ids) :] = ids
             self._length[i] = self._prompt_length[i] = len(ids)
-            self._new[i] = 0
+            self._new[i], self._paid[i] = 0, []
             if self._mask is not None:
                 self._mask[i] = self.env.compute_mask(ids, [])
         self._autoreset[rows] = False
@@ -168,18 +170,26 @@ class TextVectorEnv(VectorEnv):
         self._start(np.flatnonzero(restart))
         texts[restart] = self._prompt[restart]
         infos = self._infos(np.arange(E), texts)
+        if env.token_rewards is not None and len(rows):
+            new = [self._obs[i, W - self._new[i] :].tolist() for i in rows]
+            rewards[rows] = env.dense_rewards(list(texts[rows]), new, [self._paid[i] for i in rows])
+            infos["token_reward"], infos["_token_reward"] = rewards.copy(), live.copy()
+            paid = np.full(E, None, dtype=object)
+            for i in np.flatnonzero(done):
+                paid[i] = list(self._paid[i])
+            infos["token_rewards"], infos["_token_rewards"] = paid, done.copy()
 
         finished = np.flatnonzero(done)
         if len(finished):
             # One reward-model call for every episode that ends on this step.
-            rewards[finished] = env.score(list(texts[finished]))
+            score = np.zeros(E)
+            score[finished] = env.score(list(texts[finished]))
+            rewards[finished] += score[finished]
             completion = np.full(E, None, dtype=object)
             completion[finished] = decode_rows(
                 env.tokenizer, [self._obs[i, W - self._new[i] :].tolist() for i in finished]
             )
-            infos.update(
-                score=rewards.copy(), _score=done.copy(), completion=completion, _completion=done.copy()
-            )
+            infos.update(score=score, _score=done.copy(), completion=completion, _completion=done.copy())
         self._autoreset = done
         return self._obs.copy(), rewards, terminated, truncated, infos
 
