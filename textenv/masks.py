@@ -53,6 +53,14 @@ def check_mask(allowed: Any, vocab_size: int, who: object = "action_mask") -> np
     return mask
 
 
+def check_allowed(a: int, mask: np.ndarray | None) -> None:
+    """Raise if token `a` is masked out by `mask` (None: no mask)."""
+    if mask is not None and not mask[a]:
+        allowed = np.flatnonzero(mask)
+        raise ValueError(f"action {a} is masked out at this step ({len(allowed)} of {len(mask)} tokens allowed, e.g. "
+                         f"{allowed[:5].tolist()}); sample only from info['action_mask'] (or env.action_masks()).")
+
+
 def pack(masks: np.ndarray) -> np.ndarray:
     """Bool masks (..., V) as uint8 bits (..., ceil(V / 8)): 8x less memory for large vocabularies."""
     return np.packbits(masks, axis=-1)

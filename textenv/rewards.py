@@ -7,7 +7,10 @@ seed recipe's DistilBERT sentiment model); the rule rewards are for tests and tu
 Dense (per-token) rewards: `TextEnv(token_rewards=f)` with `f(texts, action_ids) -> one array per text`, one
 reward per policy token so far (`action_ids[i]`, aligned to them), called on every step; the env pays each
 array's last entry on the step that emitted that token (`check_token_rewards` validates; `TokenReward` is the
-rule example).
+rule example). Why a call per step, not one call on the finished text: Gymnasium pays a reward when its step
+returns, so a reward that depends on later tokens cannot be paid on its own step. A token's reward may depend
+only on the text up to it, and the env checks that each answer's earlier entries equal what it already paid.
+Cost: one call per (vector) step, on a text that grows by one token each time.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ def check_token_rewards(rewards: object, lengths: Sequence[int], fn: object) -> 
 
 def pay_newest(row: np.ndarray, paid: list[float], fn: object) -> float:
     """The newest token's reward of `row`, after checking that its earlier entries are those already paid."""
-    if len(paid) and not np.allclose(row[:-1], paid, rtol=1e-5, atol=1e-6):
-        k = int(np.flatnonzero(~np.isclose(row[:-1], paid, rtol=1e-5, atol=1e-6))[0])
+    changed = np.abs(row[:-1] - paid) > 1e-6 + 1e-5 * np.abs(row[:-1]) if paid else ()  # np.isclose, 10x cheaper
+    if np.any(changed):
+        k = int(np.flatnonzero(changed)[0])
         name = getattr(fn, "__name__", type(fn).__name__)
         raise ValueError(f"token_rewards {name} is not causal: the reward of token {k} changed from {paid[k]} to "
                          f"{row[k]} once later tokens were known, but it was already paid on its own step; a token's "
@@ -84,6 +88,13 @@ def pay_newest(row: np.ndarray, paid: list[float], fn: object) -> float:
                          "reward_model, which is paid on the last step).")
     paid.append(float(row[-1]))
     return float(row[-1])
+
+
+def pay_token_rewards(fn: object, texts: list[str], action_ids: list[list[int]], paid: list[list[float]]) -> np.ndarray:
+    """Call `token_rewards` `fn` on a batch; the newest token's reward of each text (float64), checked for length and
+    causality and appended to `paid` (each text's rewards paid so far)."""
+    rows = check_token_rewards(fn(texts, action_ids), [len(a) for a in action_ids], fn)  # type: ignore[operator]
+    return np.array([pay_newest(r, p, fn) for r, p in zip(rows, paid, strict=True)])
 
 
 class TokenReward:

@@ -21,6 +21,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv.env import TextEnv, decode_rows
+from textenv.masks import check_allowed
+from textenv.rewards import pay_token_rewards
 
 
 class TextVectorEnv(VectorEnv):
@@ -32,6 +34,9 @@ class TextVectorEnv(VectorEnv):
         if int(num_envs) != num_envs or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} must be a positive int.")
         self.env = TextEnv(**kwargs)  # validates arguments; holds the prompt cache, tokenizer, reward model
+        if self.env.interaction is not None:
+            raise ValueError("TextVectorEnv does not run interactions (multi-turn or tool episodes); use "
+                             "gymnasium.make_vec('TextEnv-v0', ..., vectorization_mode='sync') (a SyncVectorEnv).")
         self.num_envs = int(num_envs)
         self.render_mode = self.env.render_mode
         self.single_observation_space = self.env.observation_space
@@ -147,7 +152,7 @@ class TextVectorEnv(VectorEnv):
         live = ~restart
         if self._mask is not None:
             for i in np.flatnonzero(live & ~self._mask[np.arange(E), actions]):
-                self.env.check_allowed(int(actions[i]), self._mask[i])  # raises, naming the action
+                check_allowed(int(actions[i]), self._mask[i])  # raises, naming the action
         rewards = np.zeros(E, dtype=np.float64)
 
         # Append each live env's token: shift its window left by one, newest token last.
@@ -156,7 +161,7 @@ class TextVectorEnv(VectorEnv):
         terminated = live & (actions == env.eos_token_id) & (self._new >= env.min_new_tokens)
         self._new[live] += 1
         self._length[live] += 1
-        truncated = live & ~terminated & (self._new >= self._budget)
+        truncated = live & ~terminated & ((self._new >= self._budget) | (self._length >= W))
         done = terminated | truncated
 
         texts = np.full(E, None, dtype=object)
@@ -172,7 +177,7 @@ class TextVectorEnv(VectorEnv):
         infos = self._infos(np.arange(E), texts)
         if env.token_rewards is not None and len(rows):
             new = [self._obs[i, W - self._new[i] :].tolist() for i in rows]
-            rewards[rows] = env.dense_rewards(list(texts[rows]), new, [self._paid[i] for i in rows])
+            rewards[rows] = pay_token_rewards(env.token_rewards, list(texts[rows]), new, [self._paid[i] for i in rows])
             infos["token_reward"], infos["_token_reward"] = rewards.copy(), live.copy()
             paid = np.full(E, None, dtype=object)
             for i in np.flatnonzero(done):
