@@ -97,6 +97,7 @@ def test_cached_logprobs_and_reference_kl_are_exact_across_inserted_turns():
     from agents.gpt_policy import GPTAgent
     from agents.rollout import Carry, collect_rollout, score_minibatch
 
+    torch.set_num_threads(1)  # tiny models: 2 threads on busy cores can be 10x slower
     ref = tiny_gpt(1)
     envs = RefLogprob(gym.vector.SyncVectorEnv([lambda: TextEnv(**GUESS) for _ in range(4)]), ref)
     agent = GPTAgent(tiny_gpt(0), TOK.pad_token_id, vocab_size=len(TOK))
@@ -113,3 +114,14 @@ def test_cached_logprobs_and_reference_kl_are_exact_across_inserted_turns():
     for ep in r.episodes:  # steps (actions, KL terms) = the policy's tokens: a digit and EOS per guess
         assert ep.length == 2 * sum(c.isdigit() for c in ep.info["completion"])
         assert sum(c in "<>=!" for c in ep.info["completion"]) == ep.length // 2  # one inserted answer per guess
+
+
+@pytest.mark.parametrize("task", [calculator_task, guessing_task])
+def test_env_checkers_pass_on_multi_turn_episodes(task):
+    """Gymnasium's and SB3's checkers step random actions, which a mask would refuse by design: check without it."""
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    kw = task() | {"action_mask": None}
+    check_env(TextEnv(**kw), skip_render_check=True)
+    sb3_check_env(TextEnv(**kw), warn=True)
