@@ -6,6 +6,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from agents.rollout import action_mask_of, mask_kwargs
+
 
 @torch.no_grad()
 def evaluate(
@@ -20,18 +22,21 @@ def evaluate(
     """Returns of `n_episodes` episodes of `agent.act(obs, deterministic)`.
 
     Each env runs a fixed quota of episodes (as SB3's `evaluate_policy`), so short episodes are not
-    over-counted. With next-step autoreset (`next_step`) the step after an episode end is a reset, not counted."""
+    over-counted. With next-step autoreset (`next_step`) the step after an episode end is a reset, not counted.
+    When the env reports `infos["action_mask"]`, `act` gets it as `action_mask=`."""
     n = envs.num_envs
     quota = np.array([(n_episodes + i) // n for i in range(n)])
     counts = np.zeros(n, dtype=int)
     returns: list[float] = []
     ep_ret = np.zeros(n)
-    obs, _ = envs.reset(seed=seed)
+    obs, infos = envs.reset(seed=seed)
     prev_done = np.zeros(n, dtype=bool)
     dtype = torch.float32 if np.issubdtype(obs.dtype, np.floating) else None
     while (counts < quota).any():
-        action = agent.act(torch.as_tensor(obs, dtype=dtype, device=device), deterministic=deterministic)
-        obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        mask = action_mask_of(infos, n, envs.single_action_space)
+        kw = mask_kwargs(agent, "act", None if mask is None else torch.as_tensor(mask, device=device))
+        action = agent.act(torch.as_tensor(obs, dtype=dtype, device=device), deterministic=deterministic, **kw)
+        obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
         ep_ret += np.where(prev_done, 0.0, reward)
         done = term | trunc
         prev_done = done & next_step

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agents.policies import check_action_mask, entropy_of, masked_log_softmax
 from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, position_ids, split_lm
 from textenv.trunk import TrunkSplit
 
@@ -202,14 +203,17 @@ class GPTAgent(nn.Module):
         return hidden
 
     @staticmethod
-    def _stats(logits: torch.Tensor, action: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """(action, log-prob, entropy) of the categorical over `logits` (..., V); samples when action is None."""
-        logp = torch.log_softmax(logits, dim=-1)  # (..., V)
+    def _stats(logits: torch.Tensor, action: torch.Tensor | None, mask: object = None) -> tuple[torch.Tensor, ...]:
+        """(action, log-prob, entropy) of the categorical over `logits` (..., V), restricted to `mask` (bool, like
+        logits; disallowed logits are -inf before the log_softmax) when given; samples when action is None."""
+        mask = None if mask is None else check_action_mask(mask, logits)
+        logp = masked_log_softmax(logits, mask)  # (..., V)
         probs = logp.exp()
         if action is None:
             action = sample(probs)
-        entropy = -(probs * logp).sum(-1)
-        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+            if mask is not None:  # float rounding at the CDF's end must not pick a masked token
+                action = torch.where(mask.gather(-1, action[:, None])[:, 0], action, probs.argmax(-1))
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy_of(logp, mask)
 
     # --- agent protocol ----------------------------------------------------------------------------------
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -217,9 +221,10 @@ class GPTAgent(nn.Module):
         return self._value(self._last_hidden(self._ids(obs), "rollout"))
 
     def get_action_and_value(
-        self, obs: torch.Tensor, action: torch.Tensor | None = None
+        self, obs: torch.Tensor, action: torch.Tensor | None = None, action_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(action, log pi(action|obs), entropy, value), each (B,). Samples when `action` is None.
+        """(action, log pi(action|obs), entropy, value), each (B,). Samples when `action` is None; with
+        `action_mask` (bool (B, V)) only among the allowed tokens, and log-probs are over those.
 
         With `action=None` under `no_grad` (the rollout) the KV cache is used; otherwise a full teacher-forced
         forward cropped to the longest real row.
@@ -228,25 +233,30 @@ class GPTAgent(nn.Module):
         hidden = self._last_hidden(ids, "rollout" if action is None else None)  # (B, C)
         if action is not None:
             action = torch.as_tensor(action, device=self.device).long()
-        action, logprob, entropy = self._stats(self._logits(hidden), action)  # pure sampling, temperature 1
+        # pure sampling, temperature 1
+        action, logprob, entropy = self._stats(self._logits(hidden), action, action_mask)
         return action, logprob, entropy, self._value(hidden)
 
-    def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
-        """Greedy (or sampled) next token for evaluation; its own KV cache, so it does not disturb rollouts."""
+    def act(self, obs: torch.Tensor, deterministic: bool = True, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy (or sampled) next allowed token for evaluation; its own KV cache, so it does not disturb rollouts."""
         logits = self._logits(self._last_hidden(self._ids(obs), "eval"))
+        if action_mask is not None:
+            mask = check_action_mask(action_mask, logits)
+            return masked_log_softmax(logits, mask).argmax(-1) if deterministic else self._stats(logits, None, mask)[0]
         if deterministic:
             return logits.argmax(dim=-1)
         return sample(torch.softmax(logits, dim=-1))
 
     def evaluate_sequences(
-        self, obs: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor
+        self, obs: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor, action_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logprob, entropy, value), each (T, E), from one forward over the episode segments of obs (T, E, L).
 
         Step t continues step t-1 of its column when both are valid and obs[t] is obs[t-1] shifted left by
         one with actions[t-1] appended. A segment's steps are all prefixes of its last observation, so the
         hidden state at position W-1-k of that observation belongs to the step k steps before the segment's
-        end. Invalid steps are not computed and come back as 0.
+        end. Invalid steps are not computed and come back as 0. `action_mask` (T, E, V) restricts each step's
+        distribution as in `get_action_and_value`.
         """
         ids = self._ids(obs)  # (T, E, L)
         T, E, L = ids.shape
@@ -273,7 +283,9 @@ class GPTAgent(nn.Module):
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
         back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end
         h = self._segment_hidden(ids.transpose(0, 1).reshape(E * T, L)[seg_end], segment, back)  # (S, C)
-        _, logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps])
+        mask = None if action_mask is None else torch.as_tensor(action_mask, device=self.device).transpose(0, 1)
+        mask = None if mask is None else mask.reshape(E * T, -1)[steps]  # (S, V)
+        _, logprob, entropy = self._stats(self._logits(h), actions.T.reshape(-1)[steps], mask)
         value = self._value(h)
         outs = []
         for x in (logprob, entropy, value):
@@ -281,7 +293,6 @@ class GPTAgent(nn.Module):
             full[steps] = x
             outs.append(full.view(E, T).T)  # (T, E)
         return outs[0], outs[1], outs[2]
-
 
     def _segment_hidden(self, rows: torch.Tensor, segment: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Hidden state (S, C) at each step's last observed token, from the segments' last observations `rows`

@@ -42,6 +42,7 @@ from agents.rollout import (
     episode_stats,
     first_ratio_deviation,
     flat_minibatches,
+    score_minibatch,
     warn_if_negative_kl,
 )
 from agents.vector import resolve_device, vector_env
@@ -285,12 +286,11 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
 
     Under torchrun each rank runs the same number of minibatches on its own rollout and every step uses the
     gradient averaged over the ranks; the statistics (and the `target_kl` stop) are means over the ranks."""
-    obs, actions, valid = rollout.obs, rollout.actions, rollout.valid
+    actions, valid = rollout.actions, rollout.valid
     T, E = valid.shape
     by_env = args.minibatch_by_env
     b = {"actions": actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
          "advantages": rollout.advantages.reshape(-1), "returns": rollout.returns.reshape(-1)}
-    flat_obs = obs.reshape((T * E,) + obs.shape[2:])
     first_dev = float("nan")
     for epoch in range(args.update_epochs):
         # statistics of the last epoch are logged; every epoch's when target_kl may stop early
@@ -298,21 +298,8 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
         sums, n = torch.zeros(6), 0
         parts = env_minibatches(E, args.num_minibatches) if by_env else flat_minibatches(valid.reshape(-1), args.num_minibatches)
         for mb_i, idx in enumerate(parts):
-            if by_env:  # all T steps of the env columns `idx`: (T, E_mb)
-                idx = idx.to(obs.device)
-                mb_obs, mb_act, mask = obs[:, idx], actions[:, idx], valid[:, idx]
-                if hasattr(agent, "evaluate_sequences"):
-                    newlogprob, entropy, newvalue = agent.evaluate_sequences(mb_obs, mb_act, mask)
-                else:
-                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(
-                        mb_obs.reshape((-1,) + obs.shape[2:]), mb_act.reshape(-1))
-                m = mask.reshape(-1)
-                sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items()}
-                newlogprob, entropy, newvalue = newlogprob.reshape(-1), entropy.reshape(-1), newvalue.reshape(-1)
-            elif idx.numel():
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(flat_obs[idx], b["actions"][idx])
-                m = None
-                sel = {k: v[idx] for k, v in b.items()}
+            if by_env or idx.numel():  # by env: all T steps of the env columns `idx`; m masks the reset steps
+                newlogprob, entropy, newvalue, m, sel = score_minibatch(agent, rollout, b, idx, by_env)
             elif not dist.enabled:  # fewer valid steps than minibatches
                 continue
             else:  # ... on this rank only: step with the others (a zero gradient from here)

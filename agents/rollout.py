@@ -9,6 +9,7 @@ its reward is 0). That reset step is not a transition and is masked out (`valid`
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class Rollout:
     """the episodes that ended during this rollout, in order of their end"""
     kl_coef: float
     """the KL penalty coefficient the rewards are shaped with (0 = no shaping)"""
+    action_masks: torch.Tensor | None = None
+    """(T, E, n_actions) bool: the actions allowed at each step, from `infos["action_mask"]` (None: no masks)"""
     shaped_rewards: torch.Tensor | None = None
     """rewards - kl_coef * (logprobs - ref_logprobs) on valid steps (= rewards when KL is off); compute_advantages"""
     advantages: torch.Tensor | None = None
@@ -86,13 +89,35 @@ class Carry:
     """(E,) steps so far"""
     ep_kl: np.ndarray
     """(E,) KL to the reference so far"""
+    next_mask: np.ndarray | None = None
+    """(E, n_actions) bool: the actions allowed on `next_obs` (None: the env reports no `action_mask`)"""
 
     @classmethod
     def start(cls, envs: gym.vector.VectorEnv, seed: int | None) -> Carry:
         """Reset `envs` with `seed`: fresh episodes everywhere."""
-        next_obs, _ = envs.reset(seed=seed)
+        next_obs, infos = envs.reset(seed=seed)
         n = envs.num_envs
-        return cls(next_obs, np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64), np.zeros(n))
+        return cls(next_obs, np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64), np.zeros(n),
+                   action_mask_of(infos, n, envs.single_action_space))
+
+
+def action_mask_of(infos: dict, num_envs: int, action_space: gym.Space) -> np.ndarray | None:
+    """(E, n) bool `infos["action_mask"]` with every action allowed for envs that report none; None without masks."""
+    if "action_mask" not in infos:
+        return None
+    mask = np.asarray(infos["action_mask"], dtype=bool).reshape(num_envs, int(action_space.n))
+    return np.where(infos.get("_action_mask", np.ones(num_envs, bool))[:, None], mask, True)
+
+
+def mask_kwargs(agent: object, method: str, mask: torch.Tensor | None) -> dict:
+    """`{"action_mask": mask}` for `agent.<method>` when there is a mask, or a clear error if it takes none."""
+    if mask is None:
+        return {}
+    if "action_mask" not in inspect.signature(getattr(agent, method)).parameters:
+        raise TypeError(f"the env reports infos['action_mask'] but {type(agent).__name__}.{method} takes no "
+                        "`action_mask` keyword, so it would sample masked actions; add the keyword (see "
+                        "agents.policies) or build the env without action_mask")
+    return {"action_mask": mask}
 
 
 def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: Carry, num_steps: int,
@@ -110,13 +135,19 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
     terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
     prev_done_start, has_ref, episodes = carry.prev_done, False, []
     c = carry
+    masks = None if c.next_mask is None else torch.ones((T, E, envs.single_action_space.n), dtype=torch.bool,
+                                                        device=device)
     for step in range(T):
         global_step += steps_per_step
         obs[step] = torch.as_tensor(c.next_obs, dtype=obs_type).to(device, non_blocking=True)
+        if masks is not None:
+            masks[step] = torch.as_tensor(c.next_mask).to(device)
         with torch.no_grad():
-            action, logprob, _, value = agent.get_action_and_value(obs[step])
+            kw = mask_kwargs(agent, "get_action_and_value", None if masks is None else masks[step])
+            action, logprob, _, value = agent.get_action_and_value(obs[step], **kw)
         actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
         c.next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+        c.next_mask = action_mask_of(infos, E, envs.single_action_space)
         live = ~c.prev_done  # False at the autoreset steps
         rewards[step], terminated[step], truncated[step] = reward, term, trunc
         if "ref_logprob" in infos:
@@ -140,7 +171,7 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
                    valid=as_tensor(autoreset_valid(terminated | truncated, prev_done_start)),
                    terminated=as_tensor(terminated), truncated=as_tensor(truncated),
                    next_obs=torch.as_tensor(c.next_obs, dtype=obs_type).to(device), episodes=episodes,
-                   kl_coef=kl_coef)
+                   kl_coef=kl_coef, action_masks=masks)
 
 
 def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, gae_lambda: float,
@@ -153,6 +184,31 @@ def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, g
                         if r.kl_coef > 0 else r.rewards)
     r.advantages, r.returns = compute_gae(r.shaped_rewards, r.values, next_value, r.terminated, r.truncated, r.valid,
                                           gamma, gae_lambda, bootstrap_truncated)
+
+
+def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tensor, by_env: bool) -> tuple:
+    """The current policy on minibatch `idx` of rollout `r`: (logprob, entropy, value) flat (B,), the valid-step
+    mask (None for flat minibatches, which hold valid steps only) and the minibatch's entries of the flat batch `b`.
+    `by_env`: `idx` are env columns, scored whole (`agent.evaluate_sequences` when it has one). The rollout's
+    action masks go to the agent with the observations."""
+    (T, E), masks = r.valid.shape, r.action_masks
+    if by_env:
+        idx = idx.to(r.obs.device)
+        mb_obs, mb_act, valid = r.obs[:, idx], r.actions[:, idx], r.valid[:, idx]  # (T, E_mb, ...)
+        mb_mask = None if masks is None else masks[:, idx]  # (T, E_mb, n_actions)
+        if hasattr(agent, "evaluate_sequences"):
+            out = agent.evaluate_sequences(mb_obs, mb_act, valid, **mask_kwargs(agent, "evaluate_sequences", mb_mask))
+        else:
+            mb_mask = None if mb_mask is None else mb_mask.reshape(-1, mb_mask.shape[-1])
+            out = agent.get_action_and_value(mb_obs.reshape((-1,) + r.obs.shape[2:]), mb_act.reshape(-1),
+                                             **mask_kwargs(agent, "get_action_and_value", mb_mask))[1:]
+        sel = {k: v.reshape(T, E)[:, idx].reshape(-1) for k, v in b.items()}
+        return (*(x.reshape(-1) for x in out), valid.reshape(-1), sel)
+    flat_obs = r.obs.reshape((T * E,) + r.obs.shape[2:])
+    mb_mask = None if masks is None else masks.reshape(T * E, -1)[idx]
+    _, logprob, entropy, value = agent.get_action_and_value(flat_obs[idx], b["actions"][idx],
+                                                            **mask_kwargs(agent, "get_action_and_value", mb_mask))
+    return logprob, entropy, value, None, {k: v[idx] for k, v in b.items()}
 
 
 def episode_stats(rollout: Rollout, stats: dict, dist: distributed.Dist) -> tuple[list, list[float], dict]:

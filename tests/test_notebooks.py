@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_cartpole", "02_textenv_tour", "03_rlhf"]
+NAMES = ["01_cartpole", "02_textenv_tour", "03_rlhf", "04_tools_and_turns"]
 ALLOWED_IMPORTS = {"agents", "textenv", "gymnasium", "stable_baselines3", "matplotlib", "numpy", "IPython", "os",
                    "dataclasses", "time", "pathlib"}
 

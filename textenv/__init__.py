@@ -13,11 +13,13 @@ from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
 from textenv.kl import RefLogprob, RefLogprobEnv
 from textenv.rewards import EndsWithReward, HFRewardModel, KeywordReward, LengthReward, RewardModel
+from textenv.turns import TurnEnv
 from textenv.vector import TextVectorEnv
 
 __all__ = [
     "TextEnv",
     "TextVectorEnv",
+    "TurnEnv",
     "RefLogprob",
     "RefLogprobEnv",
     "RewardModel",

@@ -11,7 +11,9 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from textenv.rewards import check_scores
+from textenv import interaction as multiturn
+from textenv.masks import ActionMask, check_allowed, check_mask
+from textenv.rewards import check_scores, pay_token_rewards
 
 
 def _range(name: str, value: int | Sequence[int]) -> tuple[int, int]:
@@ -100,6 +102,9 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     completion (special tokens skipped), also in `info["score"]`. A reward model is any callable
     `list[str] -> sequence of float` (see `textenv.rewards`).
 
+    Dense rewards (`token_rewards=f`, see `textenv.rewards`): every step also pays the reward of the token it
+    emitted (`info["token_reward"]`; the episode's list is `info["token_rewards"]` on the last step).
+
     ## Starting State
 
     A prompt drawn uniformly with `self.np_random` from `prompts` (each string a whole prompt), or, with
@@ -128,9 +133,19 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     | `min_new_tokens`    | int                    | 0       | EOS ends the episode only after this many     |
     | `query_tokens`      | (lo, hi) or None       | None    | cut queries of lo..hi tokens from `prompts`   |
     | `render_mode`       | "ansi" or None         | None    | `render()` returns "prompt|completion"        |
+    | `action_mask`       | callable or None       | None    | `(prefix_ids, turn_ids) -> allowed` (masks)   |
+    | `token_rewards`     | callable or None       | None    | `(texts, action_ids) -> per-token rewards`    |
+    | `interaction`       | callable or None       | None    | `conversation -> (next_text, done)` per turn  |
+    | `stop_strings`      | list of str            | ()      | also end a turn (with `interaction`)          |
+    | `max_context_tokens`| int or None            | None    | window; default prompt + new tokens           |
+
+    Multi-turn and tool episodes (see `textenv.interaction`): a turn's end (EOS or a stop string) calls
+    `interaction`, whose text joins the observation in the same step ("turn_ended", "inserted" in info).
 
     Info: "prompt", "text" (decoded prompt + completion so far), "length" (real tokens), "prompt_length";
-    on the last step also "score" and "completion".
+    on the last step also "score" and "completion". With `action_mask` (see `textenv.masks`): "action_mask",
+    a bool array (vocab_size,) of the tokens allowed next (all True once the episode has ended), also returned
+    by `action_masks()` (sb3-contrib's `MaskablePPO` calls it); a masked action sent to `step` raises.
 
     ```python
     >>> import gymnasium as gym, textenv
@@ -160,6 +175,11 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         min_new_tokens: int = 0,
         query_tokens: Sequence[int] | None = None,
         render_mode: str | None = None,
+        action_mask: ActionMask | None = None,
+        token_rewards: Callable[[list[str], list[list[int]]], Sequence] | None = None,
+        interaction: multiturn.Interaction | None = None,
+        stop_strings: Sequence[str] = (),
+        max_context_tokens: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id, self.pad_token_id, self.vocab_size = check_tokenizer(tokenizer)
@@ -190,13 +210,19 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r} is not supported; use 'ansi' or None.")
         self.render_mode = render_mode
+        self.action_mask = multiturn.check_callable(
+            "action_mask", action_mask, "(prefix_ids, turn_ids) -> allowed ids or bool mask, e.g. textenv.masks.BannedTokens")
+        self.token_rewards = multiturn.check_callable(
+            "token_rewards", token_rewards, "(texts, action_ids) -> one reward per token, e.g. textenv.rewards.TokenReward")
+        self.interaction, self.stop_strings = multiturn.check_interaction(interaction, stop_strings)
         self._prompt_ids, self._prompt_texts = self._encode_prompts(prompts)
 
-        self.window = self.max_prompt_tokens + self.max_new_tokens
+        self.window = multiturn.context_window(max_context_tokens, self.max_prompt_tokens, self.max_new_tokens)
         self.observation_space = spaces.Box(0, self.vocab_size - 1, (self.window,), np.int64)
         self.action_space = spaces.Discrete(self.vocab_size)
         self._obs = np.full(self.window, self.pad_token_id, dtype=np.int64)
         self._done: bool | None = None  # None: never reset
+        self._mask: np.ndarray | None = None  # the tokens allowed next (with `action_mask`)
 
     # -- pieces shared with the batched TextVectorEnv ------------------------------------------------
 
@@ -298,6 +324,15 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             )
         return a
 
+    def compute_mask(self, prefix_ids: Sequence[int], turn_ids: Sequence[int]) -> np.ndarray:
+        """The `action_mask` callable's answer as a checked bool array (vocab_size,)."""
+        allowed = self.action_mask([int(i) for i in prefix_ids], [int(i) for i in turn_ids])
+        return check_mask(allowed, self.vocab_size, self.action_mask)
+
+    def action_masks(self) -> np.ndarray:
+        """The tokens allowed next, bool (vocab_size,): all True without `action_mask` (sb3-contrib's MaskablePPO)."""
+        return np.ones(self.vocab_size, dtype=np.bool_) if self._mask is None else self._mask.copy()
+
     # -- the Gymnasium API --------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -305,11 +340,14 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         super().reset(seed=seed)
         index = (options or {}).get("prompt_index")
         ids, self._prompt, self._budget = self.draw_episode(self.np_random, index)
-        self._prompt_length, self._new = len(ids), []
+        self._prompt_length, self._new, self._paid = len(ids), [], []  # _new: every token after the prompt
+        self._actions, self._turn = [], []  # the policy's tokens: all of them, and those of the current turn
         self._obs[:] = self.pad_token_id
         self._obs[self.window - len(ids) :] = ids
         self._done = False
         info = {"prompt": self._prompt, "text": self._prompt, "length": len(ids), "prompt_length": len(ids)}
+        if self.action_mask is not None:
+            self._mask = info["action_mask"] = self.compute_mask(ids, [])
         return self._obs.copy(), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -318,21 +356,53 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         if self._done:
             raise ResetNeeded("step() called after the episode ended; call env.reset() to start a new one.")
         a = self.check_action(action)
-        self._obs[:-1] = self._obs[1:]  # shift left, newest token last
-        self._obs[-1] = a
-        terminated = a == self.eos_token_id and len(self._new) >= self.min_new_tokens
-        self._new.append(a)
-        truncated = not terminated and len(self._new) >= self._budget
-        length = self._prompt_length + len(self._new)
-        text = decode_rows(self.tokenizer, [self._obs[self.window - length :].tolist()])[0]
-        info = {"prompt": self._prompt, "text": text, "length": length, "prompt_length": self._prompt_length}
+        check_allowed(a, self._mask)
+        ends = a == self.eos_token_id and len(self._actions) >= self.min_new_tokens  # EOS ends the turn
+        self._push([a])
+        self._actions.append(a)
+        self._turn.append(a)
+        if self.stop_strings and not ends:
+            ends = multiturn.ends_turn(decode_rows(self.tokenizer, [self._turn])[0], self.stop_strings)
+        info = self._info()
         reward = 0.0
+        if self.token_rewards is not None:
+            reward = info["token_reward"] = float(pay_token_rewards(self.token_rewards, [info["text"]],
+                                                                    [self._actions], [self._paid])[0])
+        terminated, full = ends and self.interaction is None, False
+        if ends and self.interaction is not None:  # the tool / user answers within this step
+            reply, terminated = multiturn.check_reply(self.interaction(info["text"]), self.interaction)
+            ids = self.tokenizer.encode(reply, add_special_tokens=False) if reply else []
+            room = self.window - self._prompt_length - len(self._new)
+            self._push(ids[:room])
+            full, self._turn = len(ids) > room, []
+            info.update(self._info(), turn_ended=True, inserted=reply)
+        length = self._prompt_length + len(self._new)
+        truncated = not terminated and (full or len(self._actions) >= self._budget or length >= self.window)
         if terminated or truncated:
             self._done = True
-            reward = float(self.score([text])[0])
-            info["score"] = reward
+            info["score"] = float(self.score([info["text"]])[0])
+            reward += info["score"]
+            if self.token_rewards is not None:
+                info["token_rewards"] = list(self._paid)  # a list: episodes differ in length
             info["completion"] = decode_rows(self.tokenizer, [self._new])[0]
+        if self.action_mask is not None:  # nothing follows an episode's end: every token allowed
+            real = self._obs[self.window - length :]
+            prefix = real[: length - len(self._turn)]
+            self._mask = np.ones(self.vocab_size, np.bool_) if self._done else self.compute_mask(prefix, self._turn)
+            info["action_mask"] = self._mask.copy()
         return self._obs.copy(), reward, bool(terminated), bool(truncated), info
+
+    def _push(self, ids: list[int]) -> None:
+        """Append tokens to the observation (shifted left, newest last) and to the episode's tokens."""
+        if ids:
+            self._obs[: -len(ids)] = self._obs[len(ids) :]
+            self._obs[-len(ids) :] = ids
+            self._new.extend(int(i) for i in ids)
+
+    def _info(self) -> dict:
+        length = self._prompt_length + len(self._new)
+        text = decode_rows(self.tokenizer, [self._obs[self.window - length :].tolist()])[0]
+        return {"prompt": self._prompt, "text": text, "length": length, "prompt_length": self._prompt_length}
 
     def render(self) -> str | None:
         if self.render_mode != "ansi" or self._done is None:

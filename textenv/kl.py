@@ -15,6 +15,12 @@ batched single-token decode per vector step (a test checks the result equals a f
 Log-probs are normalised over the environment's action space (the first `action_space.n` ids): if the
 reference model's vocabulary is padded beyond the tokenizer's, those extra ids are never actions, and
 the policy restricts its logits the same way, so both distributions share a support.
+
+Action masks: when the env reports `info["action_mask"]`, the reference is normalised over the same allowed set
+as the masked policy, `log p_ref(a|s) - log sum_{b allowed} p_ref(b|s)`. The masked policy can only be compared
+with the reference conditioned on the constraint: without renormalising, every step would carry an extra
+`-log p_ref(allowed set)` >= 0 that no policy can reduce (and that punishes choices leading into tightly
+constrained states), and a policy equal to the masked reference would not have KL 0.
 """
 
 from __future__ import annotations
@@ -60,10 +66,14 @@ class _Reference:
         self.cache = split.cached() if split is not None else CachedLM(self.model, pad)
 
     @torch.no_grad()
-    def logprobs(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """log p_ref(actions | obs) (E,) float64 for obs (E, L), advancing the KV cache by one token per row."""
+    def logprobs(self, obs: np.ndarray, actions: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """log p_ref(actions | obs) (E,) float64 for obs (E, L), advancing the KV cache by one token per row;
+        normalised over the allowed actions of `mask` (E, n_actions) bool when given."""
         logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
-        logp = torch.log_softmax(logits[:, : self.n_actions], dim=-1)  # (E, n_actions)
+        logits = logits[:, : self.n_actions]  # (E, n_actions)
+        if mask is not None:
+            logits = logits.masked_fill(~torch.as_tensor(mask, device=self.device), float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)  # (E, n_actions)
         # Clamped: under NEXT_STEP autoreset an ignored action need not be a valid id.
         idx = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device).clamp(0, self.n_actions - 1)
         return logp.gather(1, idx[:, None])[:, 0].double().cpu().numpy()
@@ -93,22 +103,32 @@ class RefLogprob(VectorWrapper):
         )
         self._obs: np.ndarray | None = None
         self._ended = np.zeros(self.num_envs, dtype=np.bool_)
+        self._mask: np.ndarray | None = None  # (E, n_actions): the actions allowed on self._obs
+
+    def _remember_mask(self, infos: dict, rows: np.ndarray) -> None:
+        if "action_mask" in infos:
+            if self._mask is None:
+                self._mask = np.ones((self.num_envs, self.ref.n_actions), dtype=np.bool_)
+            has = rows & infos.get("_action_mask", np.ones(self.num_envs, np.bool_))
+            self._mask[has] = np.asarray(infos["action_mask"])[has]
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         obs, infos = self.env.reset(seed=seed, options=options)
         mask = (options or {}).get("reset_mask", np.ones(self.num_envs, dtype=np.bool_))
         self._ended = self._ended & ~mask
         self._obs = obs
+        self._remember_mask(infos, mask)
         return obs, infos
 
     def step(self, actions: Any):
         if self._obs is None:
             raise gym.error.ResetNeeded("step() called before reset(); call envs.reset() first.")
         obs, rewards, terminated, truncated, infos = self.env.step(actions)  # validates the actions first
-        logp = self.ref.logprobs(self._obs, np.asarray(actions))  # scored on the obs they were taken in
+        logp = self.ref.logprobs(self._obs, np.asarray(actions), self._mask)  # on the obs they were taken in
         applied = ~self._ended if self.next_step else np.ones(self.num_envs, dtype=np.bool_)
         infos["ref_logprob"], infos["_ref_logprob"] = np.where(applied, logp, 0.0), applied
         self._obs, self._ended = obs, terminated | truncated
+        self._remember_mask(infos, np.ones(self.num_envs, dtype=np.bool_))
         return obs, rewards, terminated, truncated, infos
 
 
@@ -122,15 +142,18 @@ class RefLogprobEnv(gym.Wrapper):
         self.ref = _Reference(env, env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv")
         self.cache = self.ref.cache
         self._obs: np.ndarray | None = None
+        self._mask: np.ndarray | None = None
 
     def reset(self, **kwargs: Any):
         self._obs, info = self.env.reset(**kwargs)
+        self._mask = info.get("action_mask")
         return self._obs, info
 
     def step(self, action: Any):
         if self._obs is None:
             raise gym.error.ResetNeeded("step() called before reset(); call env.reset() first.")
         obs, reward, terminated, truncated, info = self.env.step(action)  # validates the action first
-        logp = self.ref.logprobs(self._obs[None], np.asarray(action).reshape(1))[0]
-        self._obs = obs
+        mask = None if self._mask is None else self._mask[None]
+        logp = self.ref.logprobs(self._obs[None], np.asarray(action).reshape(1), mask)[0]
+        self._obs, self._mask = obs, info.get("action_mask")
         return obs, reward, terminated, truncated, {**info, "ref_logprob": float(logp)}

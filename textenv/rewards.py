@@ -3,6 +3,14 @@
 The environment calls `reward_model(texts)` once per finished batch of episodes with the decoded
 prompt + completion of each. `HFRewardModel` wraps a frozen Hugging Face sequence classifier (as the
 seed recipe's DistilBERT sentiment model); the rule rewards are for tests and tutorials.
+
+Dense (per-token) rewards: `TextEnv(token_rewards=f)` with `f(texts, action_ids) -> one array per text`, one
+reward per policy token so far (`action_ids[i]`, aligned to them), called on every step; the env pays each
+array's last entry on the step that emitted that token (`check_token_rewards` validates; `TokenReward` is the
+rule example). Why a call per step, not one call on the finished text: Gymnasium pays a reward when its step
+returns, so a reward that depends on later tokens cannot be paid on its own step. A token's reward may depend
+only on the text up to it, and the env checks that each answer's earlier entries equal what it already paid.
+Cost: one call per (vector) step, on a text that grows by one token each time.
 """
 
 from __future__ import annotations
@@ -45,6 +53,58 @@ def check_scores(scores: object, n: int, reward_model: object) -> np.ndarray:
             "fix the reward model so every score is a finite float (check for NaN weights or division by zero)."
         )
     return arr
+
+
+def check_token_rewards(rewards: object, lengths: Sequence[int], fn: object) -> list[np.ndarray]:
+    """Per-token rewards as float64 arrays of shapes (lengths[i],), or a ValueError that names `fn` and the fix."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        rows = [np.asarray(r, dtype=np.float64) for r in rewards]  # type: ignore[union-attr]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"token_rewards {name} returned {type(rewards).__name__}; it must return one sequence of "
+                         "floats per text (one float per policy token).") from e
+    if len(rows) != len(lengths):
+        raise ValueError(f"token_rewards {name} returned {len(rows)} reward arrays for {len(lengths)} texts; "
+                         "return one array per text.")
+    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        if row.shape != (n,):
+            raise ValueError(f"token_rewards {name} returned {row.size} rewards (shape {row.shape}) for text {i}, "
+                             f"which has {n} policy tokens; return exactly one reward per policy token so far, "
+                             "aligned to them.")
+        if not np.all(np.isfinite(row)):
+            raise ValueError(f"token_rewards {name} returned a non-finite reward for text {i}; return finite floats.")
+    return rows
+
+
+def pay_newest(row: np.ndarray, paid: list[float], fn: object) -> float:
+    """The newest token's reward of `row`, after checking that its earlier entries are those already paid."""
+    changed = np.abs(row[:-1] - paid) > 1e-6 + 1e-5 * np.abs(row[:-1]) if paid else ()  # np.isclose, 10x cheaper
+    if np.any(changed):
+        k = int(np.flatnonzero(changed)[0])
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise ValueError(f"token_rewards {name} is not causal: the reward of token {k} changed from {paid[k]} to "
+                         f"{row[k]} once later tokens were known, but it was already paid on its own step; a token's "
+                         "reward may depend only on the text up to that token (put whole-text judgements in "
+                         "reward_model, which is paid on the last step).")
+    paid.append(float(row[-1]))
+    return float(row[-1])
+
+
+def pay_token_rewards(fn: object, texts: list[str], action_ids: list[list[int]], paid: list[list[float]]) -> np.ndarray:
+    """Call `token_rewards` `fn` on a batch; the newest token's reward of each text (float64), checked for length and
+    causality and appended to `paid` (each text's rewards paid so far)."""
+    rows = check_token_rewards(fn(texts, action_ids), [len(a) for a in action_ids], fn)  # type: ignore[operator]
+    return np.array([pay_newest(r, p, fn) for r, p in zip(rows, paid, strict=True)])
+
+
+class TokenReward:
+    """Dense rule reward: `rewards[token_id]` for every policy token (0 for others), e.g. {id_of("a"): 1.0}."""
+
+    def __init__(self, rewards: dict[int, float]) -> None:
+        self.rewards = {int(k): float(v) for k, v in rewards.items()}
+
+    def __call__(self, texts: list[str], action_ids: list[list[int]]) -> list[list[float]]:
+        return [[self.rewards.get(int(t), 0.0) for t in ids] for ids in action_ids]
 
 
 class HFRewardModel:

@@ -5,6 +5,9 @@ observation window of every env shifts in one numpy op, texts decode in one batc
 episodes that finish on a step are scored in ONE reward-model call (the expensive part with a neural
 reward model). Autoreset follows Gymnasium's default NEXT_STEP mode: the step after an episode ends
 ignores that env's action and returns the first observation of its next episode with reward 0.
+With `action_mask`, `infos["action_mask"]` is a bool array (num_envs, vocab_size) of the tokens allowed next
+(see `textenv.masks` for its memory and a packed form). With `token_rewards`, one batched call per step pays every
+live env its newest token's reward.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv.env import TextEnv, decode_rows
+from textenv.masks import check_allowed
+from textenv.rewards import pay_token_rewards
 
 
 class TextVectorEnv(VectorEnv):
@@ -29,6 +34,9 @@ class TextVectorEnv(VectorEnv):
         if int(num_envs) != num_envs or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} must be a positive int.")
         self.env = TextEnv(**kwargs)  # validates arguments; holds the prompt cache, tokenizer, reward model
+        if self.env.interaction is not None:
+            raise ValueError("TextVectorEnv does not run interactions (multi-turn or tool episodes); use "
+                             "gymnasium.make_vec('TextEnv-v0', ..., vectorization_mode='sync') (a SyncVectorEnv).")
         self.num_envs = int(num_envs)
         self.render_mode = self.env.render_mode
         self.single_observation_space = self.env.observation_space
@@ -46,6 +54,9 @@ class TextVectorEnv(VectorEnv):
         self._prompt = np.full(E, None, dtype=object)
         self._autoreset = np.zeros(E, dtype=np.bool_)
         self._started = False
+        masked = self.env.action_mask is not None
+        self._mask = np.ones((E, self.env.vocab_size), dtype=np.bool_) if masked else None  # (E, V)
+        self._paid: list[list[float]] = [[] for _ in range(E)]  # dense rewards paid so far, per env
 
     def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
         """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
@@ -57,7 +68,9 @@ class TextVectorEnv(VectorEnv):
             self._obs[i] = self.env.pad_token_id
             self._obs[i, self.env.window - len(ids) :] = ids
             self._length[i] = self._prompt_length[i] = len(ids)
-            self._new[i] = 0
+            self._new[i], self._paid[i] = 0, []
+            if self._mask is not None:
+                self._mask[i] = self.env.compute_mask(ids, [])
         self._autoreset[rows] = False
 
     def _infos(self, rows: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,10 +81,13 @@ class TextVectorEnv(VectorEnv):
         prompt[rows], text[rows] = self._prompt[rows], texts[rows]
         length = np.where(mask, self._length, 0)
         prompt_length = np.where(mask, self._prompt_length, 0)
-        return {
+        infos = {
             "prompt": prompt, "_prompt": mask, "text": text, "_text": mask.copy(),
             "length": length, "_length": mask.copy(), "prompt_length": prompt_length, "_prompt_length": mask.copy(),
         }  # fmt: skip
+        if self._mask is not None:
+            infos["action_mask"], infos["_action_mask"] = self._mask.copy(), np.ones(self.num_envs, np.bool_)
+        return infos
 
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict | None = None
@@ -134,6 +150,9 @@ class TextVectorEnv(VectorEnv):
         E, W, env = self.num_envs, self.env.window, self.env
         restart = self._autoreset.copy()  # NEXT_STEP autoreset: these envs ignore their action
         live = ~restart
+        if self._mask is not None:
+            for i in np.flatnonzero(live & ~self._mask[np.arange(E), actions]):
+                check_allowed(int(actions[i]), self._mask[i])  # raises, naming the action
         rewards = np.zeros(E, dtype=np.float64)
 
         # Append each live env's token: shift its window left by one, newest token last.
@@ -142,27 +161,40 @@ class TextVectorEnv(VectorEnv):
         terminated = live & (actions == env.eos_token_id) & (self._new >= env.min_new_tokens)
         self._new[live] += 1
         self._length[live] += 1
-        truncated = live & ~terminated & (self._new >= self._budget)
+        truncated = live & ~terminated & ((self._new >= self._budget) | (self._length >= W))
         done = terminated | truncated
 
         texts = np.full(E, None, dtype=object)
         rows = np.flatnonzero(live)
         texts[rows] = decode_rows(env.tokenizer, [self._obs[i, W - self._length[i] :].tolist() for i in rows])
+        if self._mask is not None:  # an ended episode allows every token: its next action is ignored
+            self._mask[done] = True
+            for i in np.flatnonzero(live & ~done):
+                row = self._obs[i, W - self._length[i] :]
+                self._mask[i] = env.compute_mask(row[: self._prompt_length[i]], row[self._prompt_length[i] :])
         self._start(np.flatnonzero(restart))
         texts[restart] = self._prompt[restart]
         infos = self._infos(np.arange(E), texts)
+        if env.token_rewards is not None and len(rows):
+            new = [self._obs[i, W - self._new[i] :].tolist() for i in rows]
+            rewards[rows] = pay_token_rewards(env.token_rewards, list(texts[rows]), new, [self._paid[i] for i in rows])
+            infos["token_reward"], infos["_token_reward"] = rewards.copy(), live.copy()
+            paid = np.full(E, None, dtype=object)
+            for i in np.flatnonzero(done):
+                paid[i] = list(self._paid[i])
+            infos["token_rewards"], infos["_token_rewards"] = paid, done.copy()
 
         finished = np.flatnonzero(done)
         if len(finished):
             # One reward-model call for every episode that ends on this step.
-            rewards[finished] = env.score(list(texts[finished]))
+            score = np.zeros(E)
+            score[finished] = env.score(list(texts[finished]))
+            rewards[finished] += score[finished]
             completion = np.full(E, None, dtype=object)
             completion[finished] = decode_rows(
                 env.tokenizer, [self._obs[i, W - self._new[i] :].tolist() for i in finished]
             )
-            infos.update(
-                score=rewards.copy(), _score=done.copy(), completion=completion, _completion=done.copy()
-            )
+            infos.update(score=score, _score=done.copy(), completion=completion, _completion=done.copy())
         self._autoreset = done
         return self._obs.copy(), rewards, terminated, truncated, infos
 
