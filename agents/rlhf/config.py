@@ -101,8 +101,8 @@ def smollm2() -> RLHFConfig:
     on IMDb queries against the project's IMDb reward model, its top 4 of 30 blocks over a frozen trunk."""
     # 17 steps x 64 envs: one response of up to 16 tokens per env column and iteration (~1k tokens)
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb", policy="smollm2", trainable_layers=4,
-                      ppo=rlhf_ppo(total_timesteps=40 * 64 * 17, num_steps=17, num_minibatches=2,
-                                   learning_rate=3e-5, kl_target=4.0))
+                      ppo=rlhf_ppo(total_timesteps=30 * 64 * 17, num_steps=17, num_minibatches=2,
+                                   learning_rate=2e-4, kl_target=4.0))
 
 
 PRESETS = {"embedded": embedded, "imdb": imdb, "smollm2": smollm2}
