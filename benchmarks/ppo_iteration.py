@@ -93,6 +93,8 @@ class Args:
     """also time `agents.ppo.train` itself (the first case, warmup + rounds iterations)"""
     floor: bool = True
     """also time each case's compute floor (off: only the iterations)"""
+    length_groups: bool = True
+    """off: the update's one forward over all episode pieces cropped to the longest (before grouping by length)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default: all cores, what a user runs)"""
     device: str = "cpu"
@@ -383,6 +385,10 @@ def main(args: Args) -> None:
         args.warmup, args.rounds = 1, 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if not args.length_groups:  # the update as it was before grouping pieces by length, for a before/after number
+        import agents.gpt_policy
+
+        agents.gpt_policy.length_groups = lambda lengths: [torch.arange(len(lengths), device=lengths.device)]
     built = build(args)
     names = list(built["cases"])
     s = summarise(measure(built, args), built)
@@ -423,6 +429,7 @@ def main(args: Args) -> None:
         "new_tokens": args.new_tokens, "realistic_tokens": [args.min_tokens, args.new_tokens], "epochs": args.epochs,
         "num_steps": built["ppo_args"].num_steps, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds,
+        "length_groups": args.length_groups,
         **s, "train_check_s_per_iteration": train_times,
     }  # fmt: skip
     name = "ppo_iteration" if args.model == "gpt2" else f"ppo_iteration_{args.model}"
