@@ -223,7 +223,8 @@ def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> N
                                                       total_timesteps=2 * 4 * 7, num_minibatches=1, torch_threads=0,
                                                       learning_rate=1e-4))  # fmt: skip
     rec = run(cfg, pieces)
-    assert len(rec["history"]) == 2 and np.isfinite(rec["after"]["kl_mean"]) and rec["after"]["kl_mean"] > 0
+    # the sampled KL estimate of 4 responses after 2 small updates may fall below 0; it must have moved off 0
+    assert len(rec["history"]) == 2 and np.isfinite(rec["after"]["kl_mean"]) and rec["after"]["kl_mean"] != 0
     assert [s["prompt"] for s in rec["samples"]] == prompts and all(s["reward_after"] is not None for s in rec["samples"])
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
     assert changed and all(k.startswith(("model.layers.28.", "model.layers.29.", "model.norm.")) for k in changed)
