@@ -164,3 +164,27 @@ def test_trainable_layers_out_of_range_is_a_clear_error():
         GPTAgent(tiny_lm("llama"), PAD, trainable_layers=4)
     with pytest.raises(LMError, match="trainable_layers=0"):
         GPTAgent(tiny_lm("gpt2"), PAD, trainable_layers=0)
+
+
+def test_a_reference_split_is_checked_once_and_a_different_trunk_is_refused(monkeypatch):
+    model = tiny_lm("llama")
+    split = TrunkSplit(model, 1, PAD)
+    reference = copy.deepcopy(model)
+    calls = []
+    check = TrunkSplit._check
+    monkeypatch.setattr(TrunkSplit, "_check", lambda self, base: calls.append(1) or check(self, base))
+    for _ in range(3):  # a report evaluation makes one reference split per call
+        split.sharing(reference)
+    assert len(calls) == 1
+    with pytest.raises(LMError, match="changes its outputs"):  # other weights below the cut: not the same trunk
+        split.sharing(tiny_lm("llama", seed=1))
+
+
+def test_trunk_lookup_promotes_remembered_bf16_windows_with_recomputed_rows():
+    split = TrunkSplit(tiny_lm("gpt2"), 1, PAD)
+    ids = torch.tensor([[PAD, 3, 4, 5], [6, 7, 8, 9]])
+    exact = split.trunk.full(ids)
+    split.trunk._keep(ids[:1], exact[:1].to(torch.bfloat16))  # as an autocast rollout would remember it
+    out = split.trunk.lookup(ids)
+    assert out.dtype == torch.float32 and split.trunk.recomputed == 1
+    torch.testing.assert_close(out, exact, atol=0.05, rtol=0.02)

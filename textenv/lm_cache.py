@@ -150,6 +150,7 @@ class CachedLM:
         self.last_obs: torch.Tensor | None = None
         self.live: list[int] = []  # the model's cache layers this cache holds (all, unless a split model's view)
         self.num_layers = 0
+        self.slot: list[int] = []
         self.prefill_rows: torch.Tensor | None = None
         self.prefill_states: torch.Tensor | None = None
         self.prefill_end = 0
@@ -216,7 +217,7 @@ class CachedLM:
         mask = self.mbuf[:, self.start : self.end + 1]  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
         buffers = [BufferLayer(k, v, self.start, self.end) for k, v in zip(self.kbuf, self.vbuf, strict=True)]
-        layers = [buffers[self.live.index(i)] if i in self.live else buffers[0] for i in range(self.num_layers)]
+        layers = [buffers[j] for j in self.slot]
         out = self._forward(obs[:, -1:], None if embeds is None else embeds[:, -1:], attention_mask=mask,
                             position_ids=pos, cache=Cache(layers=layers), use_cache=True)  # fmt: skip
         self.end += 1
@@ -246,6 +247,8 @@ class CachedLM:
         # A split model's view runs only some of the model's blocks: only their cache layers are filled.
         self.num_layers = len(out.cache.layers)
         self.live = [i for i, layer in enumerate(out.cache.layers) if getattr(layer, "keys", None) is not None]
+        # each of the model's cache layers -> its buffer (layers outside the view get a placeholder: buffer 0)
+        self.slot = [self.live.index(i) if i in self.live else 0 for i in range(self.num_layers)]
         keep = pmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
         new_k = [torch.where(keep, out.cache.layers[i].keys, 0.0) for i in self.live]  # (R, H, W, D) each
         new_v = [torch.where(keep, out.cache.layers[i].values, 0.0) for i in self.live]

@@ -20,6 +20,7 @@ architecture the views do not fit (e.g. one that rescales `inputs_embeds`) fails
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -87,6 +88,7 @@ class FrozenTrunk:
         base, _ = split_lm(model)
         self.model, self.pad_token_id, self.num_streams, self.store_bytes = model, int(pad_token_id), streams, store_bytes
         self.view = _view(base, name, list(blocks[: len(blocks) - k]), norm=False, positions=True)
+        self.checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose split over this trunk passed
         self.reset()
 
     def reset(self) -> None:
@@ -155,7 +157,8 @@ class FrozenTrunk:
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Trunk outputs (N, L, C) of rows `ids` (N, L): remembered windows, the rest by one forward."""
+        """Trunk outputs (N, L, C) of rows `ids` (N, L): remembered windows, the rest by one forward. Windows
+        remembered under bf16 autocast and rows recomputed in float32 stack to float32 (type promotion)."""
         ids = ids.long()
         found = [self.known.get(key) for key in _keys(ids)]
         missing = [i for i, w in enumerate(found) if w is None]
@@ -183,8 +186,10 @@ class TrunkSplit:
         self.model, self.k, self.pad_token_id = model, int(k), int(pad_token_id)
         self.trunk = trunk if trunk is not None else FrozenTrunk(model, self.k, pad_token_id)
         self.top = _view(base, name, list(blocks[len(blocks) - self.k :]), norm=True, positions=False)
-        self.top_blocks = nn.ModuleList(blocks[len(blocks) - self.k :])
-        self._check(base)
+        self._blocks = name
+        if model not in self.trunk.checked:  # once per model: a reference split is made per evaluation
+            self._check(base)
+            self.trunk.checked.add(model)
 
     def sharing(self, model: nn.Module) -> TrunkSplit:
         """The split of `model` (e.g. the frozen reference) over this split's trunk."""
@@ -193,7 +198,7 @@ class TrunkSplit:
     def trainable(self) -> list[nn.Parameter]:
         """The parameters above the cut: the top blocks and the final norm (not the head: tied to the trunk's
         embeddings in most models)."""
-        params = list(self.top_blocks.parameters())
+        params = list(getattr(self.top, self._blocks).parameters())
         for name in _NORMS:
             norm = getattr(self.top, name, None)
             if isinstance(norm, nn.Module):
