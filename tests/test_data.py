@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -111,11 +112,15 @@ def test_hf_source_without_datasets_is_a_clear_error() -> None:
 
 def test_fingerprint_names_the_data_not_the_path(jsonl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     before = source_fingerprint(jsonl_dir)
-    copy = shutil.copytree(jsonl_dir, tmp_path_factory.mktemp("elsewhere") / "data")  # copy2 keeps sizes, mtimes
+    copy = shutil.copytree(jsonl_dir, tmp_path_factory.mktemp("elsewhere") / "data", copy_function=shutil.copy)
+    for p in copy.iterdir():  # a plain copy or a re-provisioned folder: new mtimes, the same data
+        os.utime(p, (0, 0))
     assert source_fingerprint(copy) == before
     assert re.fullmatch(r"[0-9a-f]{16}", before) and source_fingerprint("embedded") != before
-    _write_jsonl(jsonl_dir / "test.jsonl.gz", [{"text": "new", "label": 1}])
-    assert source_fingerprint(jsonl_dir) != before
+    data = bytearray((copy / "train.jsonl.gz").read_bytes())
+    data[-5] ^= 0xFF  # same size, same name, other bytes
+    (copy / "train.jsonl.gz").write_bytes(bytes(data))
+    assert source_fingerprint(copy) != before
 
 
 def test_embedded_corpus_is_varied_balanced_and_deterministic() -> None:
