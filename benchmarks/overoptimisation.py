@@ -8,12 +8,15 @@ belongs. The best setpoint by the judge is saved in the JSON.
 
     python benchmarks/overoptimisation.py            # setpoints 1, 2, 4, 8 + coef 0, 2 seeds; JSON + PNG in results/
     python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
+
+Runs train in parallel processes (`--workers`, default one per core), each with its share of the threads.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,8 +42,11 @@ class Args:
     """PPO iterations per run (default: the embedded preset's)"""
     eval_prompts: int = 128
     """held-out prompts per evaluation"""
+    workers: int = 0
+    """runs trained at once, each in its own process (0: one per core, up to the number of runs; 1 on a GPU).
+    The embedded models are small: one thread per run uses a core better than two threads on one run"""
     torch_threads: int = 0
-    """torch CPU threads (0 = all cores)"""
+    """torch CPU threads per run (0: the cores divided among the workers)"""
     quick: bool = False
     """2 setpoints, 1 seed, 8 iterations, 32 prompts"""
     out: str | None = None
@@ -65,6 +71,24 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
             "reward_positive": af["positive_rate_reward_model"], "distinct_2": af["distinct_2"],
             "ref_perplexity": af["ref_perplexity"], "train_kl_final_quarter": float(np.mean([h["kl"] for h in tail])),
             "warnings": rec["warnings"], "seconds": rec["timing"]["total_s"]}, rec["before"]
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int) -> None:
+    """A worker process: its share of the threads, and the preset's models loaded once (cached in artifacts/)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    base = embedded()
+    _WORKER.update(base=base, pieces=prepare(base, resolve_device(base.ppo.device)))
+
+
+def _work(job: tuple[int, int, float | None, int, Args]) -> tuple[int, dict, dict]:
+    i, n, setpoint, seed, a = job
+    print(f"\n=== run {i + 1}/{n} (pid {os.getpid()}): kl_target {setpoint}, seed {seed}", flush=True)
+    return (i, *one_run(_WORKER["base"], _WORKER["pieces"], setpoint, seed, a))
 
 
 def plot(points: list[dict], before: dict, path) -> None:
@@ -108,13 +132,23 @@ def main(a: Args) -> None:
         a = dataclasses.replace(a, setpoints=a.setpoints[:2], seeds=a.seeds[:1], iterations=8, eval_prompts=32)
     t0 = time.time()
     base = embedded()
-    pieces = prepare(base, resolve_device(base.ppo.device))  # built once (cached in artifacts/)
+    device = resolve_device(base.ppo.device)
+    prepare(base, device)  # build the models once, before any worker loads them
     runs = [(sp, seed) for sp in a.setpoints for seed in a.seeds] + [(None, s) for s in a.seeds if a.no_penalty]
-    points, before = [], None
-    for i, (sp, seed) in enumerate(runs):
-        print(f"\n=== run {i + 1}/{len(runs)}: kl_target {sp}, seed {seed} ({time.time() - t0:.0f}s so far)", flush=True)
-        point, before = one_run(base, pieces, sp, seed, a)
-        points.append(point)
+    cores = os.cpu_count() or 1
+    workers = 1 if device.type != "cpu" else min(len(runs), a.workers or cores)
+    threads = a.torch_threads or max(1, cores // workers)
+    a = dataclasses.replace(a, torch_threads=threads)
+    print(f"{len(runs)} runs, {workers} at a time x {threads} torch thread(s)", flush=True)
+    jobs = [(i, len(runs), sp, seed, a) for i, (sp, seed) in enumerate(runs)]
+    if workers == 1:
+        _init_worker(threads)
+        done = [_work(job) for job in jobs]
+    else:  # spawn: no forked torch thread pools
+        with mp.get_context("spawn").Pool(workers, _init_worker, (threads,)) as pool:
+            done = list(pool.imap_unordered(_work, jobs))
+    done.sort(key=lambda d: d[0])
+    points, before = [d[1] for d in done], done[-1][2]
     means = _means(points)
     rows = [["coef 0" if m["setpoint"] is None else m["setpoint"], m["kl"], m["train_kl_final_quarter"], m["proxy"],
              m["judge"], m["judge_positive"], m["distinct_2"]] for m in means]
@@ -131,7 +165,7 @@ def main(a: Args) -> None:
                target("wall_minutes", total_s / 60, "<= 30", total_s <= 30 * 60),
                target("worst_final_quarter_kl_error", worst, "<= 0.2 (fraction of the setpoint)", worst <= 0.2)]
     results = {"points": points, "means": means, "before": before, "best_setpoint_by_judge": best["setpoint"],
-               "best": best, "png": png.name, "total_s": total_s,
+               "best": best, "png": png.name, "total_s": total_s, "workers": workers, "threads_per_run": threads,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     print(f"\nbest kl_target by the judge: {best['setpoint']} (judge {best['judge']:.3f} at KL {best['kl']:.2f})")
     print(f"wrote {write_result('overoptimisation', results, targets, a.quick, a.out)} and {png}")

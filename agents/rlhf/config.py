@@ -89,11 +89,9 @@ def embedded() -> RLHFConfig:
 def imdb() -> RLHFConfig:
     """The seed recipe's shapes on IMDb with the project's own models (2 CPU cores: <= 20 minutes)."""
     # lr 1e-4: the IMDb GPT is weaker (perplexity ~300) and moves slower than the embedded one at 5e-5;
-    # KL setpoint 5 keeps the measured KL under 6 nats; Ziegler's proportional controller, as measured in
-    # benchmarks/results/rlhf_imdb.json (the PID controller is not yet measured on IMDb)
+    # KL setpoint 5 keeps the measured KL under 6 nats (benchmarks/results/rlhf_imdb.json)
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb",
-                      ppo=rlhf_ppo(total_timesteps=100 * 64 * 34, learning_rate=1e-4, kl_target=5.0,
-                                   kl_controller="proportional"))
+                      ppo=rlhf_ppo(total_timesteps=100 * 64 * 34, learning_rate=1e-4, kl_target=5.0))
 
 
 def smollm2() -> RLHFConfig:
