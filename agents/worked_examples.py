@@ -39,12 +39,18 @@ def tiny_agent(task: str, seed: int, width: int = 32) -> GPTAgent:
     return GPTAgent(GPT2LMHeadModel(cfg), tok.pad_token_id, vocab_size=len(tok))
 
 
-@torch.no_grad()
 def success_rate(policy, task: str, episodes: int, seed: int) -> float:
     """Mean final score of `episodes` episodes; `policy(obs, mask) -> actions` (None: uniform over allowed)."""
+    return episode_stats(policy, task, episodes, seed)["score"]
+
+
+@torch.no_grad()
+def episode_stats(policy, task: str, episodes: int, seed: int) -> dict:
+    """{"score": mean final score, "called": share of episodes with a tool call} over `episodes` episodes."""
     envs, rng = make_envs(task, 16), np.random.default_rng(seed)
     obs, infos = envs.reset(seed=seed)
     scores: list[float] = []
+    called: list[bool] = []
     while len(scores) < episodes:
         mask = infos["action_mask"]
         if policy is None:
@@ -52,20 +58,23 @@ def success_rate(policy, task: str, episodes: int, seed: int) -> float:
         else:
             actions = policy(torch.as_tensor(obs), torch.as_tensor(mask))
         obs, _, term, trunc, infos = envs.step(actions)
-        scores += [float(s) for s, d in zip(infos.get("score", []), term | trunc, strict=False) if d]
-    return float(np.mean(scores[:episodes]))
+        done = term | trunc
+        scores += [float(s) for s, d in zip(infos.get("score", []), done, strict=False) if d]
+        called += ["calc:" in t for t, d in zip(infos.get("text", []), done, strict=False) if d]
+    return {"score": float(np.mean(scores[:episodes])), "called": float(np.mean(called[:episodes]))}
 
 
 def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy: bool = False, **overrides) -> dict:
     """Success rates of the random masked policy, the untrained and the PPO-trained tiny GPTAgent (`steps` env steps;
     `overrides` replace `agents.ppo.Args` fields) on the same held-out episodes, sampled (temperature 1) and, with `greedy`, greedy,
-    with the standard error of the sampled rates' difference and the training time."""
+    with the standard error of the sampled rates' difference, the share of episodes that call a tool before and
+    after ("called_before", "called_after") and the training time."""
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and 2 threads on busy cores can be 20x slower
     agent = tiny_agent(task, seed, width)
     sample = lambda obs, mask: agent.act(obs, deterministic=False, action_mask=mask).numpy()  # noqa: E731
     argmax = lambda obs, mask: agent.act(obs, deterministic=True, action_mask=mask).numpy()  # noqa: E731
-    out = {"random": success_rate(None, task, episodes, seed=10_000),
-           "before": success_rate(sample, task, episodes, seed=10_000)}
+    random, before = episode_stats(None, task, episodes, 10_000), episode_stats(sample, task, episodes, 10_000)
+    out = {"random": random["score"], "before": before["score"], "called_before": before["called"]}
     if greedy:
         out["before_greedy"] = success_rate(argmax, task, episodes, seed=10_000)
     settings = dict(learning_rate=3e-3, num_envs=16, num_steps=32, minibatch_by_env=True, num_minibatches=4,
@@ -76,7 +85,8 @@ def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy
                         run_dir=run_dir, **settings)
         ppo.train(args, envs=make_envs(task, args.num_envs), agent=agent)
     out["train_seconds"] = time.time() - start
-    out["after"] = success_rate(sample, task, episodes, seed=10_000)
+    after = episode_stats(sample, task, episodes, 10_000)
+    out["after"], out["called_after"] = after["score"], after["called"]
     if greedy:
         out["after_greedy"] = success_rate(argmax, task, episodes, seed=10_000)
     before, after = out["before"], out["after"]

@@ -3,7 +3,8 @@ examples of `textenv.tasks` within a few CPU minutes?
 
 For each task (the calculator tool and the guessing game): the success rate (final score 1) of the untrained policy
 and of the trained one, each over the same seeded held-out episodes sampled from the policy (temperature 1, masks
-honoured; greedy too), side by side with the uniformly random masked policy. Target: trained > untrained by more
+honoured; greedy too), side by side with the uniformly random masked policy, and the share of episodes that call
+the tool (the calculator's mask allows a direct answer: calling is learnt). Target: trained > untrained by more
 than 4 standard errors on every seed.
 
     python benchmarks/tools.py            # full run (a few minutes), writes benchmarks/results/tools.json
@@ -33,10 +34,11 @@ def main() -> None:
         runs = results[task] = [run(task, steps, episodes, seed, greedy=True) for seed in range(seeds)]
         for seed, r in enumerate(runs):
             rows.append([task, seed, r["random"], r["before"], r["after"], r["after_greedy"], r["stderr"],
-                         r["train_seconds"]])
+                         r["called_before"], r["called_after"], r["train_seconds"]])
         gain = min((r["after"] - r["before"]) / max(r["stderr"], 1e-9) for r in runs)
         targets.append(target(f"{task}_gain_in_stderrs_worst_seed", round(gain, 1), "> 4", gain > 4))
-    print_table(["task", "seed", "random", "untrained", "trained", "trained greedy", "stderr", "train s"], rows)
+    print_table(["task", "seed", "random", "untrained", "trained", "trained greedy", "stderr", "calls before",
+                 "calls after", "train s"], rows)
     print(f"wrote {write_result('tools', results, targets, a.quick, a.out)}")
 
 

@@ -4,10 +4,12 @@ Each `*_task()` returns the `TextEnv` keyword arguments of a small char-level ta
 `TextEnv(**calculator_task())` or `gym.make_vec("TextEnv-v0", num_envs=8, vectorization_mode="sync",
 **guessing_task())` builds it. `benchmarks/tools.py` trains `agents.ppo` + a tiny `GPTAgent` on both.
 
-Calculator: the prompt is a question "3+4?". The policy's first turn is a tool call `calc:3+4` (the action mask
-fixes the protocol, call then answer, and the call's shape; the policy picks the operands); the tool inserts
-"=7;", then the policy answers "7" and the episode ends. Reward: 1 for the right final answer, plus a small dense
-reward for each call operand copied from the question (`ArgumentReward`, paid when written).
+Calculator: the prompt is a question "3+4?". The policy's first turn is either a direct answer ("7": the episode
+ends) or a tool call `calc:3+4` (the action mask allows only these two shapes; the policy decides whether to call
+and picks the operands); the tool inserts "=7;", then the policy answers "7" and the episode ends. Reward: 1 for the
+right final answer, plus a small dense reward for each call operand copied from the question (`ArgumentReward`,
+paid when written). An untrained policy calls in ~1 episode of 11 (the first token is "c" or one of 10 digits);
+learning to call, then to copy the operands and the tool's result, is what PPO has to find.
 
 Guessing game: the prompt "#abc:" hides a secret digit 0-7 (a hash of the prompt); each turn the policy guesses a
 digit, the game answers "<" (the secret is lower), ">" (higher) or "=" (found: the episode ends); after
@@ -117,13 +119,14 @@ class TurnRegexMask:
 
 
 def calculator_task(digits: int = 5) -> dict:
-    """TextEnv kwargs: questions "x+y?" with x, y < `digits`, the calculator tool, mask and rewards."""
+    """TextEnv kwargs: questions "x+y?" with x, y < `digits`, the calculator tool, mask and rewards (the first turn:
+    a call or a direct answer)."""
     tok = char_tokenizer("0123456789+?calc:=;error")
     top = digits - 1
     return dict(
         tokenizer=tok, reward_model=CalculatorReward(), prompts=[f"{x}+{y}?" for x in range(digits) for y in range(digits)],
         max_prompt_tokens=4, max_new_tokens=12, max_context_tokens=24, interaction=Calculator(max_calls=1),
-        action_mask=TurnRegexMask(tok, rf"calc:[0-{top}]\+[0-{top}]", r"[0-9]{1,2}"),
+        action_mask=TurnRegexMask(tok, rf"calc:[0-{top}]\+[0-{top}]|[0-9]{{1,2}}", r"[0-9]{1,2}"),
         token_rewards=ArgumentReward(tok),
     )  # fmt: skip
 
