@@ -245,17 +245,25 @@ class _Builder:
         return self.paths.judge
 
 
+_AUTO_THREADS: int | None = None
+
+
 def set_threads(threads: int | None) -> int:
-    """Apply `BuildArgs.threads`; returns the torch thread count in use."""
+    """Apply `BuildArgs.threads`; returns the torch thread count in use. None: every core, or 1 when the machine is
+    already busy (load average >= cores), decided once per process, on its first call: later calls would count the
+    process's own work (after a 10-minute build at 2 threads the load average is 2) and fall back to 1 thread."""
     import os
 
     import torch
 
-    if threads is None and hasattr(os, "getloadavg"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = 1 if os.getloadavg()[0] >= cores else None
-    if threads:
-        torch.set_num_threads(threads)
+    global _AUTO_THREADS
+    if threads is None:
+        if _AUTO_THREADS is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+            _AUTO_THREADS = 1 if busy else torch.get_num_threads()
+        threads = _AUTO_THREADS
+    torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 
