@@ -23,6 +23,11 @@ The compute floor, in the same rounds on the same model: one HF `generate` of th
 response positions; no optimizer step). The same floor serves both cases (a realistic iteration runs the same
 vector steps). `floor + ref` adds one no-grad forward of the batch through the reference, informational.
 
+The update's forwards are also counted in token positions (real ones, and with each forward's padding) beside
+the floor's 64 x 24: a realistic iteration's episode pieces each carry their prompt and, for an episode that began
+in the previous iteration, its earlier tokens, so it must process more positions than the floor does;
+`update / floor fwd+bwd, per position` is what is left of the update's excess once that is counted.
+
 Each round runs fixed, realistic and the floor back to back (order alternating); the split is the mean over
 rounds (it adds up to the mean total), `iteration` and `iteration / floor` are medians over rounds of per-round
 values. A cross-check times `agents.ppo.train` itself (fixed case) between its `on_iteration` hooks.
@@ -143,6 +148,24 @@ class Case:
     clocks: dict[str, Clock]
     global_step: int = 0
     iteration: int = 0
+    positions: dict = dataclasses.field(default_factory=lambda: {"real": 0, "padded": 0})
+
+
+def count_positions(case: Case) -> None:
+    """Count the token positions the update's forwards process (real ones and with the padding of each forward's
+    rows): an instance attribute wrapping `_segment_hidden`, the package is untouched."""
+    from agents.gpt_policy import length_groups
+    from textenv.lm_cache import attention_mask
+
+    inner = case.agent._segment_hidden
+
+    def counted(rows, segment, back):
+        lengths = attention_mask(rows, case.agent.pad_token_id).sum(dim=1)
+        case.positions["real"] += int(lengths.sum())
+        case.positions["padded"] += sum(len(g) * int(lengths[g].max()) for g in length_groups(lengths))
+        return inner(rows, segment, back)
+
+    case.agent._segment_hidden = counted
 
 
 def autocast(device: torch.device, dtype: str):
@@ -209,6 +232,7 @@ def build(args: Args) -> dict:
         kl_ctl = make_kl_controller(base.kl_controller, base.kl_coef, base.kl_target, base.kl_horizon)
         writer = SummaryWriter(tempfile.mkdtemp(prefix=f"ppo_iteration-{name}-"))
         cases[name] = Case(name, envs, agent, optimizer, base, Carry.start(envs, 1), kl_ctl, writer, clocks)
+        count_positions(cases[name])
     first, _ = TextVectorEnv(E, tokenizer=tok, reward_model=KeywordReward(["good"]), prompts=texts,
                              max_prompt_tokens=P, max_new_tokens=N, query_tokens=(P, P)).reset(seed=0)
     prompts = torch.as_tensor(first[:, -P:]).to(device)
@@ -221,6 +245,7 @@ def run_iteration(case: Case) -> dict[str, float]:
     """One PPO iteration of `case` as `train` runs it; returns wall seconds per phase (PHASES) and `total`."""
     a, device = case.args, case.agent.device
     before = {k: c.seconds for k, c in case.clocks.items()}
+    pos_before = dict(case.positions)
     case.iteration += 1
     sync(device)
     t0 = time.perf_counter()
@@ -246,6 +271,7 @@ def run_iteration(case: Case) -> dict[str, float]:
     out["rollout: other"] = (t1 - t0) - sum(out[k] for k in PHASES[:4])
     out.update({"advantages": t2 - t1, "update": t3 - t2, "everything else": t4 - t3, "total": t4 - t0,
                 "tokens": int(rollout.valid.sum())})
+    out.update({f"update positions {k}": (case.positions[k] - pos_before[k]) / a.update_epochs for k in case.positions})
     return out
 
 
@@ -284,7 +310,8 @@ def run_floor(lm, prompts: torch.Tensor, reference, args: Args, pad: int, split=
     sync(device)
     t3 = time.perf_counter()
     lm.zero_grad(set_to_none=True)
-    return {"floor: generate": t1 - t0, "floor: fwd+bwd": t2 - t1, "floor": t2 - t0, "ref fwd": t3 - t2}
+    return {"floor: generate": t1 - t0, "floor: fwd+bwd": t2 - t1, "floor": t2 - t0, "ref fwd": t3 - t2,
+            "positions": ids.numel()}
 
 
 class HookClock:
@@ -352,18 +379,26 @@ def summarise(rounds: dict, built: dict) -> dict:
         fs = rounds[f]
         out[f] = {"median_s": statistics.median(x["floor"] for x in fs),
                   "mean_split_s": {k: statistics.mean(x[k] for x in fs) for k in FLOOR},
-                  "median_floor_plus_ref_s": statistics.median(x["floor"] + x["ref fwd"] for x in fs)}
+                  "median_floor_plus_ref_s": statistics.median(x["floor"] + x["ref fwd"] for x in fs),
+                  "positions": fs[0]["positions"]}
     for name, f in floors(built).items():
         rs, fs = rounds[name], rounds.get(f)
         out[name] = {"median_s": statistics.median(x["total"] for x in rs),
                      "mean_s": statistics.mean(x["total"] for x in rs),
                      "mean_split_s": {k: statistics.mean(x[k] for x in rs) for k in PHASES},
-                     "tokens_per_iteration": statistics.mean(x["tokens"] for x in rs), "per_round": rs}  # fmt: skip
+                     "tokens_per_iteration": statistics.mean(x["tokens"] for x in rs),
+                     "update_positions": {k: statistics.mean(x[f"update positions {k}"] for x in rs)
+                                          for k in ("real", "padded")}, "per_round": rs}  # fmt: skip
         if fs:
             out[name]["floor"] = f
             out[name]["ratio_to_floor"] = statistics.median(x["total"] / y["floor"] for x, y in zip(rs, fs, strict=True))
             out[name]["ratio_to_floor_plus_ref"] = statistics.median(
                 x["total"] / (y["floor"] + y["ref fwd"]) for x, y in zip(rs, fs, strict=True))
+            # the update's cost per (padded) position against the floor's forward+backward per position: what is
+            # left of the update's excess once the extra positions a case needs are counted
+            out[name]["update_over_floor_per_position"] = statistics.median(
+                (x["update"] / max(x["update positions padded"], 1)) / (y["floor: fwd+bwd"] / y["positions"])
+                for x, y in zip(rs, fs, strict=True))
     return out
 
 
@@ -396,13 +431,18 @@ def main(args: Args) -> None:
             for k in PHASES]  # fmt: skip
     rows += [["iteration (mean)"] + [v for n in names for v in (s[n]["mean_s"], "100%")],
              ["iteration (median)"] + [v for n in names for v in (s[n]["median_s"], "")],
-             ["tokens per iteration"] + [v for n in names for v in (s[n]["tokens_per_iteration"], "")]]
+             ["tokens per iteration"] + [v for n in names for v in (s[n]["tokens_per_iteration"], "")],
+             ["update positions (real / padded)"] + [v for n in names for v in (
+                 f"{s[n]['update_positions']['real']:.0f} / {s[n]['update_positions']['padded']:.0f}", "")]]
     if args.floor:
         for k in FLOOR:
             rows.append([k] + [v for n in names for v in (s[s[n]["floor"]]["mean_split_s"][k], "")])
         rows += [["floor (median)"] + [v for n in names for v in (s[s[n]["floor"]]["median_s"], "")],
                  ["iteration / floor"] + [v for n in names for v in (s[n]["ratio_to_floor"], "")],
-                 ["iteration / (floor + ref fwd)"] + [v for n in names for v in (s[n]["ratio_to_floor_plus_ref"], "")]]
+                 ["iteration / (floor + ref fwd)"] + [v for n in names for v in (s[n]["ratio_to_floor_plus_ref"], "")],
+                 ["floor fwd+bwd positions"] + [v for n in names for v in (s[s[n]["floor"]]["positions"], "")],
+                 ["update / floor fwd+bwd, per position"]
+                 + [v for n in names for v in (s[n]["update_over_floor_per_position"], "")]]
     header = [f"{n} {case.args.num_steps - 1} tokens" if n != "realistic" else f"realistic {args.min_tokens}-{args.new_tokens}"
               for n, case in built["cases"].items()]  # fmt: skip
     print_table(["phase (s)"] + [v for h in header for v in (h, "share")], rows)
