@@ -41,11 +41,11 @@ def tiny_agent(task: str, seed: int, width: int = 32) -> GPTAgent:
 
 def success_rate(policy, task: str, episodes: int, seed: int) -> float:
     """Mean final score of `episodes` episodes; `policy(obs, mask) -> actions` (None: uniform over allowed)."""
-    return episode_stats(policy, task, episodes, seed)["score"]
+    return held_out_stats(policy, task, episodes, seed)["score"]
 
 
 @torch.no_grad()
-def episode_stats(policy, task: str, episodes: int, seed: int) -> dict:
+def held_out_stats(policy, task: str, episodes: int, seed: int) -> dict:
     """{"score": mean final score, "called": share of episodes with a tool call} over `episodes` episodes."""
     envs, rng = make_envs(task, 16), np.random.default_rng(seed)
     obs, infos = envs.reset(seed=seed)
@@ -73,7 +73,7 @@ def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy
     agent = tiny_agent(task, seed, width)
     sample = lambda obs, mask: agent.act(obs, deterministic=False, action_mask=mask).numpy()  # noqa: E731
     argmax = lambda obs, mask: agent.act(obs, deterministic=True, action_mask=mask).numpy()  # noqa: E731
-    random, before = episode_stats(None, task, episodes, 10_000), episode_stats(sample, task, episodes, 10_000)
+    random, before = held_out_stats(None, task, episodes, 10_000), held_out_stats(sample, task, episodes, 10_000)
     out = {"random": random["score"], "before": before["score"], "called_before": before["called"]}
     if greedy:
         out["before_greedy"] = success_rate(argmax, task, episodes, seed=10_000)
@@ -85,7 +85,7 @@ def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy
                         run_dir=run_dir, **settings)
         ppo.train(args, envs=make_envs(task, args.num_envs), agent=agent)
     out["train_seconds"] = time.time() - start
-    after = episode_stats(sample, task, episodes, 10_000)
+    after = held_out_stats(sample, task, episodes, 10_000)
     out["after"], out["called_after"] = after["score"], after["called"]
     if greedy:
         out["after_greedy"] = success_rate(argmax, task, episodes, seed=10_000)
