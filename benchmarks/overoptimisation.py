@@ -1,6 +1,6 @@
 """Proxy vs held-out judge over KL: where to set `kl_target` (Gao et al. 2022, https://arxiv.org/abs/2210.10760).
 
-Trains the embedded preset of `agents.rlhf` at several KL setpoints (and with no KL penalty at all, the fixed
+Trains a preset of `agents.rlhf` (embedded by default) at several KL setpoints (and with no KL penalty at all, the fixed
 coefficient 0), two seeds each, and plots, against the KL each run measured on the held-out prompts, the reward
 model's score (the proxy the policy trains on) and the held-out judge's P(positive) (a "gold" it never sees).
 Past some KL the proxy keeps rising while the judge stops following or falls: that knee is where `kl_target`
@@ -8,6 +8,7 @@ belongs. The best setpoint by the judge is saved in the JSON.
 
     python benchmarks/overoptimisation.py            # setpoints 1, 2, 4, 8 + coef 0, 2 seeds; JSON + PNG in results/
     python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
+    python benchmarks/overoptimisation.py --preset smollm2 --quick   # the same on SmolLM2 (~18 min per full run)
 
 Runs train in parallel processes (`--workers`, default one per core), each with its share of the threads.
 """
@@ -26,12 +27,15 @@ import numpy as np
 import tyro
 from _common import RESULTS_DIR, print_table, target, write_result
 
-from agents.rlhf import embedded, prepare, run
+from agents.rlhf import prepare, run
+from agents.rlhf.config import PRESETS
 from agents.vector import resolve_device
 
 
 @dataclass
 class Args:
+    preset: str = "embedded"
+    """the `agents.rlhf` preset trained at each setpoint (`embedded`, `imdb`, `smollm2`)"""
     setpoints: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     """KL setpoints (nats per response) of the adaptive controller"""
     no_penalty: bool = True
@@ -58,7 +62,7 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
     run's point and the report's "before" (the reference's held-out numbers, the same for every run)."""
     ppo = dataclasses.replace(base.ppo, seed=seed, torch_threads=a.torch_threads,
                               kl_target=setpoint, kl_coef=base.ppo.kl_coef if setpoint else 0.0,
-                              run_dir=f"runs/bench-overopt-{setpoint or 0:g}-{seed}-{int(time.time())}")
+                              run_dir=f"runs/bench-overopt-{a.preset}-{setpoint or 0:g}-{seed}-{int(time.time())}")
     if a.iterations:
         ppo.total_timesteps = a.iterations * ppo.num_envs * ppo.num_steps
     cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts)
@@ -76,12 +80,12 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, preset: str) -> None:
     """A worker process: its share of the threads, and the preset's models loaded once (cached in artifacts/)."""
     import torch
 
     torch.set_num_threads(threads)
-    base = embedded()
+    base = PRESETS[preset]()
     _WORKER.update(base=base, pieces=prepare(base, resolve_device(base.ppo.device)))
 
 
@@ -131,7 +135,7 @@ def main(a: Args) -> None:
     if a.quick:
         a = dataclasses.replace(a, setpoints=a.setpoints[:2], seeds=a.seeds[:1], iterations=8, eval_prompts=32)
     t0 = time.time()
-    base = embedded()
+    base = PRESETS[a.preset]()
     device = resolve_device(base.ppo.device)
     prepare(base, device)  # build the models once, before any worker loads them
     runs = [(sp, seed) for sp in a.setpoints for seed in a.seeds] + [(None, s) for s in a.seeds if a.no_penalty]
@@ -142,10 +146,10 @@ def main(a: Args) -> None:
     print(f"{len(runs)} runs, {workers} at a time x {threads} torch thread(s)", flush=True)
     jobs = [(i, len(runs), sp, seed, a) for i, (sp, seed) in enumerate(runs)]
     if workers == 1:
-        _init_worker(threads)
+        _init_worker(threads, a.preset)
         done = [_work(job) for job in jobs]
     else:  # spawn: no forked torch thread pools
-        with mp.get_context("spawn").Pool(workers, _init_worker, (threads,)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (threads, a.preset)) as pool:
             done = list(pool.imap_unordered(_work, jobs))
     done.sort(key=lambda d: d[0])
     points, before = [d[1] for d in done], done[-1][2]
@@ -155,7 +159,8 @@ def main(a: Args) -> None:
     print_table(["kl_target", "KL held-out", "KL train (last 25%)", "reward", "judge P(pos)", "judge pos rate",
                  "distinct-2"], rows)
     best = max(means, key=lambda m: m["judge"])
-    png = RESULTS_DIR / "overoptimisation.png" if a.out is None else Path(a.out).with_suffix(".png")
+    name = "overoptimisation" + ("" if a.preset == "embedded" else f"_{a.preset}")
+    png = RESULTS_DIR / f"{name}.png" if a.out is None else Path(a.out).with_suffix(".png")
     plot(points, before, png)
     total_s = time.time() - t0
     held = [m for m in means if m["setpoint"] is not None]
@@ -168,7 +173,7 @@ def main(a: Args) -> None:
                "best": best, "png": png.name, "total_s": total_s, "workers": workers, "threads_per_run": threads,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     print(f"\nbest kl_target by the judge: {best['setpoint']} (judge {best['judge']:.3f} at KL {best['kl']:.2f})")
-    print(f"wrote {write_result('overoptimisation', results, targets, a.quick, a.out)} and {png}")
+    print(f"wrote {write_result(name, results, targets, a.quick, a.out)} and {png}")
 
 
 if __name__ == "__main__":
