@@ -140,7 +140,7 @@ def test_presets_keep_the_jobs_ppo_settings():
                minibatch_by_env=True,
                bootstrap_truncated=False, eval_episodes=0, log_every=0, save_every=50, run_dir=None, resume=False)
     for cfg, steps, lr, kl_target, ctl in ((embedded(), 40 * 64 * 34, 5e-5, 2.0, "pid"),
-                                           (imdb(), 100 * 64 * 34, 1e-4, 5.0, "proportional")):
+                                           (imdb(), 100 * 64 * 34, 1e-4, 5.0, "pid")):
         got = dataclasses.asdict(cfg.ppo)
         assert {k: got[k] for k in job} == job
         assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target, cfg.ppo.kl_controller) == (
