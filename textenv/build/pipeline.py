@@ -249,9 +249,10 @@ _AUTO_THREADS: int | None = None
 
 
 def set_threads(threads: int | None) -> int:
-    """Apply `BuildArgs.threads`; returns the torch thread count in use. None: every core, or 1 when the machine is
-    already busy (load average >= cores), decided once per process, on its first call: later calls would count the
-    process's own work (after a 10-minute build at 2 threads the load average is 2) and fall back to 1 thread."""
+    """Apply `BuildArgs.threads`; returns the torch thread count in use. None: torch's count as the first call finds
+    it (every core unless set earlier), or 1 when the machine is already busy (load average >= cores), decided once
+    per process: later calls would count the process's own work (after a 10-minute build at 2 threads the load
+    average is 2) and fall back to 1 thread."""
     import os
 
     import torch
