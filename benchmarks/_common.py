@@ -54,6 +54,14 @@ def target(name: str, value: float, target: str, met: bool) -> dict:
     return {"name": name, "value": value, "target": target, "met": bool(met)}
 
 
+def final_quarter_kl(history: list[dict]) -> float:
+    """Mean training KL over the last 25% of an RLHF run's iterations (`run(...)["history"]`): where a KL
+    controller is judged against its setpoint."""
+    kls = [h["kl"] for h in history if "kl" in h]
+    tail = kls[-max(1, len(kls) // 4) :]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
 def write_result(name: str, results: dict, targets: list[dict], quick: bool, out: str | Path | None = None) -> Path:
     """Write `benchmarks/results/<name>.json` (or `out`) with the command that reproduces it."""
     suffix = "-gpu" if machine_info()["gpu"] else ""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import tyro
-from _common import RESULTS_DIR, print_table, target, write_result
+from _common import RESULTS_DIR, final_quarter_kl, print_table, target, write_result
 
 from agents.rlhf import prepare, run
 from agents.rlhf.config import PRESETS
@@ -67,13 +67,11 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
         ppo.total_timesteps = a.iterations * ppo.num_envs * ppo.num_steps
     cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts)
     rec = run(cfg, dataclasses.replace(pieces, policy=copy.deepcopy(pieces.policy)))
-    hist = [h for h in rec["history"] if "kl" in h]
-    tail = hist[-max(1, len(hist) // 4):]  # the final quarter of training
     af = rec["after"]
     return {"setpoint": setpoint, "seed": seed, "kl": af["kl_mean"], "proxy": af["reward_mean"],
             "judge": af["judge_mean"], "judge_positive": af["positive_rate_judge"],
             "reward_positive": af["positive_rate_reward_model"], "distinct_2": af["distinct_2"],
-            "ref_perplexity": af["ref_perplexity"], "train_kl_final_quarter": float(np.mean([h["kl"] for h in tail])),
+            "ref_perplexity": af["ref_perplexity"], "train_kl_final_quarter": final_quarter_kl(rec["history"]),
             "warnings": rec["warnings"], "seconds": rec["timing"]["total_s"]}, rec["before"]
 
 

@@ -28,9 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tyro
-from _common import IMDB_DIR, print_table, target, write_result
+from _common import IMDB_DIR, final_quarter_kl, print_table, target, write_result
 
 from agents.rlhf import prepare, run
 from agents.rlhf.config import PRESETS
@@ -105,8 +104,7 @@ def main(a: Args) -> None:
     print_table(["metric", "before", "after"], rows)
     ppl_ratio = af["ref_perplexity"] / b["ref_perplexity"]
     d2_ratio = af["distinct_2"] / b["distinct_2"] if b["distinct_2"] else float("nan")
-    kls = [h["kl"] for h in rec["history"] if "kl" in h]
-    kl_tail = float(np.mean(kls[-max(1, len(kls) // 4):]))  # the controller's final quarter, training KL
+    kl_tail = final_quarter_kl(rec["history"])
     kl_err = abs(kl_tail - ppo.kl_target) / ppo.kl_target if ppo.kl_target else float("nan")
     judge_goal = 0.95 if a.preset == "smollm2" else 0.90  # the real-LM issue asks the judge for 0.95
     targets = [
