@@ -135,7 +135,7 @@ def main(a: Args) -> None:
     t0 = time.time()
     base = PRESETS[a.preset]()
     device = resolve_device(base.ppo.device)
-    prepare(base, device)  # build the models once, before any worker loads them
+    pieces = prepare(base, device)  # build the models once, before any worker loads them
     runs = [(sp, seed) for sp in a.setpoints for seed in a.seeds] + [(None, s) for s in a.seeds if a.no_penalty]
     cores = os.cpu_count() or 1
     workers = 1 if device.type != "cpu" else min(len(runs), a.workers or cores)
@@ -143,8 +143,11 @@ def main(a: Args) -> None:
     a = dataclasses.replace(a, torch_threads=threads)
     print(f"{len(runs)} runs, {workers} at a time x {threads} torch thread(s)", flush=True)
     jobs = [(i, len(runs), sp, seed, a) for i, (sp, seed) in enumerate(runs)]
-    if workers == 1:
-        _init_worker(threads, a.preset)
+    if workers == 1:  # in this process, with the models just prepared
+        import torch
+
+        torch.set_num_threads(threads)
+        _WORKER.update(base=base, pieces=pieces)
         done = [_work(job) for job in jobs]
     else:  # spawn: no forked torch thread pools
         with mp.get_context("spawn").Pool(workers, _init_worker, (threads, a.preset)) as pool:
