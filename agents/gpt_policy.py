@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.policies import check_action_mask, entropy_of, masked_log_softmax
-from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, position_ids, split_lm
+from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, length_groups, position_ids, split_lm
 from textenv.trunk import TrunkSplit
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -309,41 +309,6 @@ class GPTAgent(nn.Module):
             step_parts.append(steps)
         order = torch.cat(step_parts).argsort()
         return torch.cat(hidden_parts)[order]
-
-
-def length_groups(lengths: torch.Tensor, max_groups: int = 3, min_saving: float = 0.1) -> list[torch.Tensor]:
-    """Row indices split into at most `max_groups` groups by length so that sum(len(group) x its longest row)
-    is smallest (exact over the distinct lengths); one group unless that saves `min_saving` of the padded cost
-    (each forward has a fixed cost too)."""
-    values, counts = torch.unique(lengths.cpu(), return_counts=True)  # sorted distinct lengths
-    v, c = values.tolist(), counts.tolist()
-    n = len(v)
-    prefix = [0]
-    for x in c:
-        prefix.append(prefix[-1] + x)
-    # best[g][j]: cheapest cost of the first j distinct lengths in g groups; cut[g][j]: where the last group starts
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
-    best[0][0] = 0
-    for g in range(1, max_groups + 1):
-        for j in range(1, n + 1):
-            for i in range(j):
-                cost = best[g - 1][i] + (prefix[j] - prefix[i]) * v[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
-    if best[g][n] > (1 - min_saving) * best[1][n]:
-        g = 1
-    bounds, j = [], n
-    for k in range(g, 0, -1):
-        bounds.append((cut[k][j], j))
-        j = cut[k][j]
-    groups = []
-    for i, j in reversed(bounds):
-        lo, hi = v[i], v[j - 1]
-        groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
-    return groups
 
 
 def _loaded(agent: GPTAgent, incompatible_keys) -> None:

@@ -17,6 +17,8 @@ Methods:
 - `textenv+gptagent`: `TextVectorEnv` stepped by `GPTAgent.get_action_and_value` under no_grad, exactly as the
   PPO rollout drives it (obs -> tensor, sample, `envs.step`), counting the tokens of valid (non-autoreset) steps.
 - `gptagent (no env)` (best case only): the same agent loop with the env replaced by a tensor shift.
+- `textenv, padded re-prefill` (realistic only): the same, with the batch re-encoded after each cache drop in
+  one forward padded to its longest row, as before `CachedLM` grouped rows by length (a before/after number).
 - `hf generate`: `model.generate` with KV cache, pure sampling (do_sample, top_k=0, temperature 1).
 - `naive recompute`: re-encodes the whole prefix for every token, computes the logits of the last position
   only and samples as the agent does (`agents.gpt_policy.sample`): what a token-step env costs without an
@@ -44,7 +46,7 @@ from _common import bench_texts, print_table, target, write_result
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 
 from agents.gpt_policy import GPTAgent, sample
-from textenv.lm_cache import split_lm
+from textenv.lm_cache import CachedLM, split_lm
 from textenv.vector import TextVectorEnv
 
 PRESETS = {  # (n_layer, n_embd, n_head, vocab)
@@ -147,14 +149,22 @@ def env_loop(agent: GPTAgent, envs: TextVectorEnv, episodes: int, args: Args) ->
 
 
 class EnvStream:
-    """Realistic: the env keeps running between calls (rows end and reset independently)."""
+    """Realistic: the env keeps running between calls (rows end and reset independently). `grouped=False`
+    re-encodes the mid-episode batch after each cache drop in one padded forward (as before length groups)."""
 
-    def __init__(self, agent: GPTAgent, envs: TextVectorEnv, args: Args) -> None:
-        self.agent, self.envs, self.args = agent, envs, args
+    def __init__(self, agent: GPTAgent, envs: TextVectorEnv, args: Args, grouped: bool = True) -> None:
+        self.agent, self.envs, self.args, self.grouped = agent, envs, args, grouped
         self.obs, _ = envs.reset(seed=1)
         self.ended = np.zeros(envs.num_envs, dtype=bool)
 
     def __call__(self, episodes: int) -> int:
+        CachedLM.group_prefill = self.grouped
+        try:
+            return self._run(episodes)
+        finally:
+            CachedLM.group_prefill = True
+
+    def _run(self, episodes: int) -> int:
         tokens = 0
         for _ in range(episodes * (self.args.new_tokens + 1)):
             obs = torch.as_tensor(self.obs).to(self.args.device, non_blocking=True)
@@ -244,12 +254,15 @@ def main(args: Args) -> None:
     common = dict(tokenizer=tok, reward_model=zero_reward, prompts=texts, max_prompt_tokens=P, query_tokens=(P, P))
     envs = TextVectorEnv(args.batch, max_new_tokens=N, min_new_tokens=N, **common)
     stream = EnvStream(agent, TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args)
+    padded = EnvStream(GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype),
+                       TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args, grouped=False)
     first, _ = envs.reset(seed=0)  # the same prompts for every method
     prompts = torch.as_tensor(first[:, -P:]).to(args.device)
     assert (prompts != pad).all(), "prompts must be exactly --prompt-tokens long"
 
     methods = {  # (scenario, method) -> run n episode batches, return tokens
         ("realistic", "textenv+gptagent"): stream,
+        ("realistic", "textenv, padded re-prefill"): padded,
         ("realistic", "hf generate"): lambda n: generate_loop(model, prompts, n, args, pad, True),
         ("realistic", "naive recompute"): lambda n: naive_loop(model, prompts, n, args, True),
         ("best case", "textenv+gptagent"): lambda n: env_loop(agent, envs, n, args),
@@ -309,6 +322,7 @@ def main(args: Args) -> None:
             "median_tokens_per_cpu_s": {m: round(statistics.median(cpu_rates[(s, m)]), 1) for s, m in keys},
             "ratio_vs_generate": {"wall": round(ratio(rates, scenario, "hf generate"), 3),
                                   "cpu_time": round(ratio(cpu_rates, scenario, "hf generate"), 3)},
+            "ratio_vs_generate_by_method": {m: round(ratio(rates, s, "hf generate", m), 3) for s, m in keys},
             "ratio_vs_naive": {"wall": round(ratio(rates, scenario, "naive recompute"), 2),
                                "cpu_time": round(ratio(cpu_rates, scenario, "naive recompute"), 2)},
         }  # fmt: skip

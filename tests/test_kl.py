@@ -45,7 +45,7 @@ def test_ref_logprob_equals_full_recompute(vector):
     assert not model.training  # frozen: resid_pdrop=0.5 would make log-probs random
     prefilled = []
     real_prefill = envs.cache._prefill
-    envs.cache._prefill = lambda rows, prefix, *rest: (prefilled.append(len(rows)), real_prefill(rows, prefix, *rest))
+    envs.cache._prefill = lambda rows, prefix, *rest, **kw: (prefilled.append(len(rows)), real_prefill(rows, prefix, *rest, **kw))
     obs, infos = envs.reset(seed=0)
     length = infos["length"]
     rng = np.random.default_rng(0)

@@ -47,6 +47,30 @@ def test_cached_step_matches_full_recompute_through_resets():
     assert restarts > 10  # the test really exercised row re-prefill
 
 
+def test_whole_batch_reprefill_in_length_groups_matches_one_padded_forward():
+    # After a policy update every row is mid-episode: re-encoding them in groups of similar length must give the
+    # same logits, hidden states and later cached steps as a full recompute, in fewer padded positions.
+    model, g = tiny_lm(), torch.Generator().manual_seed(3)
+    lengths = [2, 2, 3, 3, 11, 12, 12, 2]
+    obs = torch.stack([random_prompt(14, 1, g) for _ in lengths])  # room for the decode steps
+    for i, n in enumerate(lengths):
+        obs[i, : 14 - n], obs[i, 14 - n :] = PAD, torch.randint(2, 50, (n,), generator=g)
+    lm = CachedLM(model, PAD)
+    shapes = []
+    real_forward = lm._forward
+    lm._forward = lambda ids, embeds, **kw: (shapes.append(tuple(ids.shape)), real_forward(ids, embeds, **kw))[1]
+    for _ in range(3):
+        logits, hidden = lm.step(obs)
+        ref_logits, ref_hidden = forward_full(model, obs, PAD)
+        torch.testing.assert_close(logits, ref_logits[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, ref_hidden[:, -1], atol=1e-5, rtol=1e-5)
+        obs = torch.cat([obs[:, 1:], logits.argmax(-1, keepdim=True)], dim=1)
+    assert lm.prefill_states is None  # the last step continued every row
+    prefill = shapes[:-2]  # the first step's forwards; then two one-token decode steps
+    assert len(prefill) > 1 and sum(b * w for b, w in prefill) < len(lengths) * max(lengths)
+    assert shapes[-2:] == [(len(lengths), 1)] * 2
+
+
 def test_left_padding_does_not_change_logits():
     model = tiny_lm()
     tokens = torch.tensor([[5, 6, 7, 8]])

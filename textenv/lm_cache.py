@@ -42,6 +42,41 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base, head
 
 
+def length_groups(lengths: torch.Tensor, max_groups: int = 3, min_saving: float = 0.1) -> list[torch.Tensor]:
+    """Row indices split into at most `max_groups` groups by length so that sum(len(group) x its longest row)
+    is smallest (exact over the distinct lengths); one group unless that saves `min_saving` of the padded cost
+    (each forward has a fixed cost too)."""
+    values, counts = torch.unique(lengths.cpu(), return_counts=True)  # sorted distinct lengths
+    v, c = values.tolist(), counts.tolist()
+    n = len(v)
+    prefix = [0]
+    for x in c:
+        prefix.append(prefix[-1] + x)
+    # best[g][j]: cheapest cost of the first j distinct lengths in g groups; cut[g][j]: where the last group starts
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (prefix[j] - prefix[i]) * v[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    if best[g][n] > (1 - min_saving) * best[1][n]:
+        g = 1
+    bounds, j = [], n
+    for k in range(g, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    groups = []
+    for i, j in reversed(bounds):
+        lo, hi = v[i], v[j - 1]
+        groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
+    return groups
+
+
 class LMError(ValueError):
     """A model that does not fit its use (not a causal LM, or a vocabulary smaller than the tokenizer's)."""
 
@@ -133,6 +168,8 @@ class CachedLM:
     and the block is moved back to the left only when it reaches the buffer's end.
     """
 
+    group_prefill = True  # re-encode a whole batch in groups of similar length (False: one padded forward)
+
     def __init__(self, model: nn.Module, pad_token_id: int, base: nn.Module | None = None) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
@@ -203,7 +240,7 @@ class CachedLM:
         if bool(restart.all()):  # first call, or every episode restarted at once: one forward over whole rows
             self.start = self.end = 0
             self.capacity = 2 * obs.shape[1]  # room to slide: the live block moves back left every ~L steps
-            self._prefill(torch.arange(obs.shape[0], device=obs.device), obs, embeds)
+            self._prefill(torch.arange(obs.shape[0], device=obs.device), obs, embeds, grouped=True)
             self.prefill_end = obs.shape[1]
             self.last_obs = obs.clone()
             return self.prefill_hidden
@@ -231,32 +268,57 @@ class CachedLM:
             return self.base(input_ids=ids, **kwargs)
         return self.base(inputs_embeds=embeds, **kwargs)
 
-    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor, embeds: torch.Tensor | None = None) -> None:
+    def _prefill(self, rows: torch.Tensor, prefix: torch.Tensor, embeds: torch.Tensor | None = None,
+                 grouped: bool = False) -> None:  # fmt: skip
         """Encode the restarted rows' `prefix` tokens and write their keys/values right-aligned in the cache;
-        `self.prefill_hidden` is the hidden state at each prefix's last position (None for empty prefixes)."""
+        `self.prefill_hidden` is the hidden state at each prefix's last position (None for empty prefixes).
+        `grouped`: one forward per group of rows of similar length (`length_groups`), each cropped to its
+        longest row, instead of one forward padded to the longest of all (re-encoding a whole batch that is
+        mid-episode, e.g. after a policy update, where rows' lengths spread over the whole window)."""
         self.prefill_hidden: torch.Tensor | None = None
         self.prefill_rows, self.prefill_states = rows, None
         pmask = attention_mask(prefix, self.pad_token_id)  # (R, L')
-        width = int(pmask.sum(dim=1).max())
+        lengths = pmask.sum(dim=1)
+        width = int(lengths.max())
         if width == 0:  # one-token prompts: nothing to cache, just forget the rows
             self.mbuf[rows, self.start : self.end] = 0
             return
-        prefix, pmask = prefix[:, -width:], pmask[:, -width:]
-        out = self._forward(prefix, None if embeds is None else embeds[:, -width:], attention_mask=pmask,
-                            position_ids=position_ids(pmask), use_cache=True)  # fmt: skip
+        groups = length_groups(lengths) if grouped and self.group_prefill else [torch.arange(len(rows))]
+        states = None
+        for group in groups:
+            w = int(lengths[group].max())
+            ids, gmask = prefix[group, -w:], pmask[group, -w:]
+            out = self._forward(ids, None if embeds is None else embeds[group, -w:], attention_mask=gmask,
+                                position_ids=position_ids(gmask), use_cache=True)  # fmt: skip
+            if states is None:
+                self._layout(out.cache.layers, width, len(rows) if self.mbuf is None else self.mbuf.shape[0])
+                states = out.last_hidden_state.new_zeros(len(rows), width, out.last_hidden_state.shape[-1])
+            keep = gmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
+            col, at = self.end - w, rows[group]
+            for j, i in enumerate(self.live):
+                self.kbuf[j][at, :, col : self.end] = torch.where(keep, out.cache.layers[i].keys, 0.0)
+                self.vbuf[j][at, :, col : self.end] = torch.where(keep, out.cache.layers[i].values, 0.0)
+            self.mbuf[at, self.start : self.end] = 0
+            self.mbuf[at, col : self.end] = gmask
+            states[group, width - w :] = out.last_hidden_state
+        self.prefill_states = states  # (R, W, C), right-aligned
+        self.prefill_hidden = states[:, -1]  # (R, C)
+
+    def _layout(self, layers: list, width: int, batch: int) -> None:
+        """Before the first prefill's keys are written: note which of the model's cache `layers` this cache
+        holds, allocate the buffers (from those layers' shapes) if there are none, and widen the live block on
+        the left to at least `width` columns."""
         # A split model's view runs only some of the model's blocks: only their cache layers are filled.
-        self.num_layers = len(out.cache.layers)
-        self.live = [i for i, layer in enumerate(out.cache.layers) if getattr(layer, "keys", None) is not None]
+        self.num_layers = len(layers)
+        self.live = [i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is not None]
         # each of the model's cache layers -> its buffer (layers outside the view get a placeholder: buffer 0)
         self.slot = [self.live.index(i) if i in self.live else 0 for i in range(self.num_layers)]
-        keep = pmask[:, None, :, None].bool()  # zero padded slots so no garbage can leak through 0 * NaN
-        new_k = [torch.where(keep, out.cache.layers[i].keys, 0.0) for i in self.live]  # (R, H, W, D) each
-        new_v = [torch.where(keep, out.cache.layers[i].values, 0.0) for i in self.live]
         if self.kbuf is None:  # allocate from the shapes the model produced
-            batch, capacity = self.mbuf.shape[0] if self.mbuf is not None else len(rows), max(self.capacity, 2 * width)
-            self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in new_k]
-            self.vbuf = [v.new_zeros(batch, v.shape[1], capacity, v.shape[3]) for v in new_v]
-            self.mbuf = torch.zeros(batch, capacity, dtype=torch.long, device=prefix.device)
+            capacity, ks = max(self.capacity, 2 * width), [layers[i].keys for i in self.live]
+            self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in ks]
+            self.vbuf = [k.new_zeros(batch, layers[i].values.shape[1], capacity, layers[i].values.shape[3])
+                         for i, k in zip(self.live, ks, strict=True)]  # fmt: skip
+            self.mbuf = torch.zeros(batch, capacity, dtype=torch.long, device=ks[0].device)
             self.start = self.end = 0
         grow = width - self.width
         if grow > 0:  # widen every row on the left with masked columns
@@ -264,14 +326,6 @@ class CachedLM:
                 self._move(grow)
             self.start -= grow
             self.mbuf[:, self.start : self.start + grow] = 0
-        col = self.end - width
-        for k, v, nk, nv in zip(self.kbuf, self.vbuf, new_k, new_v, strict=True):
-            k[rows, :, col : self.end] = nk
-            v[rows, :, col : self.end] = nv
-        self.mbuf[rows, self.start : self.end] = 0
-        self.mbuf[rows, col : self.end] = pmask
-        self.prefill_states = out.last_hidden_state  # (R, W, C)
-        self.prefill_hidden = out.last_hidden_state[:, -1]  # (R, C)
 
     def _move(self, first: int) -> None:
         """Place the live columns at [first, first + width), growing the buffers if they do not fit with a
