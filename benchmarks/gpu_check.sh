@@ -7,8 +7,11 @@
 # runs. Every step writes benchmarks/results/<name>-gpu.json (`_common.write_result` adds -gpu on a GPU machine):
 #   1. rollout.py: GPT-2-small shape, batch 256, bf16 (realistic and best-case rollouts vs generate)  -> rollout-gpu.json
 #   2. ppo_iteration.py --device cuda: GPT-2-small shape, batch 128, bf16 (iteration vs its floor)    -> ppo_iteration-gpu.json
-#   3. python -m agents.rlhf --quick --ppo.device cuda: the real job end to end (6 iterations, bf16), a stand-in
-#      for the smollm2 preset until it exists; its report.json's timing                              -> rlhf_quick-gpu.json
+#   3. python -m agents.rlhf smollm2 --quick --ppo.device cuda: the real-LM job end to end (6 iterations), when
+#      artifacts/smollm2-135m-instruct exists (SmolLM2 comes from the package registry, and its reward model and
+#      judge are built from ../shared/data/imdb: a machine with neither cannot build them within the limit);
+#      otherwise the embedded preset (`--quick`) as a stand-in; its report.json's timing  -> rlhf_smollm2-gpu.json
+#                                                                                          or rlhf_quick-gpu.json
 #   4. only with 2+ GPUs: scaling.py --device cuda, textenv workload, 1 vs 2 processes (NCCL)         -> scaling-gpu.json
 # The limits add up to 7.5 minutes (model building for step 3 included).
 set -u
@@ -44,9 +47,10 @@ step ppo_iteration 120 "$PY" benchmarks/ppo_iteration.py --device cuda --dtype b
 
 RLHF_DIR=runs/gpu_check_rlhf
 rm -rf "$RLHF_DIR"
-step rlhf_quick 150 "$PY" -m agents.rlhf --quick --ppo.device cuda --ppo.run-dir "$RLHF_DIR"
+if [ -d artifacts/smollm2-135m-instruct ]; then RLHF=(rlhf_smollm2 smollm2); else RLHF=(rlhf_quick); fi
+step "${RLHF[0]}" 150 "$PY" -m agents.rlhf "${RLHF[@]:1}" --quick --ppo.device cuda --ppo.run-dir "$RLHF_DIR"
 if [ -f "$RLHF_DIR/report.json" ]; then
-    "$PY" - "$RLHF_DIR/report.json" <<'EOF' || FAILED+=("rlhf_quick json")
+    "$PY" - "$RLHF_DIR/report.json" "${RLHF[@]}" <<'EOF' || FAILED+=("${RLHF[0]} json")
 import json
 import sys
 
@@ -61,8 +65,9 @@ summary = {k: {m: record[k].get(m) for m in ("reward_mean", "kl_mean", "distinct
 iterations = 6
 results = {"run_dir": sys.argv[1].rsplit("/", 1)[0], "timing": timing, "iterations": iterations,
            "ppo_s_per_iteration": timing.get("ppo_s", float("nan")) / iterations, **summary}
-sys.argv = ["-m", "agents.rlhf", "--quick", "--ppo.device", "cuda"]  # the command the JSON records
-print(f"wrote {write_result('rlhf_quick', results, [], quick=True)}")
+name, preset = sys.argv[2], sys.argv[3:]
+sys.argv = ["-m", "agents.rlhf", *preset, "--quick", "--ppo.device", "cuda"]  # the command the JSON records
+print(f"wrote {write_result(name, results, [], quick=True)}")
 EOF
 fi
 

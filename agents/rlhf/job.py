@@ -18,8 +18,8 @@ The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed r
    `textenv.kl.RefLogprob` adds each token's log-prob under a frozen copy of the pretrained policy.
 3. PPO (`agents.ppo.train`, the same loop that solves CartPole) with `GPTAgent`: gamma 1, lambda 0.95,
    clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs, per-token KL penalty whose coefficient (init 0.2) a PID
-   controller holds at the setpoint (`agents.kl_control`; embedded 2 nats, imdb 5 with Ziegler's proportional
-   controller), minibatches of env columns; `agents.rlhf.logger` logs over-optimisation signals and warns.
+   controller holds at the setpoint (`agents.kl_control`; embedded 2 nats, imdb 5, smollm2 4),
+   minibatches of env columns; `agents.rlhf.logger` logs over-optimisation signals and warns.
 4. Report (`agents.rlhf.report`): held-out prompts before and after; reward, positive rate by the reward model
    and by the judge, KL to the reference, reference perplexity, distinct-n and the collapse signals, warnings,
    sample pairs (all of them in report.json); Markdown + JSON + PNG.
