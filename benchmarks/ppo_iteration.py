@@ -100,6 +100,9 @@ class Args:
     """also time each case's compute floor (off: only the iterations)"""
     length_groups: bool = True
     """off: the update's one forward over all episode pieces cropped to the longest (before grouping by length)"""
+    group_prefill: bool = True
+    """off: the rollout re-encodes the mid-episode batch after each update in one padded forward (before
+    `CachedLM` grouped it by length)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default: all cores, what a user runs)"""
     device: str = "cpu"
@@ -424,6 +427,9 @@ def main(args: Args) -> None:
         import agents.gpt_policy
 
         agents.gpt_policy.length_groups = lambda lengths: [torch.arange(len(lengths), device=lengths.device)]
+    from textenv.lm_cache import CachedLM
+
+    CachedLM.group_prefill = args.group_prefill
     built = build(args)
     names = list(built["cases"])
     s = summarise(measure(built, args), built)
@@ -469,7 +475,7 @@ def main(args: Args) -> None:
         "new_tokens": args.new_tokens, "realistic_tokens": [args.min_tokens, args.new_tokens], "epochs": args.epochs,
         "num_steps": built["ppo_args"].num_steps, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds,
-        "length_groups": args.length_groups,
+        "length_groups": args.length_groups, "group_prefill": args.group_prefill,
         **s, "train_check_s_per_iteration": train_times,
     }  # fmt: skip
     name = "ppo_iteration" if args.model == "gpt2" else f"ppo_iteration_{args.model}"
