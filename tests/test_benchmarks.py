@@ -1,4 +1,5 @@
-"""benchmarks/ppo_iteration.py at a tiny size: its phase split adds up to the iteration it times."""
+"""benchmarks/ppo_iteration.py and rollout.py at a tiny size: the phase split adds up to the iteration it times, and
+the rollout benchmark times every method in both scenarios."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ def test_ppo_iteration_times_full_and_top_k_training(ppo_iteration, tmp_path, mo
     assert results["all"]["floor"] == "floor" and results["all"]["ratio_to_floor"] > 0
     assert {t["name"] for t in json.loads((tmp_path / "smollm2.json").read_text())["targets"]} == {
         "smollm2_topk_iteration_s", "smollm2_full_over_topk"}
+
+
+def test_rollout_times_every_method_in_both_scenarios(ppo_iteration, tmp_path, monkeypatch):
+    # benchmarks/rollout.py end to end at a tiny size (the GPU check runs it with --device cuda); the fixture puts
+    # benchmarks/ on sys.path
+    import rollout
+
+    from textenv.lm_cache import CachedLM
+
+    real = rollout.tokenizer
+    monkeypatch.setattr(rollout, "tokenizer", lambda vocab: real(vocab, 200))  # a BPE of 200 texts: quick
+    args = rollout.Args(preset="tiny", batch=4, prompt_tokens=2, new_tokens=4, min_tokens=2, rounds=2, threads=0,
+                        out=str(tmp_path / "rollout.json"))  # threads=0: leave the test process's thread count
+    rollout.main(args)
+    scenarios = json.loads((tmp_path / "rollout.json").read_text())["results"]["scenarios"]
+    assert set(scenarios["realistic"]["median_tokens_per_s"]) == {
+        "textenv+gptagent", "textenv, padded re-prefill", "hf generate", "naive recompute"}
+    assert len(scenarios["best case"]["median_tokens_per_s"]) == 4
+    for scenario in scenarios.values():
+        assert all(v > 0 for v in scenario["median_tokens_per_s"].values())
+        assert scenario["ratio_vs_generate_by_method"]["hf generate"] == 1.0
+    assert CachedLM.group_prefill is True  # the padded stream restores the default after each call
+
