@@ -1,5 +1,7 @@
 """KL controllers on synthetic KL sequences: direction and rate in closed form."""
 
+import math
+
 import pytest
 
 from agents.kl_control import PIDKL, FixedKL, ProportionalKL, make_kl_controller
@@ -14,10 +16,25 @@ def test_proportional_moves_at_zieglers_rate():
 
 
 def test_pid_closed_form():
-    c = PIDKL(0.2, target=6.0, kp=1.0, ki=0.1, kd=1.0)
-    assert c.update(12.0, 50) == pytest.approx(0.2 * (1 + 1.0 + 0.1 * 1.0 + 12 / 6))  # P, I, D all at work
-    assert c.update(12.0, 50) == pytest.approx(0.2 * (1 + 1.0 + 0.1 * 2.0))  # no rise: D is 0, I grows
-    assert c.update(6.0, 50) == pytest.approx(0.2 * (1 + 0.0 + 0.1 * 2.0))  # on target: the integral remains
+    """Log scale: coef = coef0 * exp(kp e + ki I + kd D), e clipped to [-1, 1], D on rises only."""
+    c = PIDKL(0.2, target=6.0, kp=0.5, ki=0.1, kd=1.0)
+    assert c.update(9.0, 50) == pytest.approx(0.2 * math.exp(0.5 * 0.5 + 0.1 * 0.5 + 9 / 6))  # P, I, D all at work
+    assert c.armed and c.integral == pytest.approx(0.5)
+    assert c.update(9.0, 50) == pytest.approx(0.2 * math.exp(0.5 * 0.5 + 0.1 * 1.0))  # no rise: D is 0, I grows
+    assert c.update(6.0, 50) == pytest.approx(0.2 * math.exp(0.1 * 1.0))  # on target: the integral remains
+    assert c.update(12.0, 50) == pytest.approx(0.2 * math.exp(0.5 * 1.0 + 0.1 * 2.0 + 6 / 6))  # e clipped at 1
+    assert c.update(300.0, 50) == pytest.approx(0.2 * 50.0)  # the output clipped at the ceiling (50 x coef0)
+    assert c.integral == pytest.approx(2.0)  # and the integral did not grow past it
+
+
+def test_pid_moves_by_the_same_factor_at_any_scale():
+    """The rate of the integral is a factor per iteration, whatever the coefficient has reached: a steady 50%
+    overshoot multiplies it by exp(ki * 0.5) each iteration (a linear integral would add a constant instead)."""
+    c = PIDKL(0.2, target=1.0, kd=0.0)
+    coefs = [c.update(1.5, 64) for _ in range(12)]
+    ratios = [b / a for a, b in zip(coefs, coefs[1:], strict=False)]
+    assert ratios == pytest.approx([math.exp(c.ki * 0.5)] * 11)
+    assert coefs[-1] > 5 * 0.2  # 12 iterations of a 50% overshoot reach the 5x coef0 a low setpoint needs
 
 
 def test_pid_reacts_within_one_iteration_and_proportional_lags():
@@ -28,31 +45,42 @@ def test_pid_reacts_within_one_iteration_and_proportional_lags():
     assert a > 2 * 0.2 and b < 1.05 * 0.2
 
 
-def test_pid_below_target_lowers_the_coefficient_without_winding_up():
-    c = PIDKL(0.2, target=6.0, ki=0.3, floor=0.05)
+def test_pid_does_not_wind_down_before_the_kl_arrives():
+    c = PIDKL(0.2, target=6.0)
     coefs = [c.update(0.5, 128) for _ in range(200)]  # KL far below target, as at the start of every run
-    assert coefs[1] < coefs[0] < 0.2 and min(coefs) >= 0.2 * 0.05
-    # integrating would push u below the floor from the first step: conditional integration keeps the integral at
-    # 0, and the proportional term alone holds the coefficient: coef0 * (1 + e), e = 0.5 / 6 - 1
-    assert c.integral == 0.0 and coefs[-1] == pytest.approx(0.2 * 0.5 / 6)
-    # so the moment the KL overshoots, the coefficient jumps above its start (no wound-down integral to undo)
-    assert c.update(12.0, 128) > 0.2
-    plain = PIDKL(0.2, target=6.0, ki=0.3, floor=-1e9)  # without a floor the integral winds down without bound
+    assert coefs[-1] < 0.2 and not c.armed and c.integral == 0.0  # the proportional term alone lowers it
+    assert coefs[-1] == pytest.approx(0.2 * math.exp(c.kp * (0.5 / 6 - 1)))
+    c.update(4.4, 128)
+    assert not c.armed and c.integral == 0.0  # below arm x target (4.5): still not integrating
+    assert c.update(12.0, 128) > 0.2 and c.armed  # an overshoot lifts it above its start at once
+    early = PIDKL(0.2, target=6.0, arm=0.0)  # armed from the first step: the integral winds down to the floor
     for _ in range(200):
-        plain.update(0.5, 128)
-    assert plain.integral < -150
+        early.update(0.5, 128)
+    assert early.integral < -2 and early.update(6.0, 128) < 0.5 * c.update(6.0, 128)
+
+
+def test_pid_stops_integrating_at_its_bounds():
+    c, free = PIDKL(0.2, target=1.0, ceiling=10.0), PIDKL(0.2, target=1.0, ceiling=math.inf)
+    for _ in range(100):  # far above target for a long time
+        c.update(3.0, 64), free.update(3.0, 64)
+    assert free.integral == 100.0 and c.coef <= 0.2 * 10.0
+    assert c.kp + c.ki * c.integral <= math.log(10.0) < c.kp + c.ki * (c.integral + 1)  # stopped at the bound
+    top = c.coef
+    coefs = [c.update(0.9, 64) for _ in range(3)]  # back below target: it comes down at once, nothing to unwind
+    assert coefs[0] == pytest.approx(top * math.exp(-c.kp * 1.1 - c.ki * 0.1)) and coefs[2] < coefs[1] < coefs[0]
 
 
 def test_pid_integral_removes_a_steady_error():
     c = PIDKL(0.2, target=6.0)
     coefs = [c.update(7.2, 128) for _ in range(10)]  # 20% over target, steady
     assert all(b > a for a, b in zip(coefs[1:], coefs[2:], strict=False))  # keeps rising while the error stays
-    assert coefs[-1] == pytest.approx(0.2 * (1 + 0.2 + c.ki * 10 * 0.2))
+    assert coefs[-1] == pytest.approx(0.2 * math.exp(c.kp * 0.2 + c.ki * 10 * 0.2))
 
 
 def test_state_round_trip_and_factory():
     c = PIDKL(0.2, 6.0)
     c.update(9.0, 64)
+    assert c.state_dict()["armed"] is True
     d = make_kl_controller("pid", 0.2, 6.0, 1000)
     d.load_state_dict(c.state_dict())
     assert d.update(7.0, 64) == pytest.approx(c.update(7.0, 64))
