@@ -84,6 +84,9 @@ def test_state_round_trip_and_factory():
     d = make_kl_controller("pid", 0.2, 6.0, 1000)
     d.load_state_dict(c.state_dict())
     assert d.update(7.0, 64) == pytest.approx(c.update(7.0, 64))
+    e = PIDKL(0.2, 6.0)  # from a checkpoint of a controller that kept only its coefficient: go on from it
+    e.load_state_dict(ProportionalKL(0.8, 6.0, 1000).state_dict())
+    assert e.update(6.0, 64) == pytest.approx(0.8)  # on target, no rise: the coefficient stays where it was
     assert isinstance(make_kl_controller("pid", 0.2, None, 1000), FixedKL)
     assert make_kl_controller("pid", 0.3, None, 1000).update(100.0, 64) == 0.3
     assert isinstance(make_kl_controller("proportional", 0.2, 6.0, 1000), ProportionalKL)
