@@ -139,7 +139,7 @@ def test_presets_keep_the_jobs_ppo_settings():
                vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000,
                minibatch_by_env=True,
                bootstrap_truncated=False, eval_episodes=0, log_every=0, save_every=50, run_dir=None, resume=False)
-    for cfg, steps, lr, kl_target, ctl in ((embedded(), 40 * 64 * 34, 5e-5, 2.0, "pid"),
+    for cfg, steps, lr, kl_target, ctl in ((embedded(), 40 * 64 * 34, 5e-5, 1.5, "pid"),
                                            (imdb(), 100 * 64 * 34, 1e-4, 5.0, "pid")):
         got = dataclasses.asdict(cfg.ppo)
         assert {k: got[k] for k in job} == job
