@@ -80,7 +80,11 @@ class PIDKL(_Coefficient):
     does nothing and an integral would only wind down, to be unwound once the KL arrives. (2) Conditional
     integration: while the output sits at the floor or the ceiling, the integral does not grow further in that
     direction. The error is clipped to +-1 so one noisy batch cannot swing the coefficient by more than
-    exp(kp)."""
+    exp(kp).
+
+    The price of (1): until armed, the coefficient stays at or above exp(-kp) ~ 0.61x `coef0`. A setpoint that
+    the learning rate cannot carry the KL to at that penalty arms late or never (the SmolLM2 preset at 4 nats
+    armed at iteration 20 of 30 and held 3.29 over the last quarter); lower the setpoint or `coef0` there."""
 
     coef0: float
     target: float
