@@ -245,3 +245,18 @@ def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
     no_ref = dataclasses.replace(rollout, ref_logprobs=None,  # no reference model: no KL per response
                                  episodes=[dataclasses.replace(e, kl=None) for e in episodes])
     assert "rlhf/kl" not in logger.on_iteration(2, 16, no_ref)
+
+
+def test_same_seed_same_run_whatever_ran_before(tmp_path):
+    # Two runs of one seed must not depend on the global RNG state the caller left (a build, a model load):
+    # the value head used to be initialised from it, and the runs parted after their first update.
+    tok = char_tokenizer("ab ")
+    records = []
+    for disturb in (0, 1):
+        pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"),
+                        train_prompts=PROMPTS, eval_prompts=PROMPTS * 2)
+        torch.manual_seed(disturb)  # what ran before this run
+        rec = run(toy_config(tmp_path / str(disturb), ppo=dict(total_timesteps=16 * 18 * 3, save_every=0)), pieces)
+        records.append({k: (rec[k]["reward_mean"], rec[k]["kl_mean"], rec[k]["ref_perplexity"])
+                        for k in ("before", "after")} | {"history": rec["history"][-1]["score_mean"]})
+    assert records[0] == records[1]

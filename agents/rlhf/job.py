@@ -109,6 +109,9 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     policy = pieces.policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen: the KL anchor and "before"
+    # the value head's initial weights come from the global RNG, whose state here depends on what ran before
+    # (a build, a load): seed it, or two runs of one seed part after their first update
+    torch.manual_seed(cfg.ppo.seed)
     agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype,
                      trainable_layers=cfg.trainable_layers)
     # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
