@@ -7,7 +7,8 @@ An entry point calls `setup()` once and passes the `Dist` down (`agents.ppo.trai
 sets up and `cleanup`s itself): with no launcher (no `WORLD_SIZE` > 1 in the environment) it returns a
 single-process `Dist` and nothing else changes. Under `torchrun` every rank runs its own vector env of `num_envs`
 envs seeded `seed + rank * SEED_STRIDE` and its own rollout; ranks start from rank 0's weights, average their
-gradients with one all-reduce per minibatch (before clipping and the optimizer step, so every rank takes the same
+gradients with one all-reduce per minibatch (summed: each rank's loss is its share of the mean over all ranks' steps;
+before clipping and the optimizer step, so every rank takes the same
 step and the weights stay identical), decide `target_kl` early stops and Ctrl-C together, and gather their
 episode statistics. Rank 0 alone writes TensorBoard logs and checkpoints and runs the evaluation.
 
@@ -98,9 +99,10 @@ def broadcast_module(module: torch.nn.Module, d: Dist) -> None:
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter], d: Dist) -> None:
-    """Replace each gradient by its mean over the ranks, in one flat all-reduce (a missing grad counts as 0).
+    """Replace each gradient by its sum over the ranks, in one flat all-reduce (a missing grad counts as 0).
 
-    Call between `backward()` and gradient clipping: every rank then clips and steps on the same gradient."""
+    Call between `backward()` and gradient clipping: every rank then clips and steps on the same gradient. A sum,
+    not a mean: each rank's loss is already its share of the mean over every rank's steps (`agents.ppo.update`)."""
     if not d.enabled:
         return
     params = [p for p in params if p.requires_grad]
@@ -109,7 +111,6 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], d: Dist) -> None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-    flat /= d.world_size
     offset = 0
     for p in params:
         n = p.grad.numel()
@@ -117,13 +118,13 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], d: Dist) -> None:
         offset += n
 
 
-def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Mean of `x` over the ranks (a copy; `x` itself untouched). Single process: `x`."""
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of `x` over the ranks (a copy; `x` itself untouched). Single process: `x`."""
     if not d.enabled:
         return x
     y = x.clone()
     tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
-    return y / d.world_size
+    return y
 
 
 def any_rank(flag: bool, d: Dist) -> bool:
@@ -142,12 +143,6 @@ def gather(obj: object, d: Dist) -> list:
     out: list = [None] * d.world_size
     tdist.all_gather_object(out, obj)
     return out
-
-
-def gather_lists(lists: tuple[list, ...], d: Dist) -> tuple[list, ...]:
-    """Each list concatenated over the ranks, in rank order (e.g. the episode returns each rank saw)."""
-    ranks = gather(lists, d)
-    return tuple([x for r in ranks for x in r[i]] for i in range(len(lists)))
 
 
 def broadcast_object(obj: object, d: Dist) -> object:

@@ -87,7 +87,7 @@ class Args:
     clip_coef: float = 0.2
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
-    """toggles whether or not to use a clipped loss for the value function"""
+    """toggles whether or not to use a clipped loss for the value function (clipped by clip_coef, never annealed)"""
     ent_coef: float = 0.01
     """coefficient of the entropy"""
     vf_coef: float = 0.5
@@ -151,8 +151,13 @@ def check_args(args: Args) -> None:
                          f"{args.num_minibatches} sets; pick a divisor of num_envs")
     if args.total_timesteps < batch:
         raise UsageError(f"total_timesteps ({args.total_timesteps}) is less than one batch ({batch})")
+    if args.update_epochs < 1:
+        raise UsageError(f"update_epochs ({args.update_epochs}) must be >= 1: each iteration trains on its rollout")
     if args.kl_target is not None and args.kl_target <= 0 or args.kl_horizon <= 0 or args.kl_coef < 0:
         raise UsageError("need kl_coef >= 0, kl_target > 0 (or None) and kl_horizon > 0")
+    if args.kl_target is not None and args.kl_coef == 0:  # both controllers scale the coefficient: 0 stays 0
+        raise UsageError(f"kl_target={args.kl_target} adapts kl_coef, which is 0 (no penalty) and would stay 0; "
+                         "set kl_coef > 0 as its starting value (e.g. 0.2) or drop kl_target")
 
 
 def num_iterations(args: Args, world_size: int = 1) -> int:
@@ -279,78 +284,103 @@ def _progress_line(iteration: int, n_iterations: int, global_step: int, stats: d
             f"clipfrac {stats['losses/clipfrac']:.3f} | {stats['charts/SPS']:.0f} SPS")
 
 
+LOSS_STATS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
+
+
+def ppo_loss(logprob: torch.Tensor, entropy: torch.Tensor, value: torch.Tensor, old: dict[str, torch.Tensor],
+             advantages: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float, clip_coef: float,
+             vf_clip: float | None, ent_coef: float, vf_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped PPO objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) on a minibatch.
+
+    `logprob`, `entropy`, `value` (B,): the current policy's at the minibatch's steps; `old` holds the rollout's
+    `logprobs`, `values` and `returns` there; `advantages` (B,) as the loss uses them (normalised or not). Only
+    the steps where `mask` (B,) is True count (None: all), and every term is their sum over `count`, the steps of
+    the whole minibatch (all ranks' under torchrun: summing the ranks' gradients then gives the mean over all
+    steps). `vf_clip` None: an unclipped value loss. Returns (loss, the sums over the counted steps of the
+    `LOSS_STATS`, detached)."""
+    if mask is not None:  # zero every input at the masked steps: every term below is then 0 there, and NaN or
+        # inf there reaches neither the loss nor its gradient (`where`, not `* mask`: 0 * NaN is NaN)
+        logprob, entropy, value, advantages = (torch.where(mask, x, 0) for x in (logprob, entropy, value, advantages))
+        old = {k: torch.where(mask, old[k], 0) for k in ("logprobs", "values", "returns")}
+    logratio = logprob - old["logprobs"]
+    ratio = logratio.exp()
+    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+    v_err = (value - old["returns"]) ** 2
+    if vf_clip is not None:
+        v_clipped = old["values"] + torch.clamp(value - old["values"], -vf_clip, vf_clip)
+        v_err = torch.max(v_err, (v_clipped - old["returns"]) ** 2)
+    pg_loss, v_loss, entropy_loss = pg.sum() / count, 0.5 * (v_err.sum() / count), entropy.sum() / count
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    with torch.no_grad():
+        sums = torch.stack([pg.sum(), 0.5 * v_err.sum(), entropy.sum(), (-logratio).sum(),
+                            ((ratio - 1) - logratio).sum(), ((ratio - 1).abs() > clip_coef).float().sum()])
+    return loss, sums.float().cpu()
+
+
+def advantage_moments(adv: torch.Tensor, mask: torch.Tensor | None,
+                      dist: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, std) of a minibatch's advantages over its counted steps on every rank. Flat minibatches
+    (`mask` None) take the unbiased std (CleanRL's `Tensor.std`, its very numbers in one process), episode
+    minibatches the population std; fewer steps than that needs have no spread (std 0)."""
+    if mask is None and not dist.enabled:
+        return torch.tensor(float(adv.numel())), adv.mean(), adv.std() if adv.numel() > 1 else adv.new_zeros(())
+    m = torch.ones_like(adv, dtype=torch.bool) if mask is None else mask
+    n, s1 = distributed.all_reduce_sum(torch.stack([m.sum().to(adv.dtype), torch.where(m, adv, 0).sum()]), dist)
+    mu = s1 / n.clamp(min=1)
+    s2 = distributed.all_reduce_sum(torch.where(m, (adv - mu) ** 2, 0).sum(), dist)
+    return n, mu, (s2 / (n - int(mask is None)).clamp(min=1)).sqrt()
+
+
 def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, args: Args, clip: float,
            dist: distributed.Dist = distributed.SINGLE) -> dict:
-    """`update_epochs` passes of minibatch SGD on the clipped PPO objective over `rollout` (with advantages);
-    returns mean loss statistics. Afterwards the agent's caches (`reset_cache`) are dropped: old weights'.
+    """`update_epochs` passes of minibatch SGD on `ppo_loss` over `rollout` (with advantages); returns the loss
+    statistics of the last epoch run, each a mean over its steps. Then drops the agent's caches (`reset_cache`).
 
-    Under torchrun each rank runs the same number of minibatches on its own rollout and every step uses the
-    gradient averaged over the ranks; the statistics (and the `target_kl` stop) are means over the ranks."""
-    actions, valid = rollout.actions, rollout.valid
-    T, E = valid.shape
-    by_env = args.minibatch_by_env
-    b = {"actions": actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
-         "advantages": rollout.advantages.reshape(-1), "returns": rollout.returns.reshape(-1)}
-    first_dev = float("nan")
+    Under torchrun every rank runs the same number of minibatches on its own rollout; a minibatch's loss is the
+    mean over its steps on all ranks and each step uses the sum of the ranks' gradients (a rank without steps
+    adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
+    by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
+    b = {"actions": rollout.actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1),
+         "values": rollout.values.reshape(-1), "advantages": rollout.advantages.reshape(-1),
+         "returns": rollout.returns.reshape(-1)}
+    first_dev, sums, epochs = float("nan"), torch.zeros(len(LOSS_STATS) + 1), 0
     for epoch in range(args.update_epochs):
-        # statistics of the last epoch are logged; every epoch's when target_kl may stop early
-        track = args.target_kl is not None or epoch == args.update_epochs - 1
-        sums, n = torch.zeros(6), 0
-        parts = env_minibatches(E, args.num_minibatches) if by_env else flat_minibatches(valid.reshape(-1), args.num_minibatches)
-        for mb_i, idx in enumerate(parts):
-            if by_env or idx.numel():  # by env: all T steps of the env columns `idx`; m masks the reset steps
-                newlogprob, entropy, newvalue, m, sel = score_minibatch(agent, rollout, b, idx, by_env)
-            elif not dist.enabled:  # fewer valid steps than minibatches
-                continue
-            else:  # ... on this rank only: step with the others (a zero gradient from here)
-                optimizer.zero_grad(set_to_none=True)
-                distributed.all_reduce_grads(agent.parameters(), dist)
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                continue
-            # masked mean: `where`, not `* m`, so garbage (inf, NaN) at masked steps cannot leak in
-            mean = (lambda x: x.mean()) if m is None else (lambda x, m=m: torch.where(m, x, 0).sum() / m.sum().clamp(min=1))
-            logratio = newlogprob - sel["logprobs"]
-            ratio = logratio.exp()
-            if epoch == 0 and mb_i == 0:  # before any step the policy is the rollout's: ratio must be 1
-                first_dev = first_ratio_deviation(ratio, m)
-            mb_adv = sel["advantages"]
-            if args.norm_adv:
-                mu = mean(mb_adv)
-                std = mean((mb_adv - mu) ** 2).sqrt() if m is not None else mb_adv.std()
-                mb_adv = (mb_adv - mu) / (std + 1e-8)
-            pg_loss = mean(torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - clip, 1 + clip)))
-            if args.clip_vloss:
-                v_clipped = sel["values"] + torch.clamp(newvalue - sel["values"], -clip, clip)
-                v_loss = 0.5 * mean(torch.max((newvalue - sel["returns"]) ** 2, (v_clipped - sel["returns"]) ** 2))
-            else:
-                v_loss = 0.5 * mean((newvalue - sel["returns"]) ** 2)
-            entropy_loss = mean(entropy)
-            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        epochs = epoch + 1
+        sums = torch.zeros(len(LOSS_STATS) + 1)  # the statistics' sums over the epoch's steps, then their count
+        for mb_i, idx in enumerate(minibatches(rollout.valid, args)):
+            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env)
+            count, mu, std = advantage_moments(sel["advantages"], mask, dist)
+            adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
+            loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), clip,
+                                     args.clip_coef if args.clip_vloss else None, args.ent_coef, args.vf_coef)
+            if epoch == 0 and mb_i == 0 and logprob.numel():  # before any step the policy is the rollout's
+                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {v_loss.item()}): training stopped; "
-                    "the last good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
+                    f"PPO loss is {loss.item()} (policy {mb_sums[0]}, value {mb_sums[1]}): training stopped; the last "
+                    "good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.all_reduce_grads(agent.parameters(), dist)  # the mean over ranks, before clipping
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            if loss.requires_grad:  # False: no step of this minibatch on this rank
+                loss.backward()
+            distributed.all_reduce_grads(trainable, dist)  # the sum over ranks, before clipping
+            nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
-            if track:
-                with torch.no_grad():
-                    sums += torch.stack([pg_loss, v_loss, entropy_loss, mean(-logratio), mean((ratio - 1) - logratio),
-                                         mean(((ratio - 1.0).abs() > clip).float())]).float().cpu()
-                n += 1
-        if track:  # the mean over ranks: the same numbers (and early-stop decision) on every rank
-            sums = distributed.all_reduce_mean(sums / max(n, 1), dist)
-        if args.target_kl is not None and sums[4] > args.target_kl:
+            sums += torch.cat([mb_sums, (mask.sum() if mask is not None else torch.tensor(logprob.numel()))[None]])
+        sums = distributed.all_reduce_sum(sums, dist)
+        if args.target_kl is not None and sums[4] / sums[-1].clamp(min=1) > args.target_kl:
             break
-    out = dict(zip(["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
-                    "losses/approx_kl", "losses/clipfrac"], sums.tolist(), strict=True))
-    out.update({"debug/first_ratio_max_dev": first_dev, "debug/epochs": epoch + 1})
+    out = {f"losses/{k}": v for k, v in zip(LOSS_STATS, (sums[:-1] / sums[-1].clamp(min=1)).tolist(), strict=True)}
+    out.update({"debug/first_ratio_max_dev": first_dev, "debug/epochs": epochs})
     if hasattr(agent, "reset_cache"):
         agent.reset_cache()  # caches computed with the old weights must not be reused
     return out
+
+
+def minibatches(valid: torch.Tensor, args: Args) -> list[torch.Tensor]:
+    """One epoch's minibatch indices: sets of env columns (`minibatch_by_env`) or flat indices of valid steps."""
+    if args.minibatch_by_env:
+        return env_minibatches(valid.shape[1], args.num_minibatches)
+    return flat_minibatches(valid.reshape(-1), args.num_minibatches)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

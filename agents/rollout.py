@@ -150,15 +150,15 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
         c.next_mask = action_mask_of(infos, E, envs.single_action_space)
         live = ~c.prev_done  # False at the autoreset steps
         rewards[step], terminated[step], truncated[step] = reward, term, trunc
-        if "ref_logprob" in infos:
-            has_ref = True
-            ref_logprobs[step] = infos["ref_logprob"]
-            c.ep_kl += (logprob.cpu().numpy() - ref_logprobs[step]) * live
-        has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos))
-        if kl_coef > 0 and not has_it[live].all():  # reset steps may lack it
+        has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos)) & live  # reset steps may lack it
+        if kl_coef > 0 and not has_it[live].all():
             raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
                              "action taken) each step; wrap the env with a reference model or set kl_coef=0")
-        c.ep_ret += reward * live  # the env's own reward, not the KL-shaped one
+        if "ref_logprob" in infos:  # `where`, not `* mask`: a NaN or inf at an ignored step must not leak in
+            has_ref = True
+            ref_logprobs[step] = np.where(has_it, infos["ref_logprob"], 0.0)
+            c.ep_kl += np.where(has_it, logprob.cpu().numpy() - ref_logprobs[step], 0.0)
+        c.ep_ret += np.where(live, reward, 0.0)  # the env's own reward, not the KL-shaped one
         c.ep_len += live
         c.prev_done = term | trunc  # the next step of these envs is a reset
         for i in np.flatnonzero(c.prev_done):
@@ -192,6 +192,9 @@ def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tens
     `by_env`: `idx` are env columns, scored whole (`agent.evaluate_sequences` when it has one). The rollout's
     action masks go to the agent with the observations."""
     (T, E), masks = r.valid.shape, r.action_masks
+    if not by_env and idx.numel() == 0:  # no valid step of this minibatch on this rank (others may have some)
+        empty = r.logprobs.new_zeros(0)
+        return empty, empty, empty, None, {k: v[idx] for k, v in b.items()}
     if by_env:
         idx = idx.to(r.obs.device)
         mb_obs, mb_act, valid = r.obs[:, idx], r.actions[:, idx], r.valid[:, idx]  # (T, E_mb, ...)
@@ -264,7 +267,7 @@ def compute_gae(
     for t in reversed(range(r.shape[0])):
         nextvalues = nv if t == r.shape[0] - 1 else v[t + 1]
         delta = r[t] + gamma * nextvalues * (1.0 - no_future[t]) - v[t]
-        lastgaelam = (delta + gamma * gae_lambda * (1.0 - done[t]) * lastgaelam) * ok[t]
+        lastgaelam = np.where(ok[t], delta + gamma * gae_lambda * (1.0 - done[t]) * lastgaelam, 0.0)
         advantages[t] = lastgaelam
     adv = torch.from_numpy(advantages).to(device=values.device, dtype=values.dtype)
     return adv, adv + values
@@ -275,7 +278,7 @@ def kl_penalty_rewards(
 ) -> torch.Tensor:
     """r_t - kl_coef * (log pi_old(a_t|s_t) - log p_ref(a_t|s_t)) on valid steps (Ziegler et al. 2019,
     https://arxiv.org/abs/1909.08593): the per-token KL penalty to a frozen reference model. All (T, E)."""
-    return rewards - kl_coef * (logprobs - ref_logprobs) * valid.float()
+    return rewards - kl_coef * torch.where(valid, logprobs - ref_logprobs, 0.0)
 
 
 def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:

@@ -38,17 +38,25 @@ def cartpole_args(run_dir: Path, **kw):
 # ---- what each rank runs (python tests/test_distributed.py CASE DIR, under torchrun) ------------------------
 
 
-def fixed_batch(T: int = 8, E: int = 4) -> dict:
+VALID = {  # (T=8, E=4): which steps are transitions; ranks 0 and 1 hold columns 0-1 and 2-3
+    "all": torch.ones(8, 4, dtype=torch.bool),
+    "uneven": torch.arange(8)[:, None] < torch.tensor([2, 3, 8, 8]),  # rank 0 holds 5 steps, rank 1 holds 16
+    "one rank empty": torch.arange(4).expand(8, 4) >= 2,  # rank 0 holds none
+}
+
+
+def fixed_batch(valid: str = "all", T: int = 8, E: int = 4) -> dict:
     """A rollout-shaped batch of CartPole-like data, the same on every process."""
     g = torch.Generator().manual_seed(0)
     return {"obs": torch.randn(T, E, 4, generator=g), "actions": torch.randint(0, 2, (T, E), generator=g),
             "logprobs": torch.full((T, E), -0.69), "values": torch.randn(T, E, generator=g),
             "advantages": torch.randn(T, E, generator=g), "returns": torch.randn(T, E, generator=g),
-            "valid": torch.ones(T, E, dtype=torch.bool)}
+            "valid": VALID[valid]}
 
 
-def update_on(cols: slice, dist) -> tuple[dict, dict]:
-    """Three PPO epochs (one full minibatch each) on env columns `cols` of the fixed batch."""
+def update_on(cols: slice, dist, valid: str = "all", by_env: bool = False) -> tuple[dict, dict]:
+    """Three PPO epochs (one full minibatch each, advantages normalised) on env columns `cols` of the fixed
+    batch."""
     from agents.policies import MLPAgent
     from agents.ppo import Args, update
     from agents.rollout import Rollout
@@ -56,8 +64,9 @@ def update_on(cols: slice, dist) -> tuple[dict, dict]:
     torch.manual_seed(0)
     agent = MLPAgent(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
     opt = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5)
-    args = Args(num_minibatches=1, update_epochs=3, norm_adv=False, max_grad_norm=0.1)  # clipping active
-    b = {k: v[:, cols] for k, v in fixed_batch().items()}
+    args = Args(num_envs=4, num_minibatches=1, update_epochs=3, max_grad_norm=0.1,  # clipping active
+                minibatch_by_env=by_env)
+    b = {k: v[:, cols] for k, v in fixed_batch(valid).items()}
     zeros = torch.zeros_like(b["values"])
     rollout = Rollout(obs=b["obs"], actions=b["actions"], logprobs=b["logprobs"], values=b["values"], rewards=zeros,
                       ref_logprobs=None, valid=b["valid"], terminated=zeros.bool(), truncated=zeros.bool(),
@@ -71,10 +80,11 @@ def _rank_main(case: str, out: Path) -> None:
     from agents import distributed
     from agents.ppo import train
 
-    if case == "grad":
+    if case.startswith("grad"):  # grad:VALID:flat|env
+        _, valid, minibatches = case.split(":")
         d, _ = distributed.setup("cpu")
         half = 4 // d.world_size
-        state, stats = update_on(slice(d.rank * half, (d.rank + 1) * half), d)
+        state, stats = update_on(slice(d.rank * half, (d.rank + 1) * half), d, valid, minibatches == "env")
         torch.save({"state": state, "stats": stats}, out / f"rank{d.rank}.pt")
         distributed.cleanup(d)
         distributed.exit_worker(0)
@@ -103,13 +113,17 @@ if __name__ == "__main__":
 
 
 @pytest.mark.filterwarnings("ignore:PPO ratio at the first minibatch")  # logprobs made up: ratios != 1, clipped
-def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_it(tmp_path):
+@pytest.mark.parametrize("valid, minibatches", [("all", "flat"), ("uneven", "flat"), ("uneven", "env"),
+                                                ("one rank empty", "flat")])
+def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_it(tmp_path, valid, minibatches):
+    # every step weighs the same whichever rank holds it: each rank's loss is its share of the mean over all
+    # ranks' steps, and the advantages are normalised over all of them
     from agents.distributed import Dist
 
-    run = torchrun(__file__, "grad", str(tmp_path), cwd=tmp_path)
+    run = torchrun(__file__, f"grad:{valid}:{minibatches}", str(tmp_path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    full_state, full_stats = update_on(slice(0, 4), Dist())
+    full_state, full_stats = update_on(slice(0, 4), Dist(), valid, minibatches == "env")
     for r in ranks:
         for k, v in full_state.items():
             torch.testing.assert_close(r["state"][k], v, atol=1e-6, rtol=1e-5)
@@ -122,7 +136,7 @@ def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_
     moved = max((full_state[k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-3  # the check above compares real steps, not untouched weights
     # and half the batch alone (no averaging) would have given something else
-    half_state, _ = update_on(slice(0, 2), Dist())
+    half_state, _ = update_on(slice(0, 2), Dist(), valid, minibatches == "env")
     assert max((half_state[k] - full_state[k]).abs().max().item() for k in init) > 1e-4
 
 

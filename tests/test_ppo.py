@@ -368,3 +368,84 @@ def test_first_minibatch_ratio_check_catches_dropout(tmp_path):
     with pytest.warns(UserWarning, match="ratio"):
         train(small(tmp_path, "drop", total_timesteps=256), envs=envs,
               agent=Dropout(envs.single_observation_space, envs.single_action_space))
+
+
+# ---- the loss and the update's edge cases ------------------------------------------------------------------
+
+
+def test_ppo_loss_hand_computed():
+    from agents.ppo import ppo_loss
+
+    f, nan = torch.tensor, float("nan")
+    old = {"logprobs": f([0.0, 0.0, 0.0, 0.0]), "values": f([0.0, 2.5, 0.0, 0.0]), "returns": f([2.0, 2.0, 1.0, 0.0])}
+    logprob = f([math.log(1.5), math.log(0.5), 0.0, nan], requires_grad=True)  # step 3 is masked: garbage there
+    value = f([1.0, 2.0, 0.0, 100.0], requires_grad=True)
+    entropy = f([1.0, 2.0, 3.0, nan])
+    adv, mask = f([1.0, -1.0, 2.0, -2.0]), f([True, True, True, False])
+    loss, sums = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0, clip_coef=0.2, vf_clip=0.2, ent_coef=0.01,
+                          vf_coef=0.5)
+    # ratios 1.5, 0.5, 1: policy terms max(-A r, -A clip(r)) = -1.2, 0.8, -2 -> mean -0.8
+    # values: clipped to 0.2 and 2.3: max((1-2)^2, (0.2-2)^2) = 3.24, max(0, 0.09) = 0.09, 1 -> 0.5 * 4.33 / 3
+    v_loss = 0.5 * (3.24 + 0.09 + 1.0) / 3
+    assert loss.item() == pytest.approx(-0.8 - 0.01 * 2.0 + 0.5 * v_loss, abs=1e-6)
+    kl = (0.5 - math.log(1.5)) + (-0.5 - math.log(0.5))
+    expected = [-0.8 * 3, v_loss * 3, 6.0, -(math.log(1.5) + math.log(0.5)), kl, 2.0]  # sums over the 3 steps
+    assert sums.tolist() == pytest.approx(expected, abs=1e-5)
+    loss.backward()
+    assert value.grad[0] == 0.0 and value.grad[1] == 0.0  # past the value clip: no gradient
+    assert value.grad[2] == pytest.approx(0.5 * 0.5 * 2 * (0.0 - 1.0) / 3)  # vf_coef * 0.5 * d(v - R)^2 / 3
+    assert value.grad[3] == 0.0 and logprob.grad[3] == 0.0  # masked
+    unclipped, _ = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0, 0.2, None, 0.0, 1.0)
+    assert unclipped.item() == pytest.approx(-0.8 + 0.5 * (1.0 + 0.0 + 1.0) / 3, abs=1e-6)
+
+
+def fixed_rollout(agent, valid, advantages=None, returns=None, T: int = 8, E: int = 4):
+    """A rollout of CartPole-shaped random observations, scored by `agent` (so the first ratio is 1)."""
+    g = torch.Generator().manual_seed(0)
+    obs, actions = torch.randn(T, E, 4, generator=g), torch.randint(0, 2, (T, E), generator=g)
+    with torch.no_grad():
+        _, logprobs, _, values = agent.get_action_and_value(obs.reshape(T * E, 4), actions.reshape(-1))
+    values, zeros = values.reshape(T, E), torch.zeros(T, E)
+    return Rollout(obs=obs, actions=actions, logprobs=logprobs.reshape(T, E), values=values, rewards=zeros,
+                   ref_logprobs=None, valid=valid, terminated=zeros.bool(), truncated=zeros.bool(), next_obs=obs[-1],
+                   episodes=[], kl_coef=0.0, shaped_rewards=zeros,
+                   advantages=torch.randn(T, E, generator=g) if advantages is None else advantages,
+                   returns=values if returns is None else returns)
+
+
+def test_value_clip_keeps_its_range_when_the_policy_clip_anneals():
+    from agents.ppo import update
+
+    torch.manual_seed(0)
+    agent = MLPAgent(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    valid = torch.ones(8, 4, dtype=torch.bool)
+    r = fixed_rollout(agent, valid, advantages=torch.zeros(8, 4))
+    r.returns = r.values + 1.0  # the critic should move up, by at most the value clip (0.2)
+    opt = torch.optim.SGD(agent.critic.parameters(), lr=0.02)  # no momentum: no gradient, no move
+    args = Args(num_minibatches=1, update_epochs=40, clip_coef=0.2, clip_vloss=True, ent_coef=0.0, norm_adv=False,
+                max_grad_norm=100.0)
+    update(agent, opt, r, args, clip=0.0)  # the annealed policy clip at the end of a run
+    with torch.no_grad():
+        moved = (agent.get_value(r.obs.reshape(32, 4)).reshape(8, 4) - r.values).mean().item()
+    assert 0.1 < moved < 0.3, moved  # a value clip of 0 would have stopped the critic after its first step
+
+
+def test_a_minibatch_of_one_valid_step_trains_without_nan():
+    from agents.ppo import update
+
+    torch.manual_seed(0)
+    agent = MLPAgent(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    valid = torch.zeros(8, 4, dtype=torch.bool)
+    valid[3, 1] = True  # one transition in the whole rollout: its advantage has no spread to normalise by
+    stats = update(agent, torch.optim.Adam(agent.parameters(), lr=1e-3), fixed_rollout(agent, valid),
+                   Args(num_minibatches=1, update_epochs=2), clip=0.2)
+    assert all(math.isfinite(v) for v in stats.values()) and stats["losses/policy_loss"] == 0.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(update_epochs=0), "update_epochs"),
+    (dict(kl_coef=0.0, kl_target=1.0), "kl_target=1.0 adapts kl_coef, which is 0"),
+])
+def test_settings_that_would_train_silently_wrong_are_refused(tmp_path, bad, message):
+    with pytest.raises(UsageError, match=message):
+        train(small(tmp_path, **bad), envs=fixed_envs())

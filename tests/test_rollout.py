@@ -63,3 +63,39 @@ def test_kl_coef_needs_the_reference_log_probs():
         collect_rollout(envs, agent, Carry.start(envs, 0), 2, 0, 2, kl_coef=0.1, device=torch.device("cpu"))
     rollout = collect_rollout(envs, agent, Carry.start(envs, 0), 2, 0, 2, kl_coef=0.0, device=torch.device("cpu"))
     assert rollout.ref_logprobs is None and all(e.kl is None for e in rollout.episodes)
+
+
+class GarbageAtReset(FixedLength):
+    """Reports a NaN `ref_logprob` on its reset info: a step whose action is ignored must not use it."""
+
+    def reset(self, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs, {"ref_logprob": float("nan")}
+
+
+def test_garbage_at_ignored_steps_stays_out_of_episodes_and_advantages():
+    envs = gym.vector.SyncVectorEnv([lambda: GarbageAtReset(length=3) for _ in range(2)])
+    torch.manual_seed(0)
+    agent = MLPAgent(envs.single_observation_space, envs.single_action_space)
+    carry = Carry.start(envs, 0)
+    for _ in range(2):  # the second rollout starts with the autoreset steps of the first one's episodes
+        r = collect_rollout(envs, agent, carry, 5, 0, 2, kl_coef=0.1, device=torch.device("cpu"))
+        compute_advantages(r, agent, gamma=1.0, gae_lambda=0.95, bootstrap_truncated=False)
+        assert bool(torch.isfinite(r.advantages).all()) and bool(torch.isfinite(r.shaped_rewards).all())
+        assert r.episodes and all(math.isfinite(e.kl) for e in r.episodes)
+
+
+class NoReference(FixedLength):
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, reward, terminated, truncated, {}
+
+
+def test_episode_kl_counts_only_steps_with_a_reference():
+    envs = gym.vector.SyncVectorEnv([lambda: FixedLength(length=3), lambda: NoReference(length=3)])
+    torch.manual_seed(0)
+    agent = MLPAgent(envs.single_observation_space, envs.single_action_space)
+    r = collect_rollout(envs, agent, Carry.start(envs, 0), 3, 0, 2, kl_coef=0.0, device=torch.device("cpu"))
+    kl = {e.global_step: e.kl for e in r.episodes}  # both end at the 3rd step
+    expected = float((r.logprobs[:, 0] - r.ref_logprobs[:, 0]).sum())
+    assert [e.kl for e in r.episodes] == pytest.approx([expected, 0.0]), kl
