@@ -112,6 +112,7 @@ if __name__ == "__main__":
 # ---- the tests --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # torchrun launches
 @pytest.mark.filterwarnings("ignore:PPO ratio at the first minibatch")  # logprobs made up: ratios != 1, clipped
 @pytest.mark.parametrize("valid, minibatches", [("all", "flat"), ("uneven", "flat"), ("uneven", "env"),
                                                 ("one rank empty", "flat")])
@@ -140,6 +141,7 @@ def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_
     assert max((half_state[k] - full_state[k]).abs().max().item() for k in init) > 1e-4
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_files_and_checkpoints_resume_across_world_sizes(tmp_path):
     from agents.checkpoint import load_checkpoint
     from agents.ppo import train
@@ -175,6 +177,7 @@ def test_only_rank_0_writes_files_and_checkpoints_resume_across_world_sizes(tmp_
     assert load_checkpoint(tmp_path / "s" / "checkpoint.pt")["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["raise", "exit"])
 def test_a_failing_rank_stops_the_whole_job_quickly_with_a_clear_error(tmp_path, case):
     t0 = time.time()

@@ -182,6 +182,7 @@ def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, ca
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
     from test_distributed import torchrun  # the same launcher the PPO distributed tests use
 
