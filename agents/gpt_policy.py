@@ -2,11 +2,11 @@
 
 The actor is the LM's next-token distribution at the last position of the (left-padded) observation; the
 critic is a linear value head on the same trunk's final hidden state (shared trunk, as in Ziegler et al.
-2019). It speaks the agent protocol of `agents.ppo` (see notes/interfaces.md), so the generic PPO trains it
-exactly as it trains `MLPAgent` on CartPole.
+2019). It speaks the agent protocol of `agents.ppo` (see `agents.policies`), so the generic PPO trains it
+XX
 
 Three things keep it correct and fast (../shared/DESIGN.md, "Making token-by-token RL fast"):
-- Rollout (`get_action_and_value(obs)` under `no_grad`) goes through `textenv.lm_cache.CachedLM`: one new
+- Rollout (`get_action_and_value(obs)` under `no_grad`) goes through `textenv.lm.CachedLM`: one new
   token per env step from cached keys/values; only rows whose episode just reset are re-prefilled.
 - The update (`evaluate_sequences`) cuts every env column into episode segments and runs ONE teacher-forced
   forward over all of them: a step's observation is a prefix of its segment's last observation.
@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.policies import check_action_mask, entropy_of, masked_log_softmax
-from textenv.lm_cache import CachedLM, attention_mask, check_lm_vocab, length_groups, position_ids, split_lm
-from textenv.trunk import TrunkSplit
+from textenv.lm import (
+    CachedLM,
+    TrunkSplit,
+    attention_mask,
+    check_lm_vocab,
+    length_groups,
+    position_ids,
+    split_lm,
+)
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -76,8 +83,13 @@ class GPTAgent(nn.Module):
             log-probs and values.
         trainable_layers: train only the top k decoder blocks (+ final norm and the value head); the rest of
             the model (embeddings, lower blocks, the usually tied LM head) is a frozen trunk whose outputs the
-            rollout computes once per token and the update and the reference reuse (`textenv.trunk`). None:
+            rollout computes once per token and the update and the reference reuse (`textenv.lm.trunk`). None:
             train every parameter.
+        group_lengths: run rows of similar length in separate forwards, each cropped to its longest row (the
+            update's episode pieces, a KV cache re-encoding a mid-episode batch); False: one forward padded to the
+            longest row (slower, the same numbers; benchmarks use it for their before numbers).
+
+    `positions` counts the token positions the update's forwards ran: real ones and with their padding.
     """
 
     def __init__(
@@ -89,6 +101,8 @@ class GPTAgent(nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         trainable_layers: int | None = None,
+        *,
+        group_lengths: bool = True,
     ) -> None:
         super().__init__()
         _, head = split_lm(model)
@@ -106,7 +120,9 @@ class GPTAgent(nn.Module):
         self.vocab_size = int(vocab_size) if vocab_size is not None else int(model_vocab)
         disable_dropout(model)
         self.lm = model.eval()
-        self.split = None if trainable_layers is None else TrunkSplit(model, trainable_layers, pad_token_id)
+        self.group_lengths, self.positions = group_lengths, {"real": 0, "padded": 0}
+        self.split = None if trainable_layers is None else TrunkSplit(model, trainable_layers, pad_token_id,
+                                                                      group_lengths=group_lengths)
         if self.split is not None:
             model.requires_grad_(False)
             for p in self.split.trainable():
@@ -134,7 +150,8 @@ class GPTAgent(nn.Module):
         if self.split is not None:
             self._rollout, self._eval = self.split.cached(), self.split.cached()
         else:
-            self._rollout, self._eval = CachedLM(self.lm, self.pad_token_id), CachedLM(self.lm, self.pad_token_id)
+            self._rollout, self._eval = (CachedLM(self.lm, self.pad_token_id, group_lengths=self.group_lengths)
+                                         for _ in range(2))
         self._memo: tuple | None = None  # (cache name, obs, hidden) of the last cached step
         self._placement = self._where()
 
@@ -300,8 +317,11 @@ class GPTAgent(nn.Module):
         segments (episodes cut by EOS or by the rollout's end) do not pay for the longest one's padding."""
         lengths = attention_mask(rows, self.pad_token_id).sum(dim=1)  # (N,)
         hidden_parts, step_parts = [], []
-        for group in length_groups(lengths):
+        groups = length_groups(lengths) if self.group_lengths else [torch.arange(len(rows), device=rows.device)]
+        for group in groups:
             hidden, width = self._trunk(rows[group])  # (n, W, C)
+            self.positions["real"] += int(lengths[group].sum())
+            self.positions["padded"] += len(group) * width
             local = torch.full_like(lengths, -1)
             local[group] = torch.arange(len(group), device=rows.device)
             steps = (local[segment] >= 0).nonzero().squeeze(1)  # the steps whose segment is in this group

@@ -6,7 +6,7 @@ Measured side by side in one run (rounds interleaved, medians reported), at the 
 - `TextEnv` (one env), `SyncVectorEnv` of 64 TextEnvs, and the batched `TextVectorEnv` (64 envs),
   each with a rule reward and with a small HF classifier reward (a DistilBERT from config);
 - the decode step of a tiny GPT-2 (4 layers x 256, 4k vocabulary, as in DESIGN.md) with KV cache at
-  batch 64, both raw (`model(token, cache=...)` + sampling) and through `textenv.lm_cache.CachedLM`
+  batch 64, both raw (`model(token, cache=...)` + sampling) and through `textenv.lm.CachedLM`
   on the environment's own observations (the rollout path of `agents.gpt_policy`).
 
 Texts and tokenizer come from the package (`textenv.build.data.load_texts`, `textenv.build.bpe.train_bpe`): a
@@ -41,7 +41,7 @@ from transformers import (
 from agents.gpt_policy import sample  # the policy's own sampler (inverse CDF)
 from textenv import HFRewardModel, KeywordReward, TextEnv, TextVectorEnv
 from textenv.build.bpe import train_bpe
-from textenv.lm_cache import CachedLM
+from textenv.lm import CachedLM
 
 
 class Timed:

@@ -1,4 +1,4 @@
-"""One PPO iteration of `agents.ppo` + `GPTAgent`, phase by phase, against its compute floor (issue 14).
+"""One PPO iteration of `agents.ppo` + `GPTAgent`, phase by phase, against its compute floor.
 
 The setting (../shared/DESIGN.md, "Reference points"): a GPT-2-architecture policy of 4 layers x 256 with a 4k
 vocabulary (random weights from a `GPT2Config`), `TextVectorEnv` + `RefLogprob` (a frozen copy as reference)
@@ -99,10 +99,8 @@ class Args:
     floor: bool = True
     """also time each case's compute floor (off: only the iterations)"""
     length_groups: bool = True
-    """off: the update's one forward over all episode pieces cropped to the longest (before grouping by length)"""
-    group_prefill: bool = True
-    """off: the rollout re-encodes the mid-episode batch after each update in one padded forward (before
-    `CachedLM` grouped it by length)"""
+    """off: one padded forward where rows of similar length get their own (`GPTAgent(group_lengths=False)`): the
+    update's episode pieces and the rollout's re-encoding of the mid-episode batch after each update"""
     threads: int = 0
     """torch CPU threads (0 = torch's default: all cores, what a user runs)"""
     device: str = "cpu"
@@ -151,24 +149,6 @@ class Case:
     clocks: dict[str, Clock]
     global_step: int = 0
     iteration: int = 0
-    positions: dict = dataclasses.field(default_factory=lambda: {"real": 0, "padded": 0})
-
-
-def count_positions(case: Case) -> None:
-    """Count the token positions the update's forwards process (real ones and with the padding of each forward's
-    rows): an instance attribute wrapping `_segment_hidden`, the package is untouched."""
-    from agents.gpt_policy import length_groups
-    from textenv.lm_cache import attention_mask
-
-    inner = case.agent._segment_hidden
-
-    def counted(rows, segment, back):
-        lengths = attention_mask(rows, case.agent.pad_token_id).sum(dim=1)
-        case.positions["real"] += int(lengths.sum())
-        case.positions["padded"] += sum(len(g) * int(lengths[g].max()) for g in length_groups(lengths))
-        return inner(rows, segment, back)
-
-    case.agent._segment_hidden = counted
 
 
 def autocast(device: torch.device, dtype: str):
@@ -226,7 +206,7 @@ def build(args: Args) -> dict:
                             query_tokens=(P, P))  # fmt: skip
         env.step = clocks["rollout: env"].wrap(env.step)  # an instance attribute: the package is untouched
         agent = GPTAgent(copy.deepcopy(lm), tok.pad_token_id, vocab_size=len(tok), device=device, dtype=args.dtype,
-                         trainable_layers=k)  # fmt: skip
+                         trainable_layers=k, group_lengths=args.length_groups)  # fmt: skip
         envs = RefLogprob(env, agent.reference(reference), pad_token_id=tok.pad_token_id, device=device)
         envs.ref.logprobs = clocks["rollout: reference"].wrap(envs.ref.logprobs)
         agent.get_action_and_value = clocks["rollout: policy"].wrap(agent.get_action_and_value)
@@ -235,7 +215,6 @@ def build(args: Args) -> dict:
         kl_ctl = make_kl_controller(base.kl_controller, base.kl_coef, base.kl_target, base.kl_horizon)
         writer = SummaryWriter(tempfile.mkdtemp(prefix=f"ppo_iteration-{name}-"))
         cases[name] = Case(name, envs, agent, optimizer, base, Carry.start(envs, 1), kl_ctl, writer, clocks)
-        count_positions(cases[name])
     first, _ = TextVectorEnv(E, tokenizer=tok, reward_model=KeywordReward(["good"]), prompts=texts,
                              max_prompt_tokens=P, max_new_tokens=N, query_tokens=(P, P)).reset(seed=0)
     prompts = torch.as_tensor(first[:, -P:]).to(device)
@@ -248,7 +227,7 @@ def run_iteration(case: Case) -> dict[str, float]:
     """One PPO iteration of `case` as `train` runs it; returns wall seconds per phase (PHASES) and `total`."""
     a, device = case.args, case.agent.device
     before = {k: c.seconds for k, c in case.clocks.items()}
-    pos_before = dict(case.positions)
+    pos_before = dict(case.agent.positions)  # the token positions the update's forwards ran
     case.iteration += 1
     sync(device)
     t0 = time.perf_counter()
@@ -274,13 +253,13 @@ def run_iteration(case: Case) -> dict[str, float]:
     out["rollout: other"] = (t1 - t0) - sum(out[k] for k in PHASES[:4])
     out.update({"advantages": t2 - t1, "update": t3 - t2, "everything else": t4 - t3, "total": t4 - t0,
                 "tokens": int(rollout.valid.sum())})
-    out.update({f"update positions {k}": (case.positions[k] - pos_before[k]) / a.update_epochs for k in case.positions})
+    out.update({f"update positions {k}": (v - pos_before[k]) / a.update_epochs for k, v in case.agent.positions.items()})
     return out
 
 
 def run_floor(lm, prompts: torch.Tensor, reference, args: Args, pad: int, split=None) -> dict:
     """The compute floor: `generate` of the batch, then epochs x forward+backward of the 64 x 24 result. With
-    `split` (a `textenv.trunk.TrunkSplit` of `lm`), the top-k floor: the trunk's outputs are what `generate`
+    `split` (a `textenv.lm.trunk.TrunkSplit` of `lm`), the top-k floor: the trunk's outputs are what `generate`
     already computed (not timed again), so each epoch differentiates only the top blocks and the head."""
     device, P = prompts.device, prompts.shape[1]
     sync(device)
@@ -423,13 +402,6 @@ def main(args: Args) -> None:
         args.warmup, args.rounds = 1, 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if not args.length_groups:  # the update as it was before grouping pieces by length, for a before/after number
-        import agents.gpt_policy
-
-        agents.gpt_policy.length_groups = lambda lengths: [torch.arange(len(lengths), device=lengths.device)]
-    from textenv.lm_cache import CachedLM
-
-    CachedLM.group_prefill = args.group_prefill
     built = build(args)
     names = list(built["cases"])
     s = summarise(measure(built, args), built)
@@ -475,7 +447,7 @@ def main(args: Args) -> None:
         "new_tokens": args.new_tokens, "realistic_tokens": [args.min_tokens, args.new_tokens], "epochs": args.epochs,
         "num_steps": built["ppo_args"].num_steps, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds,
-        "length_groups": args.length_groups, "group_prefill": args.group_prefill,
+        "length_groups": args.length_groups,
         **s, "train_check_s_per_iteration": train_times,
     }  # fmt: skip
     name = "ppo_iteration" if args.model == "gpt2" else f"ppo_iteration_{args.model}"

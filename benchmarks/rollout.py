@@ -46,7 +46,7 @@ from _common import bench_texts, print_table, target, write_result
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 
 from agents.gpt_policy import GPTAgent, sample
-from textenv.lm_cache import CachedLM, split_lm
+from textenv.lm import split_lm
 from textenv.vector import TextVectorEnv
 
 PRESETS = {  # (n_layer, n_embd, n_head, vocab)
@@ -149,22 +149,15 @@ def env_loop(agent: GPTAgent, envs: TextVectorEnv, episodes: int, args: Args) ->
 
 
 class EnvStream:
-    """Realistic: the env keeps running between calls (rows end and reset independently). `grouped=False`
-    re-encodes the mid-episode batch after each cache drop in one padded forward (as before length groups)."""
+    """Realistic: the env keeps running between calls (rows end and reset independently). An agent built with
+    `group_lengths=False` re-encodes the mid-episode batch after each cache drop in one padded forward."""
 
-    def __init__(self, agent: GPTAgent, envs: TextVectorEnv, args: Args, grouped: bool = True) -> None:
-        self.agent, self.envs, self.args, self.grouped = agent, envs, args, grouped
+    def __init__(self, agent: GPTAgent, envs: TextVectorEnv, args: Args) -> None:
+        self.agent, self.envs, self.args = agent, envs, args
         self.obs, _ = envs.reset(seed=1)
         self.ended = np.zeros(envs.num_envs, dtype=bool)
 
     def __call__(self, episodes: int) -> int:
-        CachedLM.group_prefill = self.grouped
-        try:
-            return self._run(episodes)
-        finally:
-            CachedLM.group_prefill = True
-
-    def _run(self, episodes: int) -> int:
         tokens = 0
         for _ in range(episodes * (self.args.new_tokens + 1)):
             obs = torch.as_tensor(self.obs).to(self.args.device, non_blocking=True)
@@ -254,8 +247,8 @@ def main(args: Args) -> None:
     common = dict(tokenizer=tok, reward_model=zero_reward, prompts=texts, max_prompt_tokens=P, query_tokens=(P, P))
     envs = TextVectorEnv(args.batch, max_new_tokens=N, min_new_tokens=N, **common)
     stream = EnvStream(agent, TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args)
-    padded = EnvStream(GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype),
-                       TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args, grouped=False)
+    padded = EnvStream(GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype, group_lengths=False),
+                       TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args)
     first, _ = envs.reset(seed=0)  # the same prompts for every method
     prompts = torch.as_tensor(first[:, -P:]).to(args.device)
     assert (prompts != pad).all(), "prompts must be exactly --prompt-tokens long"

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from textenv import RefLogprob, TextEnv, TextVectorEnv, TurnEnv, char_tokenizer
-from textenv.lm_cache import forward_full
+from textenv.lm import forward_full
 from textenv.tasks import Calculator, calculator_task, evaluate, guessing_task
 
 GUESS = guessing_task()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CacheLayerMixin, GPT2Config, GPT2LMHeadModel
 
-from textenv.lm_cache import BufferLayer, CachedLM, LMError, check_lm_vocab, forward_full
+from textenv.lm import BufferLayer, CachedLM, LMError, check_lm_vocab, forward_full
 
 PAD = 0
 

@@ -159,7 +159,7 @@ def test_zoo_preset_learns_cartpole(tmp_path):
     # a random policy averages ~22 (sd ~12): a mean of 100 over 10 episodes cannot happen by chance; seeds 1-6
     # reach 127-335 at 20k steps, so the bound leaves room for another machine's float rounding
     assert np.mean(last) > 100, last
-    assert result["eval_mean"] > 100 and result["sps"] > 0 and result["global_step"] == 25_600
+    assert result["eval_mean"] > 100 and result["global_step"] == 25_600
 
 
 def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):

@@ -20,8 +20,7 @@ from transformers import (
 import textenv
 from agents.gpt_policy import GPTAgent
 from textenv.kl import RefLogprob
-from textenv.lm_cache import CachedLM, LMError, forward_full
-from textenv.trunk import TrunkSplit
+from textenv.lm import CachedLM, LMError, TrunkSplit, forward_full
 
 PAD, VOCAB, FAMILIES = 0, 50, ("gpt2", "llama", "qwen2", "neox")
 

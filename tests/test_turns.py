@@ -71,5 +71,6 @@ def test_bad_turns_get_clear_errors():
         masked.step("abc")
 
 
-def test_exported():
-    assert textenv.TurnEnv is TurnEnv
+def test_every_name_the_package_exports_exists():
+    missing = [name for name in textenv.__all__ if not hasattr(textenv, name)]
+    assert not missing and "TurnEnv" in textenv.__all__, missing

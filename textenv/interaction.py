@@ -6,7 +6,7 @@ so far (prompt, every turn and every inserted text, special tokens skipped) and 
 observation within the same `step`; `done=True` ends the episode (`terminated`; `next_text` is still appended, so
 a verdict reaches the reward model). Every env step stays exactly one policy action: inserted tokens are in the
 observation but never actions, so PPO trains only on the policy's tokens and the KL term (one reference log-prob
-per action) covers only them. A KV cache (`textenv.lm_cache.CachedLM`, `GPTAgent`) sees that the observation is
+per action) covers only them. A KV cache (`textenv.lm.CachedLM`, `GPTAgent`) sees that the observation is
 not the previous one plus one token and re-encodes that row, which is correct and costs one prefill per turn.
 
 The observation window is `max_context_tokens` (default `max_prompt_tokens + max_new_tokens`, too small for most

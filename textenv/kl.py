@@ -25,6 +25,7 @@ constrained states), and a policy equal to the masked reference would not have K
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -34,25 +35,21 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from torch import nn
 
-from textenv.lm_cache import CachedLM, check_lm_vocab
-from textenv.trunk import TrunkSplit
+from textenv.lm import CachedLM, TrunkSplit, check_lm_vocab
 
 
-def _pad_token_id(env: Any) -> int:
-    """The pad id of a TextEnv / TextVectorEnv / SyncVectorEnv of TextEnvs, found through the wrappers."""
-    base = env.unwrapped
-    for candidate in (base, getattr(base, "env", None)):
-        if candidate is not None and hasattr(candidate, "pad_token_id"):
-            return int(candidate.pad_token_id)
-    if hasattr(base, "get_attr"):
-        return int(base.get_attr("pad_token_id")[0])
-    raise ValueError(f"cannot find the pad token id of {env}; pass pad_token_id=tokenizer.pad_token_id.")
+def _pad_token_id(env: Any, lookup: Callable[[], Any]) -> int:
+    """The env's pad id from its public attribute API (`lookup`), or an error naming the fix."""
+    try:
+        return int(lookup())
+    except AttributeError:
+        raise ValueError(f"cannot find the pad token id of {env}; pass pad_token_id=tokenizer.pad_token_id") from None
 
 
 class _Reference:
     """The frozen reference LM with its KV cache, restricted to the env's action space (both wrappers use it)."""
 
-    def __init__(self, env: Any, action_space: spaces.Space, ref_model: nn.Module, pad_token_id: int | None,
+    def __init__(self, action_space: spaces.Space, ref_model: nn.Module, pad_token_id: int,
                  device: str | torch.device | None, who: str) -> None:
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"{who} needs Discrete token actions, got {action_space}; wrap a TextEnv.")
@@ -62,8 +59,7 @@ class _Reference:
         self.device = torch.device(device) if device is not None else next(ref_model.parameters()).device
         check_lm_vocab(ref_model, self.n_actions, f"the reference model of {who}")
         self.model = ref_model.eval().requires_grad_(False).to(self.device)  # frozen: no dropout, no grad
-        pad = _pad_token_id(env) if pad_token_id is None else pad_token_id
-        self.cache = split.cached() if split is not None else CachedLM(self.model, pad)
+        self.cache = split.cached() if split is not None else CachedLM(self.model, pad_token_id)
 
     @torch.no_grad()
     def logprobs(self, obs: np.ndarray, actions: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -96,7 +92,9 @@ class RefLogprob(VectorWrapper):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(env)
-        self.ref = _Reference(env, env.single_action_space, ref_model, pad_token_id, device, "RefLogprob")
+        if pad_token_id is None:  # the vector envs' attribute API (TextVectorEnv, SyncVectorEnv of TextEnvs)
+            pad_token_id = _pad_token_id(env, lambda: env.unwrapped.get_attr("pad_token_id")[0])
+        self.ref = _Reference(env.single_action_space, ref_model, pad_token_id, device, "RefLogprob")
         self.cache = self.ref.cache
         self.next_step = (
             env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
@@ -139,7 +137,9 @@ class RefLogprobEnv(gym.Wrapper):
         self, env: gym.Env, ref_model: nn.Module, pad_token_id: int | None = None, device: str | None = None
     ) -> None:
         super().__init__(env)
-        self.ref = _Reference(env, env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv")
+        if pad_token_id is None:
+            pad_token_id = _pad_token_id(env, lambda: env.get_wrapper_attr("pad_token_id"))
+        self.ref = _Reference(env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv")
         self.cache = self.ref.cache
         self._obs: np.ndarray | None = None
         self._mask: np.ndarray | None = None

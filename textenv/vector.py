@@ -58,6 +58,10 @@ class TextVectorEnv(VectorEnv):
         self._mask = np.ones((E, self.env.vocab_size), dtype=np.bool_) if masked else None  # (E, V)
         self._paid: list[list[float]] = [[] for _ in range(E)]  # dense rewards paid so far, per env
 
+    def get_attr(self, name: str) -> tuple:
+        """`name` of every env, as `SyncVectorEnv.get_attr` gives it (all envs share one `TextEnv`'s settings)."""
+        return (getattr(self.env, name),) * self.num_envs
+
     def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
         """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
         for i in rows:

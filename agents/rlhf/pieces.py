@@ -48,7 +48,7 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
 
 def check_policy(model: torch.nn.Module, tokenizer: Any, cfg: RLHFConfig, where: str) -> None:
     """Vocabulary covers the tokenizer's; the observation window fits the model's context."""
-    from textenv.lm_cache import check_lm_vocab  # the one vocabulary check; its LMError is a user error
+    from textenv.lm import check_lm_vocab  # the one vocabulary check; its LMError is a user error
 
     check_lm_vocab(model, len(tokenizer), where)
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

@@ -1,7 +1,7 @@
 """The offline model factory: data, the embedded corpus, BPE, GPT pretraining, reward model, judge.
 
 This subpackage builds the models an RLHF run needs (`python -m textenv.build all`); the environment itself
-(`textenv.env`, `vector`, `rewards`, `kl`, `lm_cache`) never imports it.
+(`textenv.env`, `vector`, `rewards`, `kl`, `lm`) never imports it.
 
     data.py, texts.py, corpus.py   IMDb loading (JSONL, aclImdb/, HF datasets) and the embedded corpus
     bpe.py                         byte-level BPE tokenizers

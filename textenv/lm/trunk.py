@@ -10,23 +10,24 @@ so nothing is recomputed); the PPO update looks the windows of its episode segme
 and reference) and only they are differentiated.
 
 How the cut is made, for any transformers decoder (GPT-2, Llama, Qwen2, GPT-NeoX, ...): two views of the
-model's base (`model.base_model`) that share its modules: the trunk view keeps the first `n - k` decoder
-blocks and replaces the final norm by identity; the top view keeps the last `k` blocks and reads its input as
-`inputs_embeds` (learned absolute position embeddings, GPT-2's `wpe`, are zeroed there: the trunk already
-added them). Construction checks on a small input that top(trunk(x)) equals the whole model, so an
+model's base (`model.base_model`), each a model of the base's own class built on the meta device and given the
+base's modules, so they share its weights and run transformers' own forward: the trunk view keeps the first
+`n - k` decoder blocks and replaces the final norm by identity; the top view keeps the last `k` blocks and reads
+its input as `inputs_embeds` (learned absolute position embeddings, GPT-2's `wpe`, are zeroed there: the trunk
+already added them). Construction checks on a small input that top(trunk(x)) equals the whole model, so an
 architecture the views do not fit (e.g. one that rescales `inputs_embeds`) fails with a clear error.
 """
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from textenv.lm_cache import CachedLM, LMError, attention_mask, position_ids, split_lm
+from textenv.lm.cache import CachedLM, attention_mask, position_ids
+from textenv.lm.checks import LMError, split_lm
 
 _NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 _POSITIONS = ("wpe",)  # learned absolute position embeddings added to inputs_embeds
@@ -50,10 +51,15 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _view(base: nn.Module, blocks: str, keep: list[nn.Module], norm: bool, positions: bool) -> nn.Module:
-    """A shallow copy of `base` sharing its modules, with only the blocks `keep` (and the final norm and the
-    absolute position embeddings switched off when asked). Not registered anywhere: no duplicate weights."""
-    view = copy.copy(base)
-    view._modules, view._parameters, view._buffers = dict(base._modules), dict(base._parameters), dict(base._buffers)
+    """A model of `base`'s own class that runs only the decoder blocks `keep`: built on the meta device (no
+    weights of its own), then given `base`'s modules by attribute assignment, so it shares every weight and runs
+    transformers' own forward (masks, rotary or absolute positions, cache). The final norm becomes the identity
+    unless `norm`, the learned absolute position embeddings zero unless `positions`. Not registered anywhere: no
+    duplicate weights in a state dict."""
+    with torch.device("meta"):
+        view = type(base)(base.config)
+    for name, child in base.named_children():
+        setattr(view, name, child)
     setattr(view, blocks, nn.ModuleList(keep))
     if not norm:
         name = next((n for n in _NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
@@ -64,6 +70,10 @@ def _view(base: nn.Module, blocks: str, keep: list[nn.Module], norm: bool, posit
         for name in _POSITIONS:
             if isinstance(getattr(base, name, None), nn.Module):
                 setattr(view, name, _NoPositions())
+    stray = [n for n, t in (*view.named_parameters(), *view.named_buffers()) if t.is_meta]
+    if stray:  # a weight held by the base itself, not by one of its modules: the view cannot share it
+        raise LMError(f"cannot split {type(base).__name__} into trunk and top blocks (its own tensors {stray}); "
+                      "train every block instead (trainable_layers=None)")
     return view
 
 
@@ -83,10 +93,11 @@ class FrozenTrunk:
     """
 
     def __init__(self, model: nn.Module, k: int, pad_token_id: int, streams: int = 3,
-                 store_bytes: int = 256 * 2**20) -> None:  # fmt: skip
+                 store_bytes: int = 256 * 2**20, group_lengths: bool = True) -> None:  # fmt: skip
         name, blocks = decoder_blocks(model)
         base, _ = split_lm(model)
         self.model, self.pad_token_id, self.num_streams, self.store_bytes = model, int(pad_token_id), streams, store_bytes
+        self.group_lengths = group_lengths  # its KV caches re-encode batches in length groups (`CachedLM`)
         self.view = _view(base, name, list(blocks[: len(blocks) - k]), norm=False, positions=True)
         self.checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose split over this trunk passed
         self.reset()
@@ -140,7 +151,8 @@ class FrozenTrunk:
             return best
         if len(self.streams) >= self.num_streams:
             self.streams.pop(0)
-        stream = {"cache": CachedLM(self.model, self.pad_token_id, base=self.view), "obs": None, "window": None}
+        cache = CachedLM(self.model, self.pad_token_id, base=self.view, group_lengths=self.group_lengths)
+        stream = {"cache": cache, "obs": None, "window": None}
         self.streams.append(stream)
         return stream
 
@@ -177,14 +189,15 @@ class TrunkSplit:
     trunk (the reference must equal the policy's initial weights below the cut, which a frozen copy does).
     """
 
-    def __init__(self, model: nn.Module, k: int, pad_token_id: int, trunk: FrozenTrunk | None = None) -> None:
+    def __init__(self, model: nn.Module, k: int, pad_token_id: int, trunk: FrozenTrunk | None = None,
+                 group_lengths: bool = True) -> None:  # fmt: skip
         name, blocks = decoder_blocks(model)
         if not 1 <= int(k) <= len(blocks):
             raise LMError(f"trainable_layers={k} is out of range for a model of {len(blocks)} blocks; "
                           f"use 1..{len(blocks)} (or leave it unset to train every block)")  # fmt: skip
         base, self.head = split_lm(model)
         self.model, self.k, self.pad_token_id = model, int(k), int(pad_token_id)
-        self.trunk = trunk if trunk is not None else FrozenTrunk(model, self.k, pad_token_id)
+        self.trunk = trunk if trunk is not None else FrozenTrunk(model, self.k, pad_token_id, group_lengths=group_lengths)
         self.top = _view(base, name, list(blocks[len(blocks) - self.k :]), norm=True, positions=False)
         self._blocks = name
         if model not in self.trunk.checked:  # once per model: a reference split is made per evaluation
@@ -238,7 +251,7 @@ class TopCachedLM:
 
     def __init__(self, split: TrunkSplit) -> None:
         self.split, self.head = split, split.head
-        self.cache = CachedLM(split.model, split.pad_token_id, base=split.top)
+        self.cache = CachedLM(split.model, split.pad_token_id, base=split.top, group_lengths=split.trunk.group_lengths)
 
     def reset(self) -> None:
         self.cache.reset()

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import Cache, CacheLayerMixin
 
+from textenv.lm.checks import split_lm
+
 
 def attention_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """(B, T) long mask: 1 from each row's first non-pad token onward."""
@@ -28,18 +30,6 @@ def attention_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Absolute positions counted over real tokens only: (B, T)."""
     return (torch.cumsum(mask, dim=1) - 1).clamp(min=0)
-
-
-def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(trunk, lm_head) of a transformers causal LM, so the head runs only where logits are needed."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "base_model", None)
-    if head is None or base is None or base is model:
-        raise TypeError(
-            f"{type(model).__name__} is not a transformers causal LM with an output head; "
-            "pass e.g. a GPT2LMHeadModel (AutoModelForCausalLM)."
-        )
-    return base, head
 
 
 def length_groups(lengths: torch.Tensor, max_groups: int = 3, min_saving: float = 0.1) -> list[torch.Tensor]:
@@ -75,35 +65,6 @@ def length_groups(lengths: torch.Tensor, max_groups: int = 3, min_saving: float 
         lo, hi = v[i], v[j - 1]
         groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
     return groups
-
-
-class LMError(ValueError):
-    """A model that does not fit its use (not a causal LM, or a vocabulary smaller than the tokenizer's)."""
-
-    user_error = True  # a user's mistake: the CLIs print it as one line, without a traceback
-
-
-def check_lm_vocab(model: nn.Module, vocab_size: int, where: str = "the model") -> int:
-    """The output vocabulary of causal LM `model`, checked to cover a tokenizer's `vocab_size` ids.
-
-    The one vocabulary check of the project (policy, reference model, RLHF pieces): a larger vocabulary (e.g.
-    padded to a multiple of 64) is fine, the extra ids are never actions; a smaller one could never emit (or
-    score) the tokenizer's last ids. `where` names the model in the error (e.g. "the reference model").
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise LMError(
-            f"{where} is a {type(model).__name__}, not a transformers causal LM with an output head; pass one "
-            "(e.g. AutoModelForCausalLM.from_pretrained(path) or a GPT2LMHeadModel)"
-        )
-    n = int(head.weight.shape[0])
-    if n < vocab_size:
-        raise LMError(
-            f"{where} ({type(model).__name__}) has a vocabulary of {n} tokens, smaller than its tokenizer's "
-            f"{vocab_size}: it could never emit or score the last ids; use the tokenizer the model was trained "
-            f"with (same or padded vocabulary), or call model.resize_token_embeddings({vocab_size}) and fine-tune"
-        )
-    return n
 
 
 def forward_full(model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +129,14 @@ class CachedLM:
     and the block is moved back to the left only when it reaches the buffer's end.
     """
 
-    group_prefill = True  # re-encode a whole batch in groups of similar length (False: one padded forward)
-
-    def __init__(self, model: nn.Module, pad_token_id: int, base: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, pad_token_id: int, base: nn.Module | None = None,
+                 group_lengths: bool = True) -> None:  # fmt: skip
         self.model = model
         self.pad_token_id = int(pad_token_id)
+        self.group_lengths = group_lengths  # re-encode a whole batch in groups of similar length (False: one
+        # forward padded to its longest row, slower; kept for benchmarks' before numbers)
         self.base, self.head = split_lm(model)
-        if base is not None:  # a view of the model's trunk that runs only some of its blocks (textenv.trunk)
+        if base is not None:  # a view of the model's trunk that runs only some of its blocks (textenv.lm.trunk)
             self.base = base
         self.reset()
 
@@ -230,7 +192,7 @@ class CachedLM:
         """Final hidden state (B, C) at the last position of each row of `obs` (B, L); advances the cache.
 
         `embeds` (B, L, C), if given, are the model's inputs for every position of `obs` in place of its token
-        embeddings (the upper blocks of a split model read the frozen trunk's outputs; `textenv.trunk`).
+        embeddings (the upper blocks of a split model read the frozen trunk's outputs; `textenv.lm.trunk`).
         After the call, `prefill_rows` / `prefill_states` (R, W, C) hold the rows that were (re-)encoded and
         their hidden states at every position of the encoded prefix, whose last column is `prefill_end` - 1."""
         obs = obs.long()
@@ -283,7 +245,7 @@ class CachedLM:
         if width == 0:  # one-token prompts: nothing to cache, just forget the rows
             self.mbuf[rows, self.start : self.end] = 0
             return
-        groups = length_groups(lengths) if grouped and self.group_prefill else [torch.arange(len(rows))]
+        groups = length_groups(lengths) if grouped and self.group_lengths else [torch.arange(len(rows))]
         states = None
         for group in groups:
             w = int(lengths[group].max())
