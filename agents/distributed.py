@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 -m agents.ppo zoo                     # 2 processes on one machine
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --master-addr HOST --master-port 29500 -m agents.ppo ...
 
-An entry point calls `setup()` once and passes the `Dist` down (`agents.ppo.train(dist=...)`; without one, `train`
-sets up and `cleanup`s itself): with no launcher (no `WORLD_SIZE` > 1 in the environment) it returns a
+An entry point (`agents.ppo.main`, `agents.rlhf.main`) calls `setup()` once, passes the `Dist` down
+(`agents.ppo.train(dist=...)`) and `cleanup`s at the end: with no launcher (no `WORLD_SIZE` > 1 in the environment) it returns a
 single-process `Dist` and nothing else changes. Under `torchrun` every rank runs its own vector env of `num_envs`
 envs seeded `seed + rank * SEED_STRIDE` and its own rollout; ranks start from rank 0's weights, average their
 gradients with one all-reduce per minibatch (summed: each rank's loss is its share of the mean over all ranks' steps;
@@ -83,6 +83,19 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, str]:
     return Dist(tdist.get_rank(), tdist.get_world_size(), local_rank, owns), device
 
 
+def given(d: Dist | None) -> Dist:
+    """The process group an entry point set up and passed down, or a single process; under torchrun without one,
+    an error naming the fix (every rank would otherwise run alone, each writing the same files)."""
+    if d is not None:
+        return d
+    if env_world_size() > 1:
+        from agents.cli import UsageError
+
+        raise UsageError("running under torchrun (WORLD_SIZE > 1) without a process group: call "
+                         "`dist, _ = agents.distributed.setup(device)` once and pass `dist=dist` down")
+    return SINGLE
+
+
 def rank_device(device: str, d: Dist) -> str:
     """This rank's device for `device`: under a multi-process job with CUDA, `auto`/`cuda` -> `cuda:LOCAL_RANK`
     (one GPU per rank); otherwise `device` unchanged (`auto` is resolved later by `agents.vector.resolve_device`)."""
@@ -155,11 +168,9 @@ def broadcast_object(obj: object, d: Dist) -> object:
 
 
 @contextlib.contextmanager
-def rank_zero_first(d: Dist | None = None) -> Iterator[None]:
+def rank_zero_first(d: Dist) -> Iterator[None]:
     """Rank 0 runs the block first while the others wait at a barrier, then the others run it: build or download
     into a shared cache once (the others then find it built). Single process: just runs the block."""
-    if d is None:
-        d = Dist(tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else Dist()
     if d.enabled and not d.is_main:
         tdist.barrier()
     yield

@@ -172,12 +172,11 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`, `iterations`,
     `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank`, `world_size`, `hook_logs`.
     `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0.
-    Under torchrun it uses the process group of `dist` (left up), or joins one itself (and leaves it at the end)."""
+    Under torchrun pass the process group the entry point set up (`distributed.setup`; `main` does)."""
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
-    own_dist, own_envs = dist is None, envs is None
-    dist, device_name = distributed.setup(args.device, args.dist_timeout) if own_dist else (
-        dist, distributed.rank_device(args.device, dist))
+    own_envs, dist = envs is None, distributed.given(dist)
+    device_name = distributed.rank_device(args.device, dist)
     if own_envs:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
@@ -254,8 +253,6 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     writer.close()
     if own_envs:
         envs.close()
-    if own_dist:
-        distributed.cleanup(dist)
     return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
             "iterations": iteration, "eval_returns": eval_returns,
             "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_ctl.coef,
@@ -409,7 +406,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record  # torchrun: a failed rank's traceback
 
-    result = run_cli(lambda: record(train)(parse_args(argv)))
+    def job() -> dict:
+        args = parse_args(argv)
+        dist, _ = distributed.setup(args.device, args.dist_timeout)  # torchrun: the job's one process group
+        result = record(train)(args, dist=dist)
+        distributed.cleanup(dist)
+        return result
+
+    result = run_cli(job)
     distributed.exit_worker(130 if result["interrupted"] else 0)
 
 

@@ -24,7 +24,7 @@ from textenv.tasks import calculator_task, guessing_task
 TASKS = {"calculator": calculator_task, "guessing": guessing_task}
 
 
-def make_envs(task: str, n: int) -> gym.vector.SyncVectorEnv:
+def task_envs(task: str, n: int) -> gym.vector.SyncVectorEnv:
     """`n` copies of the task's TextEnv (interactions run in the single env: a SyncVectorEnv)."""
     return gym.vector.SyncVectorEnv([lambda: TextEnv(**TASKS[task]()) for _ in range(n)])
 
@@ -47,7 +47,7 @@ def success_rate(policy, task: str, episodes: int, seed: int) -> float:
 @torch.no_grad()
 def held_out_stats(policy, task: str, episodes: int, seed: int) -> dict:
     """{"score": mean final score, "called": share of episodes with a tool call} over `episodes` episodes."""
-    envs, rng = make_envs(task, 16), np.random.default_rng(seed)
+    envs, rng = task_envs(task, 16), np.random.default_rng(seed)
     obs, infos = envs.reset(seed=seed)
     scores: list[float] = []
     called: list[bool] = []
@@ -83,7 +83,7 @@ def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy
     with tempfile.TemporaryDirectory(prefix=f"tools-{task}-") as run_dir:
         args = ppo.Args(total_timesteps=steps, eval_episodes=0, save_every=0, log_every=0, torch_threads=1, seed=seed,
                         run_dir=run_dir, **settings)
-        ppo.train(args, envs=make_envs(task, args.num_envs), agent=agent)
+        ppo.train(args, envs=task_envs(task, args.num_envs), agent=agent)
     out["train_seconds"] = time.time() - start
     after = held_out_stats(sample, task, episodes, 10_000)
     out["after"], out["called_after"] = after["score"], after["called"]

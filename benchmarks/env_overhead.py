@@ -38,7 +38,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from agents.gpt_policy import sample  # the policy's own sampler (inverse CDF)
+from agents.gpt_policy import sample_categorical  # the policy's own sampler (inverse CDF)
 from textenv import HFRewardModel, KeywordReward, TextEnv, TextVectorEnv
 from textenv.build.bpe import train_bpe
 from textenv.lm import CachedLM
@@ -87,7 +87,7 @@ def time_decode(model: GPT2LMHeadModel, batch: int, prompt: int, new: int, vocab
     for _ in range(new):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache = out.cache
-        token = sample(torch.softmax(out.logits[:, -1, :vocab], dim=-1))[:, None]  # (B, 1)
+        token = sample_categorical(torch.softmax(out.logits[:, -1, :vocab], dim=-1))[:, None]  # (B, 1)
     return (time.perf_counter() - start) / new * 1e6
 
 
@@ -101,7 +101,7 @@ def time_cached_rollout(model: GPT2LMHeadModel, envs: TextVectorEnv, steps: int)
     for _ in range(steps):
         t0 = time.perf_counter()
         logits, _ = lm.step(torch.as_tensor(obs))
-        actions = sample(torch.softmax(logits[:, :n], dim=-1)).numpy()
+        actions = sample_categorical(torch.softmax(logits[:, :n], dim=-1)).numpy()
         t1 = time.perf_counter()
         obs, *_ = envs.step(actions)
         t_lm, t_env = t_lm + t1 - t0, t_env + time.perf_counter() - t1

@@ -45,7 +45,7 @@ import tyro
 from _common import bench_texts, print_table, target, write_result
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 
-from agents.gpt_policy import GPTAgent, sample
+from agents.gpt_policy import GPTAgent, sample_categorical
 from textenv.lm import split_lm
 from textenv.vector import TextVectorEnv
 
@@ -219,7 +219,7 @@ def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, arg
             with torch.no_grad(), autocast(args):
                 hidden = base(input_ids=ids).last_hidden_state[:, -1]  # (B, C): the whole prefix again
                 logits = head(hidden).float()  # (B, V): the last position only
-            action = sample(torch.softmax(logits, -1))
+            action = sample_categorical(torch.softmax(logits, -1))
             ids = torch.cat([ids, action[:, None]], dim=1)
         tokens += int(lengths.sum()) if realistic else prompts.shape[0] * args.new_tokens
     return tokens

@@ -102,7 +102,8 @@ def _rank_main(case: str, out: Path) -> None:
                 return super().step(action)
 
         envs = gym.vector.SyncVectorEnv([lambda: Breaks(gym.make("CartPole-v1"))] * 2)
-        train(cartpole_args(out / "run", total_timesteps=100_000), envs=envs)
+        d, _ = distributed.setup("cpu")
+        train(cartpole_args(out / "run", total_timesteps=100_000), envs=envs, dist=d)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from agents.gpt_policy import GPTAgent, length_groups, sample
+from agents.gpt_policy import GPTAgent, length_groups, sample_categorical
 
 PAD, VOCAB, MAX_PROMPT, MAX_NEW = 0, 50, 5, 7
 WINDOW = MAX_PROMPT + MAX_NEW
@@ -229,7 +229,7 @@ def test_bf16_autocast_gives_float32_outputs_close_to_float32():
 
 def test_sample_never_draws_zero_probability_tokens():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]).repeat(2000, 1)
-    draws = sample(probs).view(-1, 3)
+    draws = sample_categorical(probs).view(-1, 3)
     assert set(draws[:, 0].tolist()) == {1, 3} and (draws[:, 1] == 3).all() and (draws[:, 2] == 0).all()
     assert abs((draws[:, 0] == 1).float().mean().item() - 0.5) < 0.05
 

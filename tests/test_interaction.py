@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from textenv import RefLogprob, TextEnv, TextVectorEnv, TurnEnv, char_tokenizer
 from textenv.lm import forward_full
-from textenv.tasks import Calculator, calculator_task, evaluate, guessing_task
+from textenv.tasks import Calculator, calculate, calculator_task, guessing_task
 
 GUESS = guessing_task()
 TOK = GUESS["tokenizer"]
@@ -39,12 +39,12 @@ def test_calculator_tool_round_trip_and_evaluate():
     obs, info = env.reset(seed=0)
     question = info["prompt"][:-1]
     _, reward, term, _, info = env.step("calc:" + question)
-    assert not term and info["inserted"] == f"={evaluate(question)};" and reward == pytest.approx(0.4)  # 2 operands
-    _, reward, term, _, info = env.step(str(evaluate(question)))
+    assert not term and info["inserted"] == f"={calculate(question)};" and reward == pytest.approx(0.4)  # 2 operands
+    _, reward, term, _, info = env.step(str(calculate(question)))
     assert term and reward == 1.0
-    assert evaluate("12*3-4") == 32 and Calculator()("7+1?calc:2**9") == ("=error;", False)
+    assert calculate("12*3-4") == 32 and Calculator()("7+1?calc:2**9") == ("=error;", False)
     with pytest.raises(ValueError, match="not an arithmetic"):
-        evaluate("__import__('os')")
+        calculate("__import__('os')")
 
 
 @pytest.mark.parametrize("seed", [0, 5])

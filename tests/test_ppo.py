@@ -206,6 +206,13 @@ def test_a_callers_process_group_is_used_and_left_up(tmp_path):
         tdist.destroy_process_group()
 
 
+def test_under_torchrun_train_needs_the_entry_points_process_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: alone, each rank would write the same files
+    with pytest.raises(UsageError, match="without a process group"):
+        train(small(tmp_path, "alone"))
+    assert not (tmp_path / "alone").exists()
+
+
 def test_bad_resume_and_existing_run_dir_give_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(small(tmp_path, "none", resume=True))

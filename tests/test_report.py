@@ -12,7 +12,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent
-from agents.rlhf.report import evaluate, md_cell, report_table, sample, write_report
+from agents.rlhf.report import (
+    HeldOut,
+    evaluate_held_out,
+    md_cell,
+    report_table,
+    sample_episodes,
+    write_report,
+)
+from textenv import EpisodeSpec
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
 
@@ -48,6 +56,20 @@ def tiny_lm(vocab: int, seed: int = 0, uniform: bool = False, scale: float = 1.0
 
 def count_a(texts):
     return [float(t.count("a")) for t in texts]
+
+
+def held(tok, prompts, reward_fn=count_a, seed=0, batch_size=64, judge_fn=None, **episode) -> HeldOut:
+    """The held-out set of `prompts` with an `EpisodeSpec(**episode)` (a wide prompt window by default)."""
+    return HeldOut(tok, prompts, reward_fn, EpisodeSpec(**{"max_prompt_tokens": 64} | episode), judge_fn=judge_fn,
+                   seed=seed, batch_size=batch_size)
+
+
+def evaluate(policy, reference, tok, prompts, **kw):
+    return evaluate_held_out(policy, reference, held(tok, prompts, **kw))
+
+
+def sample(policy, reference, tok, prompts, **kw):
+    return sample_episodes(policy, reference, held(tok, prompts, **kw))
 
 
 def test_evaluates_every_prompt_once_in_order_and_kl_of_the_reference_is_zero(tok):

@@ -12,7 +12,7 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification, 
 from agents.cli import UsageError
 from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
 from agents.rlhf.config import rlhf_ppo
-from textenv import KeywordReward, char_tokenizer
+from textenv import EpisodeSpec, KeywordReward, char_tokenizer
 
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
 
@@ -28,7 +28,7 @@ def toy_config(tmp_path, ppo: dict | None = None, **kw) -> RLHFConfig:
     """A 10-iteration run of 16 envs x 18 steps; `ppo` overrides PPO settings, `kw` the job's."""
     ppo = dict(run_dir=str(tmp_path / "run"), num_envs=16, num_steps=18, total_timesteps=16 * 18 * 10,
                learning_rate=3e-3, num_minibatches=2, kl_coef=0.01, kl_target=None, torch_threads=1) | (ppo or {})
-    base = dict(query_tokens=None, max_prompt_tokens=4, max_new_tokens=8, min_new_tokens=0, eval_prompts=48)
+    base = dict(episode=EpisodeSpec(max_prompt_tokens=4, max_new_tokens=8), eval_prompts=48)
     return RLHFConfig(**base | kw, ppo=rlhf_ppo(**ppo))
 
 
@@ -72,9 +72,10 @@ def folders(tmp_path):
     return {"policy": str(policy), "rm": str(rm), "data": str(data), "tok": tok, "tmp": tmp_path}
 
 
-def given(folders, **kw) -> RLHFConfig:
+def given(folders, max_new_tokens: int = 8, **kw) -> RLHFConfig:
     base = dict(policy=folders["policy"], reward_model=folders["rm"], judge="none", data_dir=folders["data"],
-                max_prompt_tokens=8, max_new_tokens=8, query_tokens=(2, 8), eval_prompts=8)
+                episode=EpisodeSpec(max_prompt_tokens=8, max_new_tokens=max_new_tokens, query_tokens=(2, 8)),
+                eval_prompts=8)
     return RLHFConfig(**base | kw, ppo=rlhf_ppo(run_dir=str(folders["tmp"] / "run")))
 
 
@@ -158,7 +159,8 @@ def test_cli_help_and_presets(capsys):
     assert parse_args([]) == embedded()
     assert parse_args(["imdb"]) == imdb()
     tuned = parse_args(["embedded", "--ppo.learning-rate", "1e-4", "--max-new-tokens", "12"])
-    assert (tuned.models, tuned.ppo.learning_rate, tuned.max_new_tokens) == ("embedded", 1e-4, 12)
+    assert (tuned.models, tuned.ppo.learning_rate, tuned.episode.max_new_tokens) == ("embedded", 1e-4, 12)
+    assert tuned.episode.query_tokens == (2, 8) and parse_args(["--query-tokens", "None"]).episode.query_tokens is None
     seeded = parse_args(["--ppo.seed", "2"])  # no preset named: the default one
     assert (seeded.models, seeded.ppo.seed, seeded.ppo.num_envs) == ("embedded", 2, 64)
     assert parse_args(["imdb", "--ppo.seed", "3"]).ppo.learning_rate == 1e-4  # the preset's, under a flag

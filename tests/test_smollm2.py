@@ -207,7 +207,7 @@ def test_real_smollm2_fetch_converts_and_generates() -> None:
 def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> None:
     from agents.rlhf import Pieces, RLHFConfig, run
     from agents.rlhf.config import rlhf_ppo
-    from textenv import KeywordReward
+    from textenv import EpisodeSpec, KeywordReward
 
     try:
         folder = smol.fetch_smollm2(ARTIFACTS)
@@ -218,7 +218,7 @@ def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> N
     prompts = ["The movie was", "I watched this film", "The acting in this", "What a story"]
     pieces = Pieces(tokenizer=tok, policy=model, reward_fn=KeywordReward(["good", "great"]), train_prompts=prompts,
                     eval_prompts=prompts)
-    cfg = RLHFConfig(query_tokens=None, max_prompt_tokens=6, max_new_tokens=6, min_new_tokens=2, eval_prompts=4,
+    cfg = RLHFConfig(episode=EpisodeSpec(max_prompt_tokens=6, max_new_tokens=6, min_new_tokens=2), eval_prompts=4,
                      trainable_layers=2, ppo=rlhf_ppo(run_dir=str(tmp_path / "run"), num_envs=4, num_steps=7,
                                                       total_timesteps=2 * 4 * 7, num_minibatches=1, torch_threads=0,
                                                       learning_rate=1e-4))  # fmt: skip

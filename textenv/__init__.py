@@ -11,6 +11,7 @@ import gymnasium
 
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
+from textenv.episode import EpisodeSpec
 from textenv.kl import RefLogprob, RefLogprobEnv
 from textenv.rewards import EndsWithReward, HFRewardModel, KeywordReward, LengthReward, RewardModel
 from textenv.turns import TurnEnv
@@ -18,6 +19,7 @@ from textenv.vector import TextVectorEnv
 
 __all__ = [
     "TextEnv",
+    "EpisodeSpec",
     "TextVectorEnv",
     "TurnEnv",
     "RefLogprob",

@@ -12,16 +12,9 @@ from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from textenv import interaction as multiturn
+from textenv.episode import EpisodeSpec
 from textenv.masks import ActionMask, check_allowed, check_mask
 from textenv.rewards import check_scores, pay_token_rewards
-
-
-def _range(name: str, value: int | Sequence[int]) -> tuple[int, int]:
-    """An int `n` or a pair `(lo, hi)` as an inclusive range of positive ints."""
-    lo, hi = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if not (int(lo) == lo and int(hi) == hi and 1 <= lo <= hi):
-        raise ValueError(f"{name}={value!r} is not a positive int or a pair (lo, hi) with 1 <= lo <= hi.")
-    return int(lo), int(hi)
 
 
 def check_tokenizer(tokenizer: Any) -> tuple[int, int, int]:
@@ -189,24 +182,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
                 "mapping list[str] -> list[float], e.g. textenv.HFRewardModel.from_pretrained(path)."
             )
         self.reward_model = reward_model
-        if not isinstance(max_prompt_tokens, (int, np.integer)):
-            raise TypeError(
-                f"max_prompt_tokens={max_prompt_tokens!r} must be an int (the prompt part of the window)."
-            )
-        self.max_prompt_tokens = _range("max_prompt_tokens", max_prompt_tokens)[1]
-        self.new_tokens = _range("max_new_tokens", max_new_tokens)  # per-episode budget range
-        self.max_new_tokens = self.new_tokens[1]
+        self.episode = EpisodeSpec(max_prompt_tokens, max_new_tokens, min_new_tokens, query_tokens)
+        self.new_tokens, self.query_tokens = self.episode.check()  # the budget's and the query length's ranges
+        self.max_prompt_tokens, self.max_new_tokens = int(max_prompt_tokens), self.new_tokens[1]
         self.min_new_tokens = int(min_new_tokens)
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]."
-            )
-        self.query_tokens = None if query_tokens is None else _range("query_tokens", query_tokens)
-        if self.query_tokens and self.query_tokens[1] > self.max_prompt_tokens:
-            raise ValueError(
-                f"query_tokens={query_tokens} can cut queries longer than max_prompt_tokens={max_prompt_tokens}; "
-                f"raise max_prompt_tokens to at least {self.query_tokens[1]}."
-            )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r} is not supported; use 'ansi' or None.")
         self.render_mode = render_mode
@@ -215,7 +194,8 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         self.token_rewards = multiturn.check_callable(
             "token_rewards", token_rewards, "(texts, action_ids) -> one reward per token, e.g. textenv.rewards.TokenReward")
         self.interaction, self.stop_strings = multiturn.check_interaction(interaction, stop_strings)
-        self._prompt_ids, self._prompt_texts = self._encode_prompts(prompts)
+        # whole prompts as token ids, or (with query_tokens) the texts queries are cut from; their decoded texts
+        self._prompt_sources, self._prompt_texts = self._encode_prompts(prompts)
 
         self.window = multiturn.context_window(max_context_tokens, self.max_prompt_tokens, self.max_new_tokens)
         self.observation_space = spaces.Box(0, self.vocab_size - 1, (self.window,), np.int64)
@@ -260,7 +240,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         ids = self._query_cache.get(i)
         if ids is None:
             try:
-                ids = cut_query(self.tokenizer, self._prompt_ids[i], self.query_tokens[1])
+                ids = cut_query(self.tokenizer, self._prompt_sources[i], self.query_tokens[1])
             except ValueError as e:
                 raise ValueError(f"text {i}: {e}") from None
             self._query_cache[i] = ids
@@ -269,13 +249,13 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     def draw_episode(self, rng: np.random.Generator, index: int | None = None) -> tuple[list[int], str, int]:
         """(prompt ids, prompt text, token budget) of a new episode, drawn from `rng` in a fixed order; `index`
         picks the prompt (or query text) instead of drawing it (the query length and budget are still drawn)."""
-        i = int(rng.integers(len(self._prompt_ids))) if index is None else self.check_prompt_index(index)
+        i = int(rng.integers(len(self._prompt_sources))) if index is None else self.check_prompt_index(index)
         if self.query_tokens:
             n = int(rng.integers(self.query_tokens[0], self.query_tokens[1] + 1))
             ids = self.query_ids(i)[:n]
             text = decode_rows(self.tokenizer, [ids])[0]
         else:
-            ids, text = self._prompt_ids[i], self._prompt_texts[i]
+            ids, text = self._prompt_sources[i], self._prompt_texts[i]
         lo, hi = self.new_tokens
         budget = hi if lo == hi else int(rng.integers(lo, hi + 1))
         return ids, text, budget
@@ -291,10 +271,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             raise TypeError(
                 f"prompt_index {index!r} is not an integer; pass the index of a prompt in `prompts`."
             ) from None
-        if not 0 <= i < len(self._prompt_ids):
+        if not 0 <= i < len(self._prompt_sources):
             raise ValueError(
-                f"prompt_index {i} is out of range for {len(self._prompt_ids)} prompts; "
-                f"pass an index in [0, {len(self._prompt_ids)})."
+                f"prompt_index {i} is out of range for {len(self._prompt_sources)} prompts; "
+                f"pass an index in [0, {len(self._prompt_sources)})."
             )
         return i
 

@@ -32,7 +32,7 @@ from textenv.masks import RegexMask
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
-def evaluate(expr: str) -> int:
+def calculate(expr: str) -> int:
     """The value of an integer expression of digits and + - * (no names, no calls), or ValueError."""
 
     def walk(node: ast.AST) -> int:
@@ -62,7 +62,7 @@ class Calculator:
         if call is None or conversation.count("calc:") > self.max_calls:
             return "", True
         try:
-            return f"={evaluate(call.group(1))};", False
+            return f"={calculate(call.group(1))};", False
         except ValueError:
             return "=error;", False
 
@@ -80,7 +80,7 @@ class CalculatorReward:
         out = []
         for text in texts:
             question, answer = final_answer(text)
-            out.append(float(answer == str(evaluate(question))))
+            out.append(float(answer == str(calculate(question))))
         return out
 
 

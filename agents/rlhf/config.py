@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from agents.cli import UsageError
 from agents.ppo import Args, check_args
+from textenv.episode import EpisodeSpec
 
 
 def rlhf_ppo(**overrides) -> Args:
@@ -62,15 +65,11 @@ class RLHFConfig:
     rollout, the reference and every PPO epoch share; None = train every parameter"""
     quick: bool = False
     """a smoke run: 6 PPO iterations and 64 held-out prompts"""
-    # --- environment (the seed's shapes)
-    max_prompt_tokens: int = 8
-    """prompt part of the observation window"""
-    query_tokens: tuple[int, int] | None = (2, 8)
-    """cut queries of lo..hi tokens from the training texts (None: use the corpus' whole prompts)"""
-    min_new_tokens: int = 4
-    """EOS ends an episode only after this many tokens"""
-    max_new_tokens: int = 16
-    """tokens per response at most"""
+    episode: Annotated[EpisodeSpec, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=lambda: EpisodeSpec(max_prompt_tokens=8, max_new_tokens=16, min_new_tokens=4,
+                                            query_tokens=(2, 8)))
+    """the environment's episode shape (the seed's: queries of 2-8 tokens cut from the training texts, responses
+    of 4-16 tokens); its flags have no prefix (`--max-new-tokens`); `--query-tokens None` uses whole prompts"""
     # --- PPO: seed, device, torch threads, run dir, resume and checkpoints live here too (one place)
     ppo: Args = field(default_factory=rlhf_ppo)
     """PPO on TextEnv-v0; `--ppo.seed` also seeds the envs and the report's sampling, `--ppo.run-dir` (default
@@ -111,15 +110,12 @@ PRESETS = {"embedded": embedded, "imdb": imdb, "smollm2": smollm2}
 
 
 def check_config(cfg: RLHFConfig) -> None:
-    """Settings that cannot work, caught before anything is built (PPO's own by `agents.ppo.check_args`)."""
-    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
-        raise UsageError(f"need 0 <= min_new_tokens ({cfg.min_new_tokens}) <= max_new_tokens "
-                         f"({cfg.max_new_tokens}) and max_new_tokens >= 1")
-    if cfg.query_tokens is not None:
-        lo, hi = cfg.query_tokens
-        if not 1 <= lo <= hi <= cfg.max_prompt_tokens:
-            raise UsageError(f"query_tokens={cfg.query_tokens} must satisfy 1 <= lo <= hi <= max_prompt_tokens "
-                             f"({cfg.max_prompt_tokens}); raise --max-prompt-tokens or narrow --query-tokens")
+    """Settings that cannot work, caught before anything is built: the episode's (`EpisodeSpec.check`, the env's
+    own rule) and PPO's (`agents.ppo.check_args`)."""
+    try:
+        cfg.episode.check()
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
     if cfg.eval_prompts < 1:
         raise UsageError(f"eval_prompts ({cfg.eval_prompts}) must be >= 1: the report needs held-out prompts")
     try:

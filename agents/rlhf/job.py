@@ -6,8 +6,8 @@
     python -m agents.rlhf imdb --data-dir aclImdb --policy gpt2 --reward-model lvwerra/distilbert-imdb --ppo.device cuda
     torchrun --standalone --nproc-per-node 2 -m agents.rlhf  # data-parallel PPO: --ppo.num-envs is per process
 
-The first builds everything (cached; a second run reuses it) and trains: 4:09 wall on 2 idle CPU cores from an
-empty artefact folder (87 s building, 157 s PPO). The fourth uses the seed's hub models (online) in bf16 on a GPU.
+The first builds everything (cached; a second run reuses it) and trains, in minutes on 2 CPU cores. The fourth
+uses the seed's hub models (online) in bf16 on a GPU.
 
 The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed reproduces it):
 1. Models: a BPE tokenizer, a small GPT-2-architecture LM, a DistilBERT-architecture sentiment reward model
@@ -18,13 +18,15 @@ The recipe (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, as the seed r
    `textenv.kl.RefLogprob` adds each token's log-prob under a frozen copy of the pretrained policy.
 3. PPO (`agents.ppo.train`, the same loop that solves CartPole) with `GPTAgent`: gamma 1, lambda 0.95,
    clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs, per-token KL penalty whose coefficient (init 0.2) a PID
-   controller holds at the setpoint (`agents.kl_control`; embedded 2 nats, imdb 5, smollm2 4),
+   controller holds at the preset's setpoint (`agents.kl_control`, `agents.rlhf.config`),
    minibatches of env columns; `agents.rlhf.logger` logs over-optimisation signals and warns.
 4. Report (`agents.rlhf.report`): held-out prompts before and after; reward, positive rate by the reward model
    and by the judge, KL to the reference, reference perplexity, distinct-n and the collapse signals, warnings,
    sample pairs (all of them in report.json); Markdown + JSON + PNG.
 
-Every bad input (vocabulary, EOS, classifier folder, data, context length) fails before any training.
+Every bad input (vocabulary, EOS, classifier folder, data, context length) fails before any training; each is
+checked once, where it enters (`check_config`, `prepare` for what it loads or builds, `check_pieces` for pieces
+passed in).
 """
 
 from __future__ import annotations
@@ -39,51 +41,47 @@ from typing import Any
 import torch
 
 from agents import distributed
-from agents.cli import UsageError, run_cli
+from agents.cli import run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
-from agents.rlhf.pieces import Pieces, check_policy, check_tokenizer, prepare
+from agents.rlhf.pieces import Pieces, check_pieces, load_pieces
 from agents.vector import resolve_device  # one device rule for PPO and the job
 
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
 
 
-# ------------------------------------------------------------------------------------------- the job
-
-
-def make_envs(cfg: RLHFConfig, pieces: Pieces, reference: Any, device: torch.device):
+def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reference: Any, device: torch.device):
     """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env) wrapped with the reference log-probs."""
     import gymnasium as gym
 
     import textenv  # noqa: F401  (registers TextEnv-v0)
     from textenv.kl import RefLogprob
 
-    envs = gym.make_vec(
-        "TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
-        tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
-        max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens, query_tokens=cfg.query_tokens)
+    envs = gym.make_vec("TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
+                        tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
+                        **cfg.episode.env_kwargs())
     return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
+
+
+def held_out(cfg: RLHFConfig, pieces: Pieces):
+    """The report's evaluation set: one definition of "before" (the reference) and "after" (the tuned policy)."""
+    from agents.rlhf.report import HeldOut
+
+    return HeldOut(pieces.tokenizer, pieces.eval_prompts, pieces.reward_fn, cfg.episode,
+                   reward_positive_fn=pieces.reward_positive_fn, judge_fn=pieces.judge_fn, seed=cfg.ppo.seed + 12345)
 
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None) -> dict:
     """Build (or take) the pieces, train with PPO, write the report; returns the report record (with `run_dir`,
-    the folder used, also when `cfg.ppo.run_dir` is None). Under torchrun: ranks other than 0 return {}.
-
-    `dist`: the caller's process group (`main` sets it up once); None: join torchrun's group here (when there is
-    one) and leave it at the end."""
-    if dist is None:  # long timeout: rank 0 may build the models while the others wait
-        dist, _ = distributed.setup(cfg.ppo.device, timeout_s=BUILD_TIMEOUT_S)
-        record = run(cfg, pieces, dist)
-        distributed.cleanup(dist)  # ends the group only if setup() above created it
-        return record
-
+    the folder used, also when `cfg.ppo.run_dir` is None). Under torchrun pass the process group the entry point
+    set up (`distributed.setup`): ranks other than 0 return {}."""
     from agents.gpt_policy import GPTAgent
     from agents.ppo import num_iterations, train
     from agents.rlhf.logger import RLHFLogger
-    from agents.rlhf.report import evaluate, write_report
+    from agents.rlhf.report import evaluate_held_out
     from textenv.build.pipeline import set_threads
 
+    dist = distributed.given(dist)
     t0 = time.time()
     if cfg.quick:  # a smoke run: 6 PPO iterations (of all ranks together), a small report
         batch = cfg.ppo.num_envs * cfg.ppo.num_steps * dist.world_size
@@ -94,12 +92,9 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     set_threads(cfg.ppo.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
     if pieces is None:
         with distributed.rank_zero_first(dist):  # rank 0 builds the cache (no lock), the others then reuse it
-            pieces = prepare(cfg, device)
-    tok = pieces.tokenizer
-    check_tokenizer(tok, "the policy tokenizer")
-    check_policy(pieces.policy, tok, cfg, "the policy")
-    if not pieces.eval_prompts:
-        raise UsageError("no held-out prompts for the report; the data source's test split has no usable text")
+            pieces = load_pieces(cfg, device)
+    else:
+        check_pieces(pieces, cfg)
     t_built = time.time()
     run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
         cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))
@@ -112,47 +107,43 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     # the value head's initial weights come from the global RNG, whose state here depends on what ran before
     # (a build, a load): seed it, or two runs of one seed part after their first update
     torch.manual_seed(cfg.ppo.seed)
-    agent = GPTAgent(policy, tok.pad_token_id, len(tok), device=device, dtype=dtype,
+    agent = GPTAgent(policy, pieces.tokenizer.pad_token_id, len(pieces.tokenizer), device=device, dtype=dtype,
                      trainable_layers=cfg.trainable_layers)
     # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
-    envs = make_envs(cfg, pieces, agent.reference(reference), device)
-
-    # --- the report's evaluation: one definition for "before" (the reference) and "after" (the tuned policy)
-    eval_kwargs = dict(reward_fn=pieces.reward_fn, reward_positive_fn=pieces.reward_positive_fn,
-                       reward_threshold=0.5 if pieces.reward_positive_fn else 0.0, judge_fn=pieces.judge_fn,
-                       max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                       max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.ppo.seed + 12345)
-
-    def evaluate_policy(policy: GPTAgent | torch.nn.Module) -> tuple:
-        # the held-out prompts through TextVectorEnv + RefLogprob(reference), stepped by the policy: the env's
-        # own prompts, EOS, min/max tokens and scores (a bare LM is wrapped in a float32 GPTAgent)
-        return evaluate(policy, reference, tok, pieces.eval_prompts, **eval_kwargs)
-    # --- end of the report's evaluation
-
-    if dist.is_main:
-        before = evaluate_policy(reference)
+    envs = make_training_envs(cfg, pieces, agent.reference(reference), device)
+    evaluation = held_out(cfg, pieces)  # the held-out prompts through the env, stepped by the policy
+    before = evaluate_held_out(reference, reference, evaluation) if dist.is_main else None
+    if before is not None:
         print(f"before: reward {before[0]['reward_mean']:+.3f}, positive "
               f"{before[0]['positive_rate_reward_model']:.2f} (judge {before[0]['positive_rate_judge']}), "
               f"distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
-    logger = RLHFLogger(tok, num_iterations(args, dist.world_size), cfg.sample_every, world_size=dist.world_size,
-                        judge_fn=pieces.judge_fn)  # the judge beside the reward model, every iteration
+    logger = RLHFLogger(pieces.tokenizer, num_iterations(args, dist.world_size), cfg.sample_every,
+                        world_size=dist.world_size, judge_fn=pieces.judge_fn)  # the judge beside the reward model
     result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
     if not dist.is_main:
         return {}
     t_eval = time.time()
-    after = evaluate_policy(agent)  # the trained agent as it samples in training (its dtype)
+    after = evaluate_held_out(agent, reference, evaluation)  # the trained agent as it samples in training
     agent.lm.save_pretrained(run_dir / "policy")
-    tok.save_pretrained(run_dir / "policy")
+    pieces.tokenizer.save_pretrained(run_dir / "policy")
     timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
+    return _report(run_dir, cfg, pieces, before, after, logger, timing)
+
+
+def _report(run_dir: Path, cfg: RLHFConfig, pieces: Pieces, before: tuple, after: tuple, logger: Any,
+            timing: dict) -> dict:
+    """Write the report and print its summary lines; returns the report record."""
+    from agents.rlhf.report import write_report
+
     record = write_report(run_dir, before, after, history=logger.history, warnings=logger.warnings,
-                          config=_jsonable(dataclasses.asdict(cfg)), extra={"timing": timing, "pieces": pieces.info,
-                                                                       "run_dir": str(run_dir)})
+                          config=_jsonable(dataclasses.asdict(cfg)),
+                          extra={"timing": timing, "pieces": pieces.info, "run_dir": str(run_dir)})
     a, b = record["after"], record["before"]
     print(f"after:  reward {a['reward_mean']:+.3f} (gain {a['reward_mean'] - b['reward_mean']:+.3f}), positive "
           f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "
@@ -181,10 +172,11 @@ def parse_args(argv: list[str] | None = None) -> RLHFConfig:
 
 
 def main() -> None:
-    """`python -m agents.rlhf`: a user's mistake prints one `error:` line (exit 2), a bug its traceback."""
+    """`python -m agents.rlhf`: a user's mistake prints one `error:` line (exit 2), a bug its traceback. Under
+    torchrun it sets up the process group (long timeout: rank 0 may build the models while the others wait)."""
     def job() -> None:
         cfg = parse_args()
-        dist, _ = distributed.setup(cfg.ppo.device, timeout_s=BUILD_TIMEOUT_S)  # once, for the whole job
+        dist, _ = distributed.setup(cfg.ppo.device, timeout_s=BUILD_TIMEOUT_S)
         run(cfg, dist=dist)
         distributed.cleanup(dist)
 

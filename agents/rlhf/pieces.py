@@ -36,6 +36,15 @@ class Pieces:
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
 
 
+def check_pieces(pieces: Pieces, cfg: RLHFConfig) -> None:
+    """Pieces built by hand (not by `prepare`): the tokenizer, the policy against it and the episode, held-out
+    prompts to report on."""
+    check_tokenizer(pieces.tokenizer, "the policy tokenizer")
+    check_policy(pieces.policy, pieces.tokenizer, cfg, "the policy")
+    if not pieces.eval_prompts:
+        raise UsageError("no held-out prompts for the report; pass eval_prompts")
+
+
 def check_tokenizer(tokenizer: Any, where: str) -> None:
     """EOS and pad present (TextEnv needs both), or a ValueError naming the fix."""
     from textenv.env import check_tokenizer as env_check
@@ -56,9 +65,10 @@ def check_policy(model: torch.nn.Module, tokenizer: Any, cfg: RLHFConfig, where:
 
 
 def check_context(cfg: RLHFConfig, n_positions: int | None, where: str) -> None:
-    need = cfg.max_prompt_tokens + cfg.max_new_tokens
+    ep = cfg.episode
+    need = ep.window
     if n_positions is not None and need > n_positions:
-        raise UsageError(f"prompt + response = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = {need} tokens do not "
+        raise UsageError(f"prompt + response = {ep.max_prompt_tokens} + {need - ep.max_prompt_tokens} = {need} tokens do not "
                          f"fit the context of {where} ({n_positions} positions); lower --max-new-tokens / "
                          "--max-prompt-tokens or use a model with a longer context")
 
@@ -143,10 +153,15 @@ def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
 
 
 def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
+    """`check_config`, then `load_pieces`: the pieces of a config, for a caller that will `run` it with them."""
+    check_config(cfg)
+    return load_pieces(cfg, device)
+
+
+def load_pieces(cfg: RLHFConfig, device: torch.device) -> Pieces:
     """Load what the flags name, check it, then build (or reuse) the rest with `textenv.build.build_all`.
 
     Order matters: everything the user passed is loaded and checked before anything slow is built."""
-    check_config(cfg)
     info: dict = {"data_dir": cfg.data_dir}
     policy = tok = reward = judge = None
     if cfg.policy:
@@ -176,9 +191,13 @@ def prepare(cfg: RLHFConfig, device: torch.device) -> Pieces:
             check_policy(policy, tok, cfg, "the built policy")
         reward = reward or built.get("reward")
         judge = judge if judge is not None or cfg.judge == "none" else built.get("judge")
-    hi = cfg.query_tokens[1] if cfg.query_tokens else cfg.max_prompt_tokens
-    lo = cfg.query_tokens[0] if cfg.query_tokens else min(2, hi)
+    query = cfg.episode.query_tokens
+    hi = query[1] if query else cfg.episode.max_prompt_tokens
+    lo = query[0] if query else min(2, hi)
     eval_prompts = cut_queries(tok, held_texts[: 4 * cfg.eval_prompts], lo, hi, cfg.ppo.seed)[: cfg.eval_prompts]
+    if not eval_prompts:
+        raise UsageError(f"data source {cfg.data_dir}: no held-out prompt left after cutting queries; the test split "
+                         "has no usable text")
     return Pieces(tokenizer=tok, policy=policy, reward_fn=reward[0], reward_positive_fn=reward[1],
                   judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
 

@@ -20,11 +20,13 @@ the agent's pure ancestral sampling (temperature 1, no top-k/top-p), the distrib
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from torch import nn
 
 from agents.gpt_policy import GPTAgent
 from agents.rlhf.signals import batch_signals, compare
+from textenv.episode import EpisodeSpec
 from textenv.kl import RefLogprob
 from textenv.rewards import RewardModel
 from textenv.vector import TextVectorEnv
@@ -66,45 +69,48 @@ def as_agent(policy: GPTAgent | nn.Module, tokenizer) -> GPTAgent:
     return GPTAgent(policy, tokenizer.pad_token_id, len(tokenizer))
 
 
+@dataclass
+class HeldOut:
+    """What the report evaluates a policy on: held-out prompts (whole, already cut), the episode shape of training
+    (its `query_tokens` are ignored: the prompts are whole), how a response is scored, and the sampling seed."""
+
+    tokenizer: Any
+    prompts: Sequence[str]
+    reward_fn: RewardModel  # the env's reward model (e.g. the positive-class logit)
+    episode: EpisodeSpec
+    reward_positive_fn: RewardModel | None = None  # P(positive) by the reward model (None: positive means score > 0)
+    judge_fn: RewardModel | None = None  # a held-out judge: P(positive)
+    seed: int = 0
+    batch_size: int = 64  # envs side by side
+
+
 @torch.no_grad()
-def sample(
-    policy: GPTAgent | nn.Module,
-    reference: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    reward_fn: RewardModel,
-    max_new_tokens: int | Sequence[int],
-    min_new_tokens: int = 0,
-    max_prompt_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> Samples:
-    """One episode per prompt, in order: the env (`TextVectorEnv` + `RefLogprob`) stepped by the policy.
+def sample_episodes(policy: GPTAgent | nn.Module, reference: nn.Module, held_out: HeldOut) -> Samples:
+    """One episode per held-out prompt, in order: the env (`TextVectorEnv` + `RefLogprob`) stepped by the policy.
 
     `batch_size` envs run side by side; an env whose episode ends starts the next prompt right away. Prompt
     `k`'s episode is reset with seed `seed + k` (so a `(lo, hi)` budget is the same for every policy), and
     the agent samples under `torch.manual_seed(seed)` inside a forked RNG (the caller's RNG state stays).
     """
-    prompts = list(prompts)
+    h, tokenizer = held_out, held_out.tokenizer
+    prompts = list(h.prompts)
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts to evaluate; pass at least one held-out prompt")
-    E = min(batch_size, n)
+    E = min(h.batch_size, n)
     # every CUDA device forked too: manual_seed reseeds them all, and the caller's RNG state must survive
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         agent = as_agent(policy, tokenizer)  # before seeding: a new (unused) value head does not shift the draws
-        torch.manual_seed(seed)
+        torch.manual_seed(h.seed)
+        episode = dataclasses.replace(h.episode, query_tokens=None)  # the prompts are whole
         envs = RefLogprob(
-            TextVectorEnv(E, tokenizer=tokenizer, reward_model=reward_fn, prompts=prompts,
-                          max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                          min_new_tokens=min_new_tokens),
+            TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, **episode.env_kwargs()),
             agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device)  # a top-k
         # agent's reference runs only its top blocks over the agent's frozen trunk (the same log-probs)
         agent.reset_cache()
         try:
-            return _run(agent, envs, prompts, seed)
+            return _run(agent, envs, prompts, h.seed)
         finally:
             agent.reset_cache()  # PPO's rollout cache does not keep the evaluation's rows
             envs.close()
@@ -163,55 +169,38 @@ def _positive_rate(scores: Sequence[float], threshold: float) -> float:
     return float(np.mean(np.asarray(scores, dtype=float) > threshold))
 
 
-def evaluate(
-    policy: GPTAgent | nn.Module,
-    reference: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    reward_fn: RewardModel,
-    judge_fn: RewardModel | None = None,
-    reward_positive_fn: RewardModel | None = None,
-    reward_threshold: float = 0.0,
-    judge_threshold: float = 0.5,
-    max_new_tokens: int | Sequence[int],
-    min_new_tokens: int = 0,
-    max_prompt_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> tuple[dict, Samples]:
-    """One episode per prompt (`sample`: the env stepped by `policy`) and its measures; returns (metrics, samples).
+def evaluate_held_out(policy: GPTAgent | nn.Module, reference: nn.Module, held_out: HeldOut) -> tuple[dict, Samples]:
+    """One episode per held-out prompt (`sample_episodes`: the env stepped by `policy`) and its measures; returns
+    (metrics, samples).
 
     `policy` is a `GPTAgent` (e.g. the trained one) or a causal LM (wrapped in a float32 GPTAgent: pass the
-    reference itself for "before"); `reference` is the frozen KL anchor (put in eval mode, no grad).
-    `reward_fn` is the env's reward model (e.g. the positive-class logit); a sample counts as positive by
-    the reward model when `reward_positive_fn(texts)` (default: the env's score) exceeds `reward_threshold`.
-    `judge_fn` returns the judge's probability of positive, compared with `judge_threshold`.
+    reference itself for "before"); `reference` is the frozen KL anchor (put in eval mode, no grad). A sample is
+    positive by the reward model when `reward_positive_fn` says P > 0.5 (without it: when its score is > 0),
+    and by the judge when the judge says P > 0.5.
     """
-    s = sample(policy, reference, tokenizer, prompts, reward_fn=reward_fn, max_new_tokens=max_new_tokens,
-               min_new_tokens=min_new_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed, batch_size=batch_size)
+    s, h = sample_episodes(policy, reference, held_out), held_out
     rewards = np.asarray(s.scores, dtype=float)
     kl = np.array([float((a - b).sum()) for a, b in zip(s.logprobs, s.ref_logprobs, strict=True)])
     n_tokens = sum(len(r) for r in s.response_ids)
     ref_nll = -sum(float(b.sum()) for b in s.ref_logprobs) / max(n_tokens, 1)
-    pos_scores = rewards if reward_positive_fn is None else np.asarray(reward_positive_fn(s.texts), dtype=float)
+    pos_scores = rewards if h.reward_positive_fn is None else np.asarray(h.reward_positive_fn(s.texts), dtype=float)
     metrics = {
         "n": len(s),
         "reward_mean": float(rewards.mean()),
         "reward_median": float(np.median(rewards)),
         "reward_std": float(rewards.std(ddof=1)) if len(s) > 1 else 0.0,
         "reward_sem": float(rewards.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0,
-        "positive_rate_reward_model": _positive_rate(pos_scores, reward_threshold),
+        "positive_rate_reward_model": _positive_rate(pos_scores, 0.0 if h.reward_positive_fn is None else 0.5),
         "positive_rate_judge": None,
         "kl_mean": float(kl.mean()),
         "kl_sem": float(kl.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0,
         "ref_perplexity": float(math.exp(ref_nll)),
         "mean_response_tokens": n_tokens / max(len(s), 1),
     }
-    judged = None if judge_fn is None else np.asarray(judge_fn(s.texts), dtype=float)
+    judged = None if h.judge_fn is None else np.asarray(h.judge_fn(s.texts), dtype=float)
     metrics.update(batch_signals(s.response_ids, s.completions, rewards, judged))  # distinct-n, collapse, judge mean
     if judged is not None:
-        metrics["positive_rate_judge"] = _positive_rate(judged, judge_threshold)
+        metrics["positive_rate_judge"] = _positive_rate(judged, 0.5)
         metrics["_judge"] = judged.tolist()
     metrics["_rewards"] = rewards.tolist()  # per-sample, for the sample table; dropped from the summary
     return metrics, s

@@ -164,7 +164,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, dev
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 40,
+def sample_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 40,
            device: torch.device | None = None, seed: int = 0, top_k: int = 0) -> list[str]:
     """Sampled continuations of `prompts` (temperature 1; `top_k=0` is pure sampling, as RLHF rollouts use),
     decoded with the prompt."""
@@ -264,8 +264,8 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
 
     held_loss = history[-1]["heldout_loss"] if history else evaluate(model, held, cfg.batch_size * 2, device)
     prompts = (sample_prompts or [t[:20] for t in heldout_texts])[: cfg.n_samples]
-    samples = sample(model, tokenizer, prompts, device=device, seed=cfg.seed)
-    samples_top_k = sample(model, tokenizer, prompts, device=device, seed=cfg.seed + 1, top_k=50)
+    samples = sample_texts(model, tokenizer, prompts, device=device, seed=cfg.seed)
+    samples_top_k = sample_texts(model, tokenizer, prompts, device=device, seed=cfg.seed + 1, top_k=50)
     for s, s_k in zip(samples, samples_top_k, strict=True):
         log(f"  sample (pure): {s!r}\n  sample (top-50): {s_k!r}")
     metrics = {
