@@ -109,13 +109,3 @@ class MLPAgent(nn.Module):
             mask = None if action_mask is None else check_action_mask(action_mask, logits)
             return masked_log_softmax(logits, mask).argmax(-1)
         return categorical(logits, None, action_mask)[0]
-
-
-def __getattr__(name: str):
-    """`from agents.policies import GPTAgent` works, but importing this module (as `agents.ppo` does)
-    never pulls in transformers: the LM policy lives in `agents.gpt_policy` and loads on first use."""
-    if name == "GPTAgent":
-        from agents.gpt_policy import GPTAgent
-
-        return GPTAgent
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

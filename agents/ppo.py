@@ -32,6 +32,7 @@ from agents.checkpoint import StopOnCtrlC, open_run, restore, run_state, save_ch
 from agents.cli import UsageError, run_cli
 from agents.evaluate import final_evaluation
 from agents.kl_control import make_kl_controller
+from agents.loss import LOSS_STATS, advantage_moments, ppo_loss
 from agents.policies import MLPAgent
 from agents.rollout import (
     Carry,
@@ -173,91 +174,138 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank`, `world_size`, `hook_logs`.
     `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0.
     Under torchrun pass the process group the entry point set up (`distributed.setup`; `main` does)."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+    own_envs = envs is None
+    r = _setup(args, envs, agent, distributed.given(dist))
+    args, dist, agent, optimizer, kl_ctl = r.args, r.dist, r.agent, r.optimizer, r.kl_ctl
+    T, E, W = args.num_steps, args.num_envs, dist.world_size
+    start_time, start_step, hook_logs, interrupted = time.time(), r.global_step, [], False
+    start = iteration = r.global_step // (T * E * W)  # resumed with another number of ranks: the same global step
+    with StopOnCtrlC() as ctrl_c:
+        for iteration in range(start + 1, r.n_iterations + 1):
+            frac = 1.0 - (iteration - 1.0) / r.n_iterations
+            clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
+            for group in optimizer.param_groups:
+                group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
 
-    own_envs, dist = envs is None, distributed.given(dist)
-    device_name = distributed.rank_device(args.device, dist)
+            rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_ctl.coef, r.device)
+            r.global_step += T * E * W
+            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated)
+            stats = update(agent, optimizer, rollout, args, clip, dist)
+
+            # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
+            sps = (r.global_step - start_step) / (time.time() - start_time)
+            stats = _iteration_stats(r, rollout, stats, iteration, {"charts/clip_coef": clip, "charts/SPS": sps})
+            hook_logs += _log(r.writer, stats, hooks if dist.is_main else None, iteration, r.global_step, rollout)
+            if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == r.n_iterations):
+                print(_progress_line(iteration, r.n_iterations, r.global_step, stats), flush=True)
+            interrupted = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all
+            last = iteration == r.n_iterations or args.save_every and iteration % args.save_every == 0
+            if dist.is_main and (interrupted or last):
+                save_checkpoint(r.ckpt_path, run_state(agent, optimizer, iteration, r.global_step, kl_ctl,
+                                                       r.episode_returns, args, W))
+            if interrupted:
+                dist.is_main and print(f"saved {r.ckpt_path} at iteration {iteration}; continue with --resume "
+                                       f"--run-dir {r.ckpt_path.parent}")
+                break
+
+    sps = (r.global_step - start_step) / max(time.time() - start_time, 1e-9)
+    run_eval = args.eval_episodes > 0 and not interrupted and dist.is_main
+    eval_returns = final_evaluation(agent, None if own_envs else r.envs, args, r.device, r.writer,
+                                    r.global_step) if run_eval else []
+    r.writer.close()
     if own_envs:
+        r.envs.close()
+    return {"episode_returns": r.episode_returns, "sps": sps, "run_dir": str(r.ckpt_path.parent),
+            "global_step": r.global_step, "iterations": iteration, "eval_returns": eval_returns,
+            "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_ctl.coef,
+            "checkpoint": str(r.ckpt_path), "interrupted": interrupted, "rank": dist.rank, "world_size": W,
+            "hook_logs": hook_logs}
+
+
+@dataclass
+class _Run:
+    """What one `train` call works with: the run's settings and pieces, and its counters."""
+
+    args: Args
+    dist: distributed.Dist
+    device: torch.device
+    envs: gym.vector.VectorEnv
+    agent: nn.Module
+    optimizer: torch.optim.Optimizer
+    kl_ctl: object
+    writer: object
+    ckpt_path: Path
+    n_iterations: int
+    global_step: int
+    episode_returns: list
+    carry: Carry
+
+
+def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Module | None,
+           dist: distributed.Dist) -> _Run:
+    """Check the settings, build the envs, seed, build the agent, Adam and the KL controller, resume from the run's
+    checkpoint when asked, open rank 0's TensorBoard writer and start the envs."""
+    if envs is None:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
     args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
     check_args(args)
-    T, E, W = args.num_steps, args.num_envs, dist.world_size
-    n_iterations = num_iterations(args, W)
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = open_run(ckpt_path, args.resume, E, T) if dist.is_main else None
+    ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
     ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
 
-    seed = dist.seed(args.seed)  # each rank its own stream of envs and sampled actions
-    seed_everything(seed, args.torch_deterministic, args.torch_threads)
-    device = resolve_device(device_name)
+    seed_everything(dist.seed(args.seed), args.torch_deterministic, args.torch_threads)  # each rank its own stream
+    device = resolve_device(distributed.rank_device(args.device, dist))
     agent = (MLPAgent(envs.single_observation_space, envs.single_action_space) if agent is None else agent).to(device)
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
     trainable = [p for p in agent.parameters() if p.requires_grad]  # e.g. GPTAgent's top blocks only
     optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_ctl = make_kl_controller(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
-    start_iteration, global_step, episode_returns, env_seed = 0, 0, [], seed
-    if ckpt is not None:
-        global_step, episode_returns = restore(ckpt, agent, optimizer, kl_ctl)  # weights, Adam, RNG, KL state
-        start_iteration = global_step // (T * E * W)  # saved with another number of ranks: same global step
-        # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
-        env_seed = dist.seed(args.seed + 7919 * start_iteration)
-        if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
-            torch.manual_seed(env_seed)
-        dist.is_main and print(f"resumed {ckpt_path} at iteration {start_iteration}, global_step {global_step}")
-    writer = SummaryWriter(str(run_dir)) if dist.is_main else distributed.NullWriter()  # rank 0 writes files
+    global_step, episode_returns, env_seed = _resume(ckpt, agent, optimizer, kl_ctl, args, dist, ckpt_path)
+    return _Run(args, dist, device, envs, agent, optimizer, kl_ctl, _writer(run_dir, args, dist), ckpt_path,
+                num_iterations(args, dist.world_size), global_step, episode_returns, Carry.start(envs, env_seed))
+
+
+def _iteration_stats(r: _Run, rollout: Rollout, stats: dict, iteration: int, extra: dict) -> dict:
+    """The update's `stats` with the episodes that finished on all ranks (their returns join the run's), the
+    learning rate and `extra`; the KL controller sees this iteration's mean KL per episode."""
+    new_returns, kls, stats = episode_stats(rollout, stats, r.dist)
+    r.episode_returns += new_returns
+    stats.update({"charts/learning_rate": r.optimizer.param_groups[0]["lr"], **extra})
+    if kls:  # nats per response, over all ranks' episodes
+        warn_if_negative_kl(kls, iteration)
+        r.kl_ctl.update(float(np.mean(kls)), len(kls))
+    return stats
+
+
+def _resume(ckpt: dict | None, agent: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: object, args: Args,
+            dist: distributed.Dist, path: Path) -> tuple[int, list, int]:
+    """(global_step, episode_returns, the envs' seed) of a new run, or of the checkpoint `ckpt` once its weights,
+    Adam, RNG and KL-controller states are restored."""
+    if ckpt is None:
+        return 0, [], dist.seed(args.seed)
+    global_step, episode_returns = restore(ckpt, agent, optimizer, kl_ctl)
+    # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
+    iteration = global_step // (args.num_steps * args.num_envs * dist.world_size)
+    env_seed = dist.seed(args.seed + 7919 * iteration)
+    if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
+        torch.manual_seed(env_seed)
+    dist.is_main and print(f"resumed {path} at iteration {iteration}, global_step {global_step}")
+    return global_step, episode_returns, env_seed
+
+
+def _writer(run_dir: Path, args: Args, dist: distributed.Dist):
+    """Rank 0's TensorBoard writer with the hyperparameters as a text table (other ranks write nothing)."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+    if not dist.is_main:
+        return distributed.NullWriter()
+    writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-
-    carry = Carry.start(envs, env_seed)
-    start_time, start_step, hook_logs = time.time(), global_step, []
-    iteration, interrupted = start_iteration, False
-    with StopOnCtrlC() as ctrl_c:
-        for iteration in range(start_iteration + 1, n_iterations + 1):
-            frac = 1.0 - (iteration - 1.0) / n_iterations
-            clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
-            for group in optimizer.param_groups:
-                group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
-
-            rollout = collect_rollout(envs, agent, carry, T, global_step, E * W, kl_ctl.coef, device)
-            global_step += T * E * W
-            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated)
-            stats = update(agent, optimizer, rollout, args, clip, dist)
-
-            # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
-            new_returns, kls, stats = episode_stats(rollout, stats, dist)
-            episode_returns += new_returns
-            stats.update({"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/clip_coef": clip,
-                          "charts/SPS": (global_step - start_step) / (time.time() - start_time)})
-            if kls:  # the controller sees this iteration's mean KL per episode (all ranks): nats per response
-                warn_if_negative_kl(kls, iteration)
-                kl_ctl.update(float(np.mean(kls)), len(kls))
-            hook_logs += _log(writer, stats, hooks if dist.is_main else None, iteration, global_step, rollout)
-            if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == n_iterations):
-                print(_progress_line(iteration, n_iterations, global_step, stats), flush=True)
-            stop = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all together
-            if dist.is_main and (stop or iteration == n_iterations or args.save_every and iteration % args.save_every == 0):
-                save_checkpoint(ckpt_path, run_state(agent, optimizer, iteration, global_step, kl_ctl,
-                                                     episode_returns, args, W))
-            if stop:
-                interrupted = True
-                dist.is_main and print(f"saved {ckpt_path} at iteration {iteration}; continue with --resume "
-                                       f"--run-dir {run_dir}")
-                break
-
-    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
-    run_eval = args.eval_episodes > 0 and not interrupted and dist.is_main
-    eval_returns = final_evaluation(agent, None if own_envs else envs, args, device, writer, global_step) if run_eval else []
-    writer.close()
-    if own_envs:
-        envs.close()
-    return {"episode_returns": episode_returns, "sps": sps, "run_dir": str(run_dir), "global_step": global_step,
-            "iterations": iteration, "eval_returns": eval_returns,
-            "eval_mean": float(np.mean(eval_returns)) if eval_returns else None, "kl_coef": kl_ctl.coef,
-            "checkpoint": str(ckpt_path), "interrupted": interrupted, "rank": dist.rank, "world_size": W,
-            "hook_logs": hook_logs}
+    return writer
 
 
 def _log(writer, stats: dict, hooks: object | None, iteration: int, global_step: int, rollout: Rollout) -> list:
@@ -279,53 +327,6 @@ def _progress_line(iteration: int, n_iterations: int, global_step: int, stats: d
             f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
             f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
             f"clipfrac {stats['losses/clipfrac']:.3f} | {stats['charts/SPS']:.0f} SPS")
-
-
-LOSS_STATS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
-
-
-def ppo_loss(logprob: torch.Tensor, entropy: torch.Tensor, value: torch.Tensor, old: dict[str, torch.Tensor],
-             advantages: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float, clip_coef: float,
-             vf_clip: float | None, ent_coef: float, vf_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped PPO objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) on a minibatch.
-
-    `logprob`, `entropy`, `value` (B,): the current policy's at the minibatch's steps; `old` holds the rollout's
-    `logprobs`, `values` and `returns` there; `advantages` (B,) as the loss uses them (normalised or not). Only
-    the steps where `mask` (B,) is True count (None: all), and every term is their sum over `count`, the steps of
-    the whole minibatch (all ranks' under torchrun: summing the ranks' gradients then gives the mean over all
-    steps). `vf_clip` None: an unclipped value loss. Returns (loss, the sums over the counted steps of the
-    `LOSS_STATS`, detached)."""
-    if mask is not None:  # zero every input at the masked steps: every term below is then 0 there, and NaN or
-        # inf there reaches neither the loss nor its gradient (`where`, not `* mask`: 0 * NaN is NaN)
-        logprob, entropy, value, advantages = (torch.where(mask, x, 0) for x in (logprob, entropy, value, advantages))
-        old = {k: torch.where(mask, old[k], 0) for k in ("logprobs", "values", "returns")}
-    logratio = logprob - old["logprobs"]
-    ratio = logratio.exp()
-    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
-    v_err = (value - old["returns"]) ** 2
-    if vf_clip is not None:
-        v_clipped = old["values"] + torch.clamp(value - old["values"], -vf_clip, vf_clip)
-        v_err = torch.max(v_err, (v_clipped - old["returns"]) ** 2)
-    pg_loss, v_loss, entropy_loss = pg.sum() / count, 0.5 * (v_err.sum() / count), entropy.sum() / count
-    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
-    with torch.no_grad():
-        sums = torch.stack([pg.sum(), 0.5 * v_err.sum(), entropy.sum(), (-logratio).sum(),
-                            ((ratio - 1) - logratio).sum(), ((ratio - 1).abs() > clip_coef).float().sum()])
-    return loss, sums.float().cpu()
-
-
-def advantage_moments(adv: torch.Tensor, mask: torch.Tensor | None,
-                      dist: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, std) of a minibatch's advantages over its counted steps on every rank. Flat minibatches
-    (`mask` None) take the unbiased std (CleanRL's `Tensor.std`, its very numbers in one process), episode
-    minibatches the population std; fewer steps than that needs have no spread (std 0)."""
-    if mask is None and not dist.enabled:
-        return torch.tensor(float(adv.numel())), adv.mean(), adv.std() if adv.numel() > 1 else adv.new_zeros(())
-    m = torch.ones_like(adv, dtype=torch.bool) if mask is None else mask
-    n, s1 = distributed.all_reduce_sum(torch.stack([m.sum().to(adv.dtype), torch.where(m, adv, 0).sum()]), dist)
-    mu = s1 / n.clamp(min=1)
-    s2 = distributed.all_reduce_sum(torch.where(m, (adv - mu) ** 2, 0).sum(), dist)
-    return n, mu, (s2 / (n - int(mask is None)).clamp(min=1)).sqrt()
 
 
 def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, args: Args, clip: float,

@@ -5,11 +5,11 @@ import pytest
 from agents.rlhf.signals import (
     Thresholds,
     batch_signals,
+    check,
     distinct_n,
     identical_share,
     repeated_ngram_rate,
     saturation,
-    warnings,
 )
 
 
@@ -56,23 +56,23 @@ def _history(n, score, judge, **extra):
 
 def test_warning_fires_on_a_diverging_history():
     h = _history(20, score=lambda i: 0.2 * i, judge=lambda i: 0.9 - 0.03 * i)
-    out = warnings(h)
+    out = list(check(h).values())
     assert len(out) == 1 and "judge fell" in out[0] and "iteration 20" in out[0]
 
 
 def test_collapse_warnings_fire_on_a_collapsed_last_iteration():
     h = _history(10, score=lambda i: 0.1 * i, judge=lambda i: 0.7)
     h[-1].update(distinct_2=0.2, identical_share=0.5, repeated_3gram_rate=0.3, saturation=0.8)
-    out = warnings(h)
+    out = list(check(h).values())
     assert len(out) == 4
     assert any("distinct-2" in w for w in out) and any("copies" in w for w in out)
 
 
 def test_quiet_on_a_healthy_history():
     h = _history(40, score=lambda i: 0.1 * i, judge=lambda i: 0.5 + 0.01 * i)
-    assert warnings(h) == []
-    assert warnings([]) == []
-    assert warnings(h, Thresholds(saturation=0.05))  # a stricter threshold does fire
+    assert list(check(h).values()) == []
+    assert list(check([]).values()) == []
+    assert check(h, Thresholds(saturation=0.05))  # a stricter threshold does fire
 
 
 def test_the_rlhf_logger_logs_the_signals_and_warns_once_on_a_collapsed_batch(capsys):

@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from textenv import interaction as multiturn
+import textenv.interaction as multiturn
 from textenv.episode import EpisodeSpec
 from textenv.masks import ActionMask, check_allowed, check_mask
 from textenv.rewards import check_scores, pay_token_rewards

@@ -81,12 +81,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     from agents.rlhf.report import evaluate_held_out
     from textenv.build.pipeline import set_threads
 
-    dist = distributed.given(dist)
-    t0 = time.time()
-    if cfg.quick:  # a smoke run: 6 PPO iterations (of all ranks together), a small report
-        batch = cfg.ppo.num_envs * cfg.ppo.num_steps * dist.world_size
-        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, total_timesteps=6 * batch),
-                                  eval_prompts=min(cfg.eval_prompts, 64))
+    dist, t0 = distributed.given(dist), time.time()
+    cfg = _smoke(cfg, dist.world_size) if cfg.quick else cfg
     check_config(cfg)
     device = resolve_device(distributed.rank_device(cfg.ppo.device, dist))  # torchrun + CUDA: one GPU per rank
     set_threads(cfg.ppo.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
@@ -114,9 +110,9 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     evaluation = held_out(cfg, pieces)  # the held-out prompts through the env, stepped by the policy
     before = evaluate_held_out(reference, reference, evaluation) if dist.is_main else None
     if before is not None:
-        print(f"before: reward {before[0]['reward_mean']:+.3f}, positive "
-              f"{before[0]['positive_rate_reward_model']:.2f} (judge {before[0]['positive_rate_judge']}), "
-              f"distinct-2 {before[0]['distinct_2']:.3f}", flush=True)
+        m = before[0]
+        print(f"before: reward {m['reward_mean']:+.3f}, positive {m['positive_rate_reward_model']:.2f} (judge "
+              f"{m['positive_rate_judge']}), distinct-2 {m['distinct_2']:.3f}", flush=True)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
     logger = RLHFLogger(pieces.tokenizer, num_iterations(args, dist.world_size), cfg.sample_every,
@@ -134,6 +130,13 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
     return _report(run_dir, cfg, pieces, before, after, logger, timing)
+
+
+def _smoke(cfg: RLHFConfig, world_size: int) -> RLHFConfig:
+    """`--quick`: 6 PPO iterations (of all ranks together) and a small report."""
+    batch = cfg.ppo.num_envs * cfg.ppo.num_steps * world_size
+    return dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, total_timesteps=6 * batch),
+                               eval_prompts=min(cfg.eval_prompts, 64))
 
 
 def _report(run_dir: Path, cfg: RLHFConfig, pieces: Pieces, before: tuple, after: tuple, logger: Any,

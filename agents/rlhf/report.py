@@ -297,7 +297,6 @@ def write_report(
          "reward_before": rb[i], "reward_after": ra[i], "judge_before": jb[i], "judge_after": ja[i]}
         for i in range(len(sb))
     ]
-    pairs = samples[:n_pairs]
     summary_b = {k: v for k, v in mb.items() if not k.startswith("_")}
     summary_a = {k: v for k, v in ma.items() if not k.startswith("_")}
     png = plot_history(history, run_dir / "training.png")
@@ -315,8 +314,13 @@ def write_report(
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(run_dir / "report.json")
+    (run_dir / "report.md").write_text(report_markdown(record, samples[:n_pairs], extra or {}, png))
+    return record
 
-    n = summary_b["n"]
+
+def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | None) -> str:
+    """The Markdown report of a record: the before/after table, warnings, the run's numbers, sample pairs, plot."""
+    summary_b, summary_a, n = record["before"], record["after"], record["before"]["n"]
     lines = ["# RLHF report", "",
              f"Held-out prompts: {n}, one pure-sampled response each (same prompts and seed before and after).",
              f"Reward mean gain: {record['gain']['reward_mean']:+.3f} "
@@ -324,7 +328,7 @@ def write_report(
              report_table(record)]
     if record["warnings"]:
         lines += ["", "## Over-optimisation warnings", "", *[f"- {md_cell(w)}" for w in record["warnings"]]]
-    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in (extra or {}).items()
+    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in extra.items()
             for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}
     if flat:
@@ -336,6 +340,5 @@ def write_report(
               f"{md_cell(p['after'])} | {_fmt(p['reward_after'])} |" for p in pairs]
     if png is not None:
         lines += ["", "## Training", "", f"![score and KL over training]({png.name})"]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return record
+    return "\n".join(lines) + "\n"
 

@@ -93,15 +93,11 @@ class Thresholds:
     """report: warn when the reward model's positive rate exceeds the judge's by more than this"""
 
 
-def warnings(history: Sequence[dict], th: Thresholds | None = None) -> list[str]:
-    """Warning lines for a run's per-iteration history (dicts with `score_mean` and the `batch_signals`
-    keys); empty when the run looks healthy. Checks the latest iteration against the thresholds, and the judge's
-    trend against the reward model's over the last `window` iterations vs the `window` before them."""
-    return list(check(history, th).values())
-
-
 def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, str]:
-    """`warnings` by kind: {"distinct_2" | "identical_share" | "repeated_3gram_rate" | "saturation" | "judge": line}."""
+    """Warning lines for a run's per-iteration history (dicts with `score_mean` and the `batch_signals` keys), by
+    kind: {"distinct_2" | "identical_share" | "repeated_3gram_rate" | "saturation" | "judge": line}; empty when the
+    run looks healthy. Checks the latest iteration against the thresholds, and the judge's trend against the
+    reward model's over the last `window` iterations vs the `window` before them."""
     th = th or Thresholds()
     if not history:
         return {}

@@ -131,12 +131,6 @@ class Artifacts:
 
         return AutoModelForCausalLM.from_pretrained(self.gpt).eval(), AutoTokenizer.from_pretrained(self.gpt)
 
-    def load_reward(self, **kwargs):
-        """The frozen reward model: `textenv.rewards.HFRewardModel.from_pretrained(self.reward, **kwargs)`."""
-        from textenv.rewards import HFRewardModel
-
-        return HFRewardModel.from_pretrained(str(self.reward), **kwargs)
-
     def load_judge(self) -> Judge:
         return Judge.load(self.judge)
 
