@@ -18,7 +18,11 @@ from agents.cli import UsageError
 
 
 def rng_state() -> dict:
-    """The python, numpy and torch (and CUDA) RNG states as weights-only-loadable values."""
+    """The python, numpy and torch (and CUDA) RNG states as weights-only-loadable values.
+
+    Written out rather than saved as the libraries return them: `torch.load(weights_only=True)` refuses numpy
+    arrays (numpy's state) unless numpy's reconstructors are allow-listed process-wide, and pickling them is what
+    weights-only loading is there to avoid; a tensor, ints and lists load everywhere."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss_next = random.getstate()
     state = {

@@ -4,11 +4,12 @@ The penalty `coef * (log pi - log p_ref)` is a Lagrange multiplier on the constr
 2019's controller (`ProportionalKL`) moves log(coef) in proportion to the error, which makes the coefficient the
 *integral* of the error: with a rollout's delay between a change and its effect, integral-only control lags and
 overshoots (Stooke et al. 2020, "Responsive Safety in Reinforcement Learning by PID Lagrangian Methods",
-https://arxiv.org/abs/2007.03964). On our runs it also winds down during warm-up: KL starts at 0, far below the
-target, so the coefficient falls while the KL is still climbing (0.20 -> 0.14 on the embedded preset), and rises too
-late once it overshoots. `PIDKL` adds the proportional and derivative terms that react within one iteration, moves
-the coefficient by factors (the coefficient a setpoint needs differs by more than 10x across models), and keeps its
-integral from winding down while the KL is still far below the target (anti-windup).
+https://arxiv.org/abs/2007.03964). It also winds down during warm-up: KL starts at 0, far below the target, so the
+coefficient falls while the KL is still climbing, and rises too late once it overshoots. `PIDKL` adds the
+proportional and derivative terms that react within one iteration, moves the coefficient by factors (the
+coefficient a setpoint needs differs by an order of magnitude across models), and keeps its integral from winding
+down while the KL is still far below the target (anti-windup). How well each holds its setpoint:
+benchmarks/README.md, "KL control".
 
 Both are plain state machines: `update(kl, n_episodes) -> coef` once per iteration, `state_dict()` /
 `load_state_dict()` for checkpoints. `KL` values are nats per episode (response), the unit of `kl_target`.
@@ -70,10 +71,10 @@ class PIDKL(_Coefficient):
     integral removes the steady-state error.
 
     Why a log scale: the coefficient a setpoint needs spans more than an order of magnitude across models and
-    setpoints (0.3-0.6x `coef0` for 8 nats on the embedded preset, 25-40x for 0.5 nats on SmolLM2). A
-    linear `coef0 * (1 + ki * I)` climbs to 5x only after ~30 iterations of a 50% overshoot, longer than a short
-    run: measured on SmolLM2, 20 iterations ended 76% above a 0.5-nat setpoint. In log space the same integral
-    multiplies the coefficient by exp(ki * e) each iteration whatever its scale.
+    setpoints (a fraction of `coef0` for a large setpoint on a small model, many times it for a small setpoint on
+    a large one). A linear `coef0 * (1 + ki * I)` needs many iterations of overshoot to climb that far, longer
+    than a short run; in log space the same integral multiplies the coefficient by exp(ki * e) each iteration
+    whatever its scale.
 
     Anti-windup, twice. (1) The integral is *armed* only once the KL first reaches `arm` x target. Before that
     (the start of every run) the penalty `coef * KL` has nothing to act on, so lowering the coefficient further
@@ -82,9 +83,8 @@ class PIDKL(_Coefficient):
     direction. The error is clipped to +-1 so one noisy batch cannot swing the coefficient by more than
     exp(kp).
 
-    The price of (1): until armed, the coefficient stays at or above exp(-kp) ~ 0.61x `coef0`. A setpoint that
-    the learning rate cannot carry the KL to at that penalty arms late or never (the SmolLM2 preset at 4 nats
-    armed at iteration 20 of 30 and held 3.29 over the last quarter); lower the setpoint or `coef0` there."""
+    The price of (1): until armed, the coefficient stays at or above exp(-kp) x `coef0`. A setpoint that the
+    learning rate cannot carry the KL to at that penalty arms late or never; lower the setpoint or `coef0` there."""
 
     coef0: float
     target: float

@@ -69,7 +69,7 @@ def run(task: str, steps: int, episodes: int, seed: int, width: int = 32, greedy
     `overrides` replace `agents.ppo.Args` fields) on the same held-out episodes, sampled (temperature 1) and, with `greedy`, greedy,
     with the standard error of the sampled rates' difference, the share of episodes that call a tool before and
     after ("called_before", "called_after") and the training time."""
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and 2 threads on busy cores can be 20x slower
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and more threads on busy cores are much slower
     agent = tiny_agent(task, seed, width)
     sample = lambda obs, mask: agent.act(obs, deterministic=False, action_mask=mask).numpy()  # noqa: E731
     argmax = lambda obs, mask: agent.act(obs, deterministic=True, action_mask=mask).numpy()  # noqa: E731

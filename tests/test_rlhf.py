@@ -134,7 +134,7 @@ def test_response_longer_than_the_context(folders):
 
 
 def test_presets_keep_the_jobs_ppo_settings():
-    # the values the job trained with before PPO's settings moved into `ppo` (and the PID KL controller of issue 13)
+    # the job's PPO settings, nested in `ppo` (the PID KL controller holding each preset's setpoint)
     job = dict(exp_name="rlhf", env_id="TextEnv-v0", seed=1, num_envs=64, num_steps=34, anneal_lr=True,
                update_epochs=4, num_minibatches=4, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True,
                vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000,

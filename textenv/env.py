@@ -45,7 +45,7 @@ def check_tokenizer(tokenizer: Any) -> tuple[int, int, int]:
 
 def decode_rows(tokenizer: Any, rows: list[list[int]]) -> list[str]:
     """Decode token-id rows (special tokens skipped), straight through the Rust decoder when that gives the
-    same text as `tokenizer.decode` (3x cheaper). One call per row: `decode_batch` starts a thread pool that
+    same text as `tokenizer.decode` (cheaper: no Python-side post-processing). One call per row: `decode_batch` starts a thread pool that
     is slower for short rows and competes with the model for the cores."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):

@@ -102,8 +102,7 @@ class RegexMask:
 
     Tokens are decoded one at a time (`tokenizer.decode([id])`, special tokens as ""), which is exact for
     char-level and most BPE tokenizers but not for byte pieces of a multi-byte character. Cost: one partial
-    match per vocabulary entry per new turn prefix (cached), so keep it to short outputs and small vocabularies
-    (about 1 ms per 1,000 tokens of vocabulary per step).
+    match per vocabulary entry per new turn prefix (cached), so keep it to short outputs and small vocabularies.
     """
 
     def __init__(self, pattern: str, tokenizer: Any, stop: Sequence[int] = ()) -> None:

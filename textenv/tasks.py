@@ -13,8 +13,8 @@ learning to call, then to copy the operands and the tool's result, is what PPO h
 
 Guessing game: the prompt "#abc:" hides a secret digit 0-7 (a hash of the prompt); each turn the policy guesses a
 digit, the game answers "<" (the secret is lower), ">" (higher) or "=" (found: the episode ends); after
-`max_guesses` wrong guesses it answers "!" and the episode ends. Reward: 1 when found. Random guessing finds it 33%
-of the time in 3 guesses; a binary search finds 7 of 8.
+`max_guesses` wrong guesses it answers "!" and the episode ends. Reward: 1 when found. Random guessing finds it about a
+third of the time in 3 guesses; a binary search finds 7 of 8.
 """
 
 from __future__ import annotations

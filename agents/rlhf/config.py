@@ -16,7 +16,8 @@ from textenv.episode import EpisodeSpec
 
 def rlhf_ppo(**overrides) -> Args:
     """The seed's PPO shapes for text: episodes of one response, minibatches of env columns, a per-token KL
-    penalty with Ziegler's adaptive coefficient, no bootstrapping of responses cut at max_new_tokens."""
+    penalty whose coefficient a PID controller holds at a setpoint, no bootstrapping of responses cut at
+    max_new_tokens."""
     base = Args(
         exp_name="rlhf", env_id="TextEnv-v0", seed=1,
         total_timesteps=40 * 64 * 34,  # 40 iterations: on the embedded corpus the score is near its ceiling by then
@@ -27,11 +28,10 @@ def rlhf_ppo(**overrides) -> Args:
         learning_rate=5e-5, anneal_lr=True, update_epochs=4, num_minibatches=4, gamma=1.0, gae_lambda=0.95,
         clip_coef=0.2, clip_vloss=True, vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0,
         minibatch_by_env=True, bootstrap_truncated=False,
-        # a PID controller (agents.kl_control) holds the KL setpoint where Ziegler's proportional one (horizon 1000
-        # episodes) overshot it by 24% over the last quarter of the embedded run. Setpoint 1.5 nats: on the
-        # embedded corpus 6 (the seed's) let the reference perplexity rise 2.2x and the policy repeat itself; 2
-        # gives 1.41-1.53x, on the 1.5x line, and 1 gives 1.16-1.36x (benchmarks/results/overoptimisation.json);
-        # 1.5 gave 1.32x with the same reward gain as 2 (benchmarks/results/rlhf_embedded_report.md)
+        # a PID controller (agents.kl_control) holds the KL setpoint where Ziegler's proportional one overshot it.
+        # Setpoint 1.5 nats: on the embedded corpus the seed's 6 lets the reference perplexity climb and the policy
+        # repeat itself; the proxy-vs-judge curve puts 1.5 between fluency and reward (benchmarks/README.md,
+        # "Proxy vs judge over KL")
         kl_coef=0.2, kl_target=1.5, kl_controller="pid", kl_horizon=1_000,
         save_every=50, eval_episodes=0, log_every=0)  # the report evaluates; RLHFLogger prints progress
     return dataclasses.replace(base, **overrides)
@@ -82,14 +82,14 @@ class RLHFConfig:
 
 
 def embedded() -> RLHFConfig:
-    """No arguments, no network: the embedded corpus and small models, <= 10 minutes on 2 CPU cores."""
+    """No arguments, no network: the embedded corpus and small models, minutes on 2 CPU cores."""
     return RLHFConfig()
 
 
 def imdb() -> RLHFConfig:
-    """The seed recipe's shapes on IMDb with the project's own models (2 CPU cores: <= 20 minutes)."""
-    # lr 1e-4: the IMDb GPT is weaker (perplexity ~300) and moves slower than the embedded one at 5e-5;
-    # KL setpoint 5 keeps the measured KL under 6 nats (benchmarks/results/rlhf_imdb.json)
+    """The seed recipe's shapes on IMDb with the project's own models."""
+    # lr 1e-4: the IMDb GPT is weaker than the embedded one and moves slower at 5e-5; KL setpoint 5 keeps the
+    # report's KL under the seed's 6 nats (benchmarks/README.md, "RLHF on IMDb")
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb",
                       ppo=rlhf_ppo(total_timesteps=100 * 64 * 34, learning_rate=1e-4, kl_target=5.0))
 
@@ -97,10 +97,9 @@ def imdb() -> RLHFConfig:
 def smollm2() -> RLHFConfig:
     """A real pretrained LM: SmolLM2-135M-Instruct (fetched once from the package registry, then offline) tuned
     on IMDb queries against the project's IMDb reward model, its top 4 of 30 blocks over a frozen trunk."""
-    # 17 steps x 64 envs: one response of up to 16 tokens per env column and iteration (~1k tokens). KL setpoint 3:
-    # at lr 2e-4 SmolLM2's KL climbs ~0.1 nats per iteration, so 4 was reached only at iteration 20 of 30 and the
-    # last quarter held 3.29 (benchmarks/results/rlhf_smollm2_log_pid.json); the judge gains little past 2 nats
-    # (benchmarks/results/overoptimisation_smollm2.json)
+    # 17 steps x 64 envs: one response of up to 16 tokens per env column and iteration. KL setpoint 3: at lr 2e-4
+    # SmolLM2's KL climbs slowly, so a higher one is reached too late in 30 iterations for the controller to hold
+    # it, and the judge gains little past 2 nats (benchmarks/README.md, "RLHF with SmolLM2-135M-Instruct")
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb", policy="smollm2", trainable_layers=4,
                       ppo=rlhf_ppo(total_timesteps=30 * 64 * 17, num_steps=17, num_minibatches=2,
                                    learning_rate=2e-4, kl_target=3.0))

@@ -74,7 +74,7 @@ def batch_signals(response_ids: Sequence[Sequence[int]], completions: Sequence[s
 @dataclass
 class Thresholds:
     """When a signal means trouble. Defaults from the runs in benchmarks/results: a healthy embedded run stays
-    well inside them; the reward-hacked run of issue 13 (8 of 16 samples the same phrase) crosses four."""
+    well inside them; a reward-hacked run (half of its samples the same phrase) crosses four."""
 
     distinct_2_ratio: float = 0.8
     """warn when distinct-2 falls below this fraction of its value at the first iteration"""
@@ -84,7 +84,7 @@ class Thresholds:
     """warn when more than this share of 3-grams repeat earlier ones in the same response"""
     saturation: float = 0.75
     """warn when more than this share of scores sit within 1% (of the range) of the batch maximum (a confident
-    classifier puts its positive half there from the start: the embedded reward model's ~40-60% is healthy)"""
+    classifier puts its positive half there from the start: about half is healthy)"""
     window: int = 5
     """iterations averaged at each end when comparing the judge's and the reward model's trends"""
     judge_drop: float = 0.05

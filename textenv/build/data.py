@@ -166,7 +166,7 @@ def source_fingerprint(source: str | Path) -> str:
     """A short hash naming the data a source holds (its files' names and contents), for artefact caching.
 
     Contents, not modification times: a copy, a checkout or a re-provisioned data folder touches every mtime,
-    and an mtime key would rebuild every model (~1 hour on IMDb); hashing IMDb's 50 MB takes ~0.1 s."""
+    and an mtime key would rebuild every model (an hour on IMDb); hashing the files takes a fraction of a second."""
     src = str(source)
     h = hashlib.sha256(src.encode())
     if src == "embedded":

@@ -82,7 +82,7 @@ class BuildArgs:
 
 
 def preset(name: str = "embedded", **overrides) -> BuildArgs:
-    """Named settings. "embedded": minutes on 2 CPU cores. "imdb": ~10 min per model on 2 CPU cores."""
+    """Named settings. "embedded": minutes on 2 CPU cores. "imdb": minutes per model on 2 CPU cores."""
     if name == "embedded":
         args = BuildArgs(
             data_dir="embedded",
@@ -107,7 +107,7 @@ def preset(name: str = "embedded", **overrides) -> BuildArgs:
 
 
 PRESETS = {"embedded": "the embedded corpus and small models: minutes on 2 CPU cores",
-           "imdb": "IMDb (../shared/data/imdb) and the project's larger models: ~10 min per model on 2 CPU cores"}
+           "imdb": "IMDb (../shared/data/imdb) and the project's larger models: minutes per model on 2 CPU cores"}
 
 
 @dataclass

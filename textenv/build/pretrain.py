@@ -147,7 +147,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def heldout_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
     """Mean next-token cross-entropy (nats) over held-out windows (W, T)."""
     was_training = model.training
     model.eval()
@@ -197,31 +197,15 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
     block = min(cfg.block_size, getattr(model.config, "n_positions", cfg.block_size))
     model.to(device).train()
     t0 = time.time()
-    train_ids, held_ids = token_stream(tokenizer, train_texts), token_stream(tokenizer, heldout_texts)
-    if len(train_ids) <= block + 1 or len(held_ids) <= block:
-        raise ValueError(f"too little text for block_size={block}: {len(train_ids)} training and {len(held_ids)} "
-                         "held-out tokens; pass more texts or a smaller block_size")
-    n_win = min(cfg.eval_windows, len(held_ids) // block)
-    held = held_ids[: n_win * block].view(n_win, block)  # (W, T) non-overlapping held-out windows
+    train_ids, held = _token_data(tokenizer, train_texts, heldout_texts, block, cfg.eval_windows)
     log(f"pretrain {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"{len(train_ids):,} train / {held.numel():,} held-out tokens, vocab {len(tokenizer)}, device {device}")
 
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, history = 0, []
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.pt").exists():
-        model.load_state_dict(type(model).from_pretrained(ckpt).state_dict())
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, history = int(state["step"]), json.loads(state["history"])
-        log(f"resumed from {ckpt} at step {step}")
-    writer = None
-    if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"))
+    ckpt = ckpt_dir(out)
+    step, history = _restore(ckpt, model, opt, gen, log)
+    writer = _tensorboard(out / "tb") if cfg.tensorboard else None
     tokens_seen, t_train, t_last = 0, 0.0, time.time()
     while step < cfg.max_steps:
         time_frac = t_train / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
@@ -239,30 +223,80 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
         tokens_seen += x.numel()
         now = time.time()
         t_train, t_last = t_train + now - t_last, now
-        if writer is not None:
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            log(f"step {step}/{cfg.max_steps} | loss {loss.item():.3f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                f"{tokens_seen / max(t_train, 1e-9):,.0f} tok/s | {t_train:.0f}s")
+        _log_step(cfg, step, loss.item(), opt.param_groups[0]["lr"], tokens_seen / max(t_train, 1e-9), t_train,
+                  writer, log)
         stop = cfg.max_minutes is not None and t_train > 60 * cfg.max_minutes
         if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:
-            held_loss = evaluate(model, held, cfg.batch_size * 2, device)
+            held_loss = heldout_loss(model, held, cfg.batch_size * 2, device)
             history.append({"step": step, "train_loss": loss.item(), "heldout_loss": held_loss})
             log(f"step {step}: held-out loss {held_loss:.3f}, perplexity {math.exp(held_loss):.1f}")
             if writer is not None:
                 writer.add_scalar("eval/heldout_perplexity", math.exp(held_loss), step)
             t_last = time.time()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and not stop:
-            model.save_pretrained(ckpt)
-            torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
-                        "history": json.dumps(history)}, ckpt / "state.pt")
+            _save_checkpoint(ckpt, model, opt, gen, step, history)
             t_last = time.time()
         if stop:
             log(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
             break
+    run = {"step": step, "history": history, "tokens_seen": tokens_seen, "t_train": t_train, "t0": t0}
+    return _finish(model, tokenizer, cfg, out, train_ids, held, heldout_texts, sample_prompts, run, writer, log)
 
-    held_loss = history[-1]["heldout_loss"] if history else evaluate(model, held, cfg.batch_size * 2, device)
+
+def _tensorboard(folder: Path):
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+    return SummaryWriter(str(folder))
+
+
+def _log_step(cfg: PretrainConfig, step: int, loss: float, lr: float, tokens_per_s: float, t_train: float, writer,
+              log: Callable[[str], None]) -> None:
+    """TensorBoard scalars of a step, and every `log_every` steps a progress line with throughput."""
+    if writer is not None:
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/lr", lr, step)
+    if step % cfg.log_every == 0 or step == cfg.max_steps:
+        log(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | {t_train:.0f}s")
+
+
+def _token_data(tokenizer: PreTrainedTokenizerBase, train_texts: list[str], heldout_texts: list[str], block: int,
+                eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the training token stream, non-overlapping held-out windows (W, block)), or a clear error on too little."""
+    train_ids, held_ids = token_stream(tokenizer, train_texts), token_stream(tokenizer, heldout_texts)
+    if len(train_ids) <= block + 1 or len(held_ids) <= block:
+        raise ValueError(f"too little text for block_size={block}: {len(train_ids)} training and {len(held_ids)} "
+                         "held-out tokens; pass more texts or a smaller block_size")
+    n_win = min(eval_windows, len(held_ids) // block)
+    return train_ids, held_ids[: n_win * block].view(n_win, block)
+
+
+def _restore(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+             log: Callable[[str], None]) -> tuple[int, list]:
+    """(step, history) of an interrupted run's checkpoint, its model, optimizer and data order restored; (0, [])
+    without one."""
+    if not (ckpt / "state.pt").exists():
+        return 0, []
+    model.load_state_dict(type(model).from_pretrained(ckpt).state_dict())
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    log(f"resumed from {ckpt} at step {int(state['step'])}")
+    return int(state["step"]), json.loads(state["history"])
+
+
+def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                     step: int, history: list) -> None:
+    model.save_pretrained(ckpt)
+    torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
+                "history": json.dumps(history)}, ckpt / "state.pt")
+
+
+def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig, out: Path,
+            train_ids: torch.Tensor, held: torch.Tensor, heldout_texts: list[str], sample_prompts: list[str] | None,
+            run: dict, writer, log: Callable[[str], None]) -> dict:
+    """Samples and metrics of the trained model; save model, tokenizer and `metrics.json`, drop the checkpoint."""
+    device, history, step = next(model.parameters()).device, run["history"], run["step"]
+    held_loss = history[-1]["heldout_loss"] if history else heldout_loss(model, held, cfg.batch_size * 2, device)
     prompts = (sample_prompts or [t[:20] for t in heldout_texts])[: cfg.n_samples]
     samples = sample_texts(model, tokenizer, prompts, device=device, seed=cfg.seed)
     samples_top_k = sample_texts(model, tokenizer, prompts, device=device, seed=cfg.seed + 1, top_k=50)
@@ -272,10 +306,9 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
         "model": cfg.model, "params": sum(p.numel() for p in model.parameters()), "steps": step,
         "heldout_loss": held_loss, "heldout_perplexity": math.exp(held_loss),
         "unigram_perplexity": unigram_perplexity(train_ids, held[:, 1:].reshape(-1), len(tokenizer)),
-        "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(t_train, 1e-9),
-        "train_seconds": t_train, "wall_seconds": time.time() - t0, "history": history, "samples": samples,
-        "samples_top_k50": samples_top_k,
-        "config": asdict(cfg), "device": str(device),
+        "train_tokens": run["tokens_seen"], "tokens_per_s": run["tokens_seen"] / max(run["t_train"], 1e-9),
+        "train_seconds": run["t_train"], "wall_seconds": time.time() - run["t0"], "history": history,
+        "samples": samples, "samples_top_k50": samples_top_k, "config": asdict(cfg), "device": str(device),
     }
     log(f"held-out perplexity {metrics['heldout_perplexity']:.1f} vs unigram {metrics['unigram_perplexity']:.1f}")
     if writer is not None:
@@ -284,5 +317,10 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(ckpt_dir(out), ignore_errors=True)
     return metrics
+
+
+def ckpt_dir(out: Path) -> Path:
+    """Where `pretrain` keeps an interrupted run's checkpoint inside `out`."""
+    return out / "checkpoint"
