@@ -168,6 +168,14 @@ def test_judge_learns_and_round_trips(tmp_path: Path) -> None:
         train_judge(JudgeConfig(), Texts(["a"]), TEST.head(5))
 
 
+def test_judge_features_do_not_depend_on_the_string_hash_seed() -> None:
+    # a set of strings iterates in the order of Python's per-process string hash (PYTHONHASHSEED), and the order of
+    # a text's buckets is the order of the judge's float sum: a fixed (sorted) order gives every process one score
+    ids, offsets, _ = Judge().features(["a truly great film, great fun and a great cast!", "dull, dull and dull"])
+    rows = [ids[a:b].tolist() for a, b in zip(offsets.tolist(), offsets.tolist()[1:] + [len(ids)], strict=True)]
+    assert len(rows[0]) > 10 and all(row == sorted(set(row)) for row in rows)
+
+
 @pytest.mark.slow
 def test_build_all_caches_and_loads(tmp_path: Path) -> None:
     args = preset("embedded", out_dir=str(tmp_path), train_limit=800, test_limit=100,

@@ -3,7 +3,10 @@
 import dataclasses
 import gzip
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +266,20 @@ def test_same_seed_same_run_whatever_ran_before(tmp_path):
         records.append({k: (rec[k]["reward_mean"], rec[k]["kl_mean"], rec[k]["ref_perplexity"])
                         for k in ("before", "after")} | {"history": rec["history"][-1]["score_mean"]})
     assert records[0] == records[1]
+
+
+@pytest.mark.slow  # builds the embedded models into ./artifacts once (cached), then two --quick runs of the main job
+def test_the_main_job_run_twice_with_one_seed_gives_one_report(tmp_path):
+    # as a user runs it: two processes, each with its own string hash seed (the judge's sums used to follow it)
+    root = Path(__file__).resolve().parents[1]
+    reports = []
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        cmd = [sys.executable, "-m", "agents.rlhf", "embedded", "--quick", "--ppo.seed", "3", "--ppo.torch-threads",
+               "1", "--ppo.run-dir", str(tmp_path / name), "--artifacts-dir", str(root / "artifacts")]
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=1200,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    a, b = ({k: r[k] for k in ("before", "after", "samples")} | {"history": [
+        {k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in r["history"]]}
+        for r in reports)
+    assert a["after"]["kl_mean"] != 0 and a == b

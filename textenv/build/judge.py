@@ -72,7 +72,8 @@ class Judge:
         for text in texts:
             words = _WORD.findall(text.lower())
             grams = {" ".join(words[i:i + n]) for n in range(1, self.cfg.ngram + 1) for i in range(len(words) - n + 1)}
-            buckets = {zlib.crc32(g.encode()) % self.cfg.n_features for g in grams}
+            buckets = sorted({zlib.crc32(g.encode()) % self.cfg.n_features for g in grams})  # sorted: a set's
+            # order follows the per-process string hash (PYTHONHASHSEED), and the sum's rounding would follow it
             offsets.append(len(ids))
             ids.extend(buckets)
             weights.extend([1.0 / max(1, len(buckets)) ** 0.5] * len(buckets))
