@@ -36,6 +36,7 @@ from transformers import (
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
 )
 
 from agents.gpt_policy import sample_categorical  # the policy's own sampler (inverse CDF)
@@ -45,7 +46,7 @@ from textenv.lm import CachedLM
 
 
 class Timed:
-    """A reward model that also adds up the seconds spent inside it (to split env bookkeeping from scoring)."""
+    """A reward model that also adds up the seconds spent inside it (splits env bookkeeping from scoring)."""
 
     def __init__(self, reward_model) -> None:
         self.reward_model, self.seconds = reward_model, 0.0
@@ -108,7 +109,8 @@ def time_cached_rollout(model: GPT2LMHeadModel, envs: TextVectorEnv, steps: int)
     return t_lm / steps * 1e6, t_env / steps * 1e6
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: --quick, --batch, --rounds, --threads, --out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--batch", type=int, default=64, help="vector env size = GPT decode batch")
@@ -117,18 +119,12 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/env_overhead.json)"
     )
-    args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
-    steps = 48 if args.quick else 160  # vector steps per round (x batch tokens)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    E = args.batch
+    return parser.parse_args()
 
-    texts, text_source = bench_texts(1000 if args.quick else 5000)
-    tok = train_bpe(texts)  # the project's byte-level BPE (4096 tokens), as the model factory trains it
+
+def build_models(tok: PreTrainedTokenizerFast) -> tuple[dict[str, object], GPT2LMHeadModel]:
+    """The two reward models ("rule" and a DistilBERT classifier from config) and the tiny GPT, on `tok`."""
     V = len(tok)
-    # The seed recipe's episode shape: 2-8 token queries, 4-16 token responses.
-    kw = dict(tokenizer=tok, prompts=texts, query_tokens=(2, 8), max_prompt_tokens=8, max_new_tokens=(4, 16))
     classifier = DistilBertForSequenceClassification(
         DistilBertConfig(
             vocab_size=V, dim=128, hidden_dim=256, n_layers=2, n_heads=2, pad_token_id=tok.pad_token_id
@@ -136,9 +132,15 @@ def main() -> None:
     )
     rewards = {"rule": KeywordReward(["great", "good", "love", "bad"]), "hf": HFRewardModel(classifier, tok)}
     gpt = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=256, n_layer=4, n_head=4)).eval()
+    return rewards, gpt
 
-    rng = np.random.default_rng(0)
-    actions = rng.integers(0, V, size=(steps, E))  # random tokens: EOS is rare, as in sampled text
+
+def build_envs(
+    tok: PreTrainedTokenizerFast, texts: list[str], rewards: dict[str, object], E: int
+) -> dict[str, tuple[object, Timed]]:
+    """Every env timed (single, sync, batched; per reward), keyed as in the JSON, with its Timed reward."""
+    # The seed recipe's episode shape: 2-8 token queries, 4-16 token responses.
+    kw = dict(tokenizer=tok, prompts=texts, query_tokens=(2, 8), max_prompt_tokens=8, max_new_tokens=(4, 16))
     envs: dict[str, tuple[object, Timed]] = {}
     for name, rm in rewards.items():
         timed = Timed(rm)
@@ -154,11 +156,18 @@ def main() -> None:
         TextVectorEnv(E, reward_model=timed, **(kw | {"max_new_tokens": 16})),
         timed,
     )
+    return envs
 
+
+def measure(
+    gpt: GPT2LMHeadModel, envs: dict[str, tuple[object, Timed]], actions: np.ndarray, rounds: int, vocab: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round us/step of every case (rounds interleaved) and, per env, the us/step in its reward model."""
+    steps, E = actions.shape
     times: dict[str, list[float]] = {}
     scoring: dict[str, list[float]] = {}  # of which inside the reward model
     for _ in range(rounds):
-        times.setdefault("gpt_decode", []).append(time_decode(gpt, E, 8, 16, V))
+        times.setdefault("gpt_decode", []).append(time_decode(gpt, E, 8, 16, vocab))
         for key, (env, timed) in envs.items():
             timed.seconds = 0.0
             if key.startswith("single"):
@@ -171,20 +180,20 @@ def main() -> None:
         lm_us, env_us = time_cached_rollout(gpt, envs["batched_rule"][0], steps // 2)
         times.setdefault("gpt_cachedlm_step", []).append(lm_us)
         times.setdefault("rollout_env_rule", []).append(env_us)
+    return times, scoring
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_score = {k: statistics.median(v) for k, v in scoring.items()}
+
+def medians(per_round: dict[str, list[float]]) -> dict[str, float]:
+    """The median over rounds of each case."""
+    return {k: statistics.median(v) for k, v in per_round.items()}
+
+
+def case_results(
+    times: dict[str, list[float]], med: dict[str, float], med_score: dict[str, float], E: int
+) -> tuple[dict[str, dict], list[list]]:
+    """Each case's JSON record and table row, with fractions of the GPT decode step for batch-E cases."""
     decode = med["gpt_decode"]
-    results: dict = {
-        "batch": E,
-        "torch_threads": args.threads,
-        "text_source": text_source,
-        "vocab": V,
-        "episode": "queries of 2-8 tokens, responses of 4-16 tokens (random tokens)",
-        "load_average_1min_at_end": round(
-            os.getloadavg()[0], 2
-        ),  # other jobs on the machine inflate all times
-    }
+    records: dict[str, dict] = {}
     rows = []
     for key, label, batch in [
         ("gpt_decode", "tiny GPT decode step (KV cache, raw HF)", E),
@@ -206,11 +215,16 @@ def main() -> None:
             r |= {"fraction_of_gpt_decode_step": us / decode}
             if key in med_score:
                 r |= {"env_own_fraction_of_gpt_decode_step": (us - rm_us) / decode}
-        results[key] = r
+        records[key] = r
         pct = (lambda x: f"{100 * x / decode:.1f}%") if batch == E else (lambda x: "-")
         rows.append(
             [label, batch, round(us, 1), round(us / batch, 2), pct(us), round(us - rm_us, 1), pct(us - rm_us)]
         )
+    return records, rows
+
+
+def print_cases(rows: list[list]) -> None:
+    """Print the table of every case: us per step and per token, with and without the reward model."""
     print_table(
         [
             "what",
@@ -223,6 +237,11 @@ def main() -> None:
         ],
         rows,
     )
+
+
+def overhead_targets(med: dict[str, float], med_score: dict[str, float]) -> list[dict]:
+    """The batched env's cost, total and without the reward model, as a fraction of the GPT decode step."""
+    decode = med["gpt_decode"]
     targets = []
     for r in ("rule", "hf"):
         total, own = med[f"batched_{r}"] / decode, (med[f"batched_{r}"] - med_score[f"batched_{r}"]) / decode
@@ -232,6 +251,40 @@ def main() -> None:
         targets.append(
             target(f"batched_env_{r}_own_cost_fraction_of_gpt_decode_step", own, "<= 0.10", own <= 0.10)
         )
+    return targets
+
+
+def main() -> None:
+    """Build the models and envs, time them in rounds, print the table and targets, write the JSON."""
+    args = parse_args()
+    rounds = 2 if args.quick else args.rounds
+    steps = 48 if args.quick else 160  # vector steps per round (x batch tokens)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    E = args.batch
+
+    texts, text_source = bench_texts(1000 if args.quick else 5000)
+    tok = train_bpe(texts)  # the project's byte-level BPE (4096 tokens), as the model factory trains it
+    V = len(tok)
+    rewards, gpt = build_models(tok)
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, V, size=(steps, E))  # random tokens: EOS is rare, as in sampled text
+    envs = build_envs(tok, texts, rewards, E)
+
+    times, scoring = measure(gpt, envs, actions, rounds, V)
+    med, med_score = medians(times), medians(scoring)
+    results: dict = {
+        "batch": E,
+        "torch_threads": args.threads,
+        "text_source": text_source,
+        "vocab": V,
+        "episode": "queries of 2-8 tokens, responses of 4-16 tokens (random tokens)",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # other jobs on the machine inflate times
+    }
+    records, rows = case_results(times, med, med_score, E)
+    results |= records
+    print_cases(rows)
+    targets = overhead_targets(med, med_score)
     path = write_result("env_overhead", results, targets, args.quick, args.out)
     for t in targets:
         print(f"{t['name']}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")

@@ -25,7 +25,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import IMDB_DIR, print_table, target, write_result  # noqa: E402
 
-from textenv.build.pipeline import build, preset  # noqa: E402
+from textenv.build.pipeline import Artifacts, BuildArgs, build, preset  # noqa: E402
 
 IMDB = IMDB_DIR
 
@@ -52,25 +52,21 @@ class Args:
     """test reviews scored (None: all 25,000)"""
 
 
-def main(args: Args) -> dict:
-    if not Path(args.data_dir).is_dir():
-        sys.exit(f"IMDb not found at {args.data_dir}; pass --data-dir (see ../shared/data/imdb/README.md)")
-    if args.quick:
-        args = dataclasses.replace(args, gpt_minutes=1.0, reward_minutes=1.5, test_limit=args.test_limit or 4000)
+def build_config(args: Args) -> BuildArgs:
+    """The "imdb" preset with this run's data, budgets and work folder, forced to rebuild every artefact."""
     base = preset("imdb")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="textenv-models-"))
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         base, data_dir=args.data_dir, out_dir=str(work), force=True, test_limit=args.test_limit,
-        gpt=dataclasses.replace(base.gpt, model=args.gpt_model, max_minutes=args.gpt_minutes, tensorboard=False),
+        gpt=dataclasses.replace(base.gpt, model=args.gpt_model, max_minutes=args.gpt_minutes,
+                                tensorboard=False),
         reward=dataclasses.replace(base.reward, max_minutes=args.reward_minutes),
         judge=dataclasses.replace(base.judge, epochs=2 if args.quick else base.judge.epochs))
-    t0 = time.time()
-    paths = build(cfg)
-    total = time.time() - t0
-    rec = {k: json.loads((Path(p) / "build.json").read_text()) for k, p in dataclasses.asdict(paths).items()}
-    gpt, rm, judge = rec["gpt"]["metrics"], rec["reward"]["metrics"], rec["judge"]["metrics"]
 
-    # agreement of the two classifiers on the same test reviews (they never shared training data)
+
+def reward_judge_agreement(args: Args, cfg: BuildArgs, paths: Artifacts) -> float:
+    """Share of the scored test reviews that the reward model and the judge put in the same class."""
+    # the same test reviews for both classifiers (they never shared training data)
     from textenv.build.pipeline import eval_split
     from textenv.build.reward_train import predict
 
@@ -81,14 +77,19 @@ def main(args: Args) -> dict:
     rm_pos = predict(model, AutoTokenizer.from_pretrained(paths.reward), test.texts, cfg.reward.max_length,
                      cfg.reward.head_fraction) > 0.5
     judge_pos = [p > 0.5 for p in paths.load_judge()(test.texts)]
-    agreement = sum(int(a) == int(b) for a, b in zip(rm_pos.tolist(), judge_pos, strict=True)) / len(test)
+    return sum(int(a) == int(b) for a, b in zip(rm_pos.tolist(), judge_pos, strict=True)) / len(test)
 
-    stages = {k: round(v["seconds"], 1) for k, v in rec.items()}
-    results = {
-        "gpt": {k: gpt[k] for k in ("model", "params", "steps", "train_tokens", "tokens_per_s", "train_seconds",
-                                    "heldout_perplexity", "unigram_perplexity", "samples", "samples_top_k50")},
-        "reward": {k: rm[k] for k in ("params", "steps", "epochs_done", "train_texts", "test_texts", "test_accuracy",
-                                      "train_seconds", "eval_seconds")},
+
+def model_results(rec: dict[str, dict], cfg: BuildArgs, agreement: float, stages: dict[str, float],
+                  total: float) -> dict:
+    """The JSON results: each model's metrics, the agreement, every stage's seconds and the configs."""
+    gpt, rm, judge = rec["gpt"]["metrics"], rec["reward"]["metrics"], rec["judge"]["metrics"]
+    return {
+        "gpt": {k: gpt[k] for k in ("model", "params", "steps", "train_tokens", "tokens_per_s",
+                                    "train_seconds", "heldout_perplexity", "unigram_perplexity", "samples",
+                                    "samples_top_k50")},
+        "reward": {k: rm[k] for k in ("params", "steps", "epochs_done", "train_texts", "test_texts",
+                                      "test_accuracy", "train_seconds", "eval_seconds")},
         "judge": judge,
         "reward_judge_agreement": agreement,
         "tokenizer_vocab": rec["tokenizer"]["metrics"]["vocab_size"],
@@ -97,11 +98,16 @@ def main(args: Args) -> dict:
                     "judge": dataclasses.asdict(cfg.judge), "tokenizer": dataclasses.asdict(cfg.tokenizer)},
         "torch_threads": __import__("torch").get_num_threads(),
     }
+
+
+def print_summary(rec: dict[str, dict], agreement: float, stages: dict[str, float]) -> None:
+    """Print each stage's headline metric beside its reference and seconds, then the GPT's samples."""
+    gpt, rm, judge = rec["gpt"]["metrics"], rec["reward"]["metrics"], rec["judge"]["metrics"]
     print()
     print_table(["stage", "what", "project", "reference", "seconds"], [
         ["tokenizer", "BPE vocab", rec["tokenizer"]["metrics"]["vocab_size"], "-", stages["tokenizer"]],
-        ["pretrain", "held-out perplexity", gpt["heldout_perplexity"], f"unigram {gpt['unigram_perplexity']:.1f}",
-         stages["gpt"]],
+        ["pretrain", "held-out perplexity", gpt["heldout_perplexity"],
+         f"unigram {gpt['unigram_perplexity']:.1f}", stages["gpt"]],
         ["pretrain", "tokens/s", gpt["tokens_per_s"], "-", gpt["train_seconds"]],
         ["reward", "test accuracy", rm["test_accuracy"], "target 0.85", stages["reward"]],
         ["judge", "test accuracy", judge["test_accuracy"], "-", stages["judge"]],
@@ -109,12 +115,37 @@ def main(args: Args) -> dict:
     ])
     for s, s_k in zip(gpt["samples"], gpt.get("samples_top_k50", gpt["samples"]), strict=True):
         print(f"sample (pure): {s}\nsample (top-50): {s_k}")
-    targets = [
+
+
+def model_targets(rec: dict[str, dict]) -> list[dict]:
+    """The targets: reward-model test accuracy within its budget, GPT perplexity under the unigram one."""
+    gpt, rm = rec["gpt"]["metrics"], rec["reward"]["metrics"]
+    return [
         target("reward_test_accuracy", rm["test_accuracy"], ">= 0.85 with <= 600 s training",
                rm["test_accuracy"] >= 0.85 and rm["train_seconds"] <= 600 + 30),
         target("gpt_perplexity_vs_unigram", gpt["heldout_perplexity"] / gpt["unigram_perplexity"], "< 1.0",
                gpt["heldout_perplexity"] < gpt["unigram_perplexity"]),
     ]
+
+
+def main(args: Args) -> dict:
+    """Build every artefact, score the reward model against the judge, print the table, write the JSON."""
+    if not Path(args.data_dir).is_dir():
+        sys.exit(f"IMDb not found at {args.data_dir}; pass --data-dir (see ../shared/data/imdb/README.md)")
+    if args.quick:
+        args = dataclasses.replace(args, gpt_minutes=1.0, reward_minutes=1.5,
+                                   test_limit=args.test_limit or 4000)  # fmt: skip
+    cfg = build_config(args)
+    t0 = time.time()
+    paths = build(cfg)
+    total = time.time() - t0
+    rec = {k: json.loads((Path(p) / "build.json").read_text()) for k, p in dataclasses.asdict(paths).items()}
+    agreement = reward_judge_agreement(args, cfg, paths)
+
+    stages = {k: round(v["seconds"], 1) for k, v in rec.items()}
+    results = model_results(rec, cfg, agreement, stages, total)
+    print_summary(rec, agreement, stages)
+    targets = model_targets(rec)
     path = write_result("models", results, targets, args.quick, args.out)
     print(f"wrote {path}")
     return results

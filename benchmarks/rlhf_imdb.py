@@ -32,7 +32,7 @@ import tyro
 from _common import IMDB_DIR, final_quarter_kl, print_table, target, write_result
 
 from agents.rlhf import prepare, run
-from agents.rlhf.config import PRESETS
+from agents.rlhf.config import PRESETS, RLHFConfig
 from agents.vector import resolve_device
 
 IMDB = IMDB_DIR
@@ -68,9 +68,8 @@ class Args:
     """JSON path (default benchmarks/results/rlhf_<preset>.json)"""
 
 
-def main(a: Args) -> None:
-    if not Path(a.data_dir).exists():
-        raise SystemExit(f"IMDb not found at {a.data_dir}; pass --data-dir (a folder of <split>.jsonl.gz or aclImdb/)")
+def build_config(a: Args) -> RLHFConfig:
+    """The preset's config with this run's data, seed, threads, run folder and overrides (less if --quick)."""
     base = PRESETS[a.preset]()
     ppo = dataclasses.replace(base.ppo, seed=a.seed, torch_threads=a.torch_threads,
                               run_dir=a.run_dir or f"runs/bench-rlhf-{a.preset}-{int(time.time())}")
@@ -83,46 +82,69 @@ def main(a: Args) -> None:
     cfg = dataclasses.replace(base, data_dir=a.data_dir, policy=a.policy or base.policy,
                               reward_model=a.reward_model, judge=a.judge, ppo=ppo)
     if a.quick:
-        ppo.total_timesteps, cfg.eval_prompts = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps), 64
-    fetch_s = None
-    if cfg.policy == "smollm2":  # the first fetch + conversion, timed on its own (0 s when cached)
-        from textenv.build.smollm2 import fetch_smollm2
+        ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
+        cfg.eval_prompts = 64
+    return cfg
 
-        t0 = time.time()
-        cfg.policy = str(fetch_smollm2(cfg.artifacts_dir))
-        fetch_s = time.time() - t0
-    t0 = time.time()
-    pieces = prepare(cfg, resolve_device(ppo.device))  # builds or reuses the models (timed apart from RLHF)
-    build_s = time.time() - t0
-    rec = run(cfg, pieces)
-    b, af, timing = rec["before"], rec["after"], rec["timing"]
-    rlhf_s = timing["total_s"]
+
+def fetch_policy(cfg: RLHFConfig) -> float | None:
+    """Seconds to fetch and convert SmolLM2 into cfg.policy if it is `smollm2`; None for any other policy."""
+    if cfg.policy != "smollm2":
+        return None
+    from textenv.build.smollm2 import fetch_smollm2
+
+    t0 = time.time()  # the first fetch + conversion, timed on its own (0 s when cached)
+    cfg.policy = str(fetch_smollm2(cfg.artifacts_dir))
+    return time.time() - t0
+
+
+def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> list[dict]:
+    """The recipe's targets on the run's record: positive rates, gain, KL, perplexity, diversity, time."""
+    b, af, rlhf_s = rec["before"], rec["after"], rec["timing"]["total_s"]
     gain = af["reward_mean"] - b["reward_mean"]
-    rows = [[k, b[k], af[k]] for k in ("reward_mean", "reward_median", "positive_rate_reward_model",
-                                        "positive_rate_judge", "kl_mean", "ref_perplexity", "distinct_2",
-                                        "mean_response_tokens")]
-    print_table(["metric", "before", "after"], rows)
     ppl_ratio = af["ref_perplexity"] / b["ref_perplexity"]
     d2_ratio = af["distinct_2"] / b["distinct_2"] if b["distinct_2"] else float("nan")
-    kl_tail = final_quarter_kl(rec["history"])
-    kl_err = abs(kl_tail - ppo.kl_target) / ppo.kl_target if ppo.kl_target else float("nan")
-    judge_goal = 0.95 if a.preset == "smollm2" else 0.90  # the real-LM issue asks the judge for 0.95
-    targets = [
+    kl_err = abs(kl_tail - kl_target) / kl_target if kl_target else float("nan")
+    judge_goal = 0.95 if preset == "smollm2" else 0.90  # the real-LM issue asks the judge for 0.95
+    return [
         target("positive_rate_reward_model", af["positive_rate_reward_model"], ">= 0.95",
                af["positive_rate_reward_model"] >= 0.95),
         target("positive_rate_judge", af["positive_rate_judge"], f">= {judge_goal}",
                (af["positive_rate_judge"] or 0) >= judge_goal),
         target("reward_mean_gain", gain, ">= 1.53", gain >= 1.53),
         target("kl_nats", af["kl_mean"], "<= 6", af["kl_mean"] <= 6.0),
-        target("kl_final_quarter_error", kl_err, f"<= 0.2 (|mean KL of the last 25% - {ppo.kl_target:g}| / setpoint)",
-               kl_err <= 0.2),
+        target("kl_final_quarter_error", kl_err,
+               f"<= 0.2 (|mean KL of the last 25% - {kl_target:g}| / setpoint)", kl_err <= 0.2),
         target("ref_perplexity_ratio", ppl_ratio, "<= 1.3", ppl_ratio <= 1.3),
         target("distinct_2_ratio", d2_ratio, ">= 0.8", d2_ratio >= 0.8),
         target("rlhf_wall_minutes", rlhf_s / 60, "<= 20", rlhf_s <= 20 * 60),
     ]
+
+
+def main(a: Args) -> None:
+    """Prepare the models, run RLHF, print before/after and the targets, write the JSON and the report."""
+    if not Path(a.data_dir).exists():
+        raise SystemExit(f"IMDb not found at {a.data_dir}; pass --data-dir "
+                         "(a folder of <split>.jsonl.gz or aclImdb/)")  # fmt: skip
+    cfg = build_config(a)
+    ppo = cfg.ppo
+    fetch_s = fetch_policy(cfg)
+    t0 = time.time()
+    pieces = prepare(cfg, resolve_device(ppo.device))  # builds or reuses the models (timed apart from RLHF)
+    build_s = time.time() - t0
+    rec = run(cfg, pieces)
+
+    b, af = rec["before"], rec["after"]
+    rows = [[k, b[k], af[k]] for k in ("reward_mean", "reward_median", "positive_rate_reward_model",
+                                        "positive_rate_judge", "kl_mean", "ref_perplexity", "distinct_2",
+                                        "mean_response_tokens")]
+    print_table(["metric", "before", "after"], rows)
+    kl_tail = final_quarter_kl(rec["history"])
+    targets = rlhf_targets(a.preset, rec, ppo.kl_target, kl_tail)
     print()
-    print_table(["target", "value", "goal", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets])
-    results = {"preset": a.preset, "before": b, "after": af, "gain": rec["gain"], "timing": timing,
+    print_table(["target", "value", "goal", "met"],
+                [[t["name"], t["value"], t["target"], t["met"]] for t in targets])  # fmt: skip
+    results = {"preset": a.preset, "before": b, "after": af, "gain": rec["gain"], "timing": rec["timing"],
                "build_s": build_s, "fetch_and_convert_s": fetch_s,
                "kl_final_quarter": kl_tail,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -37,13 +37,20 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import tyro
 from _common import bench_texts, print_table, target, write_result
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+)
 
 from agents.gpt_policy import GPTAgent, sample_categorical
 from textenv.lm import split_lm
@@ -87,9 +94,9 @@ class Args:
 
 def tokenizer(vocab: int, limit: int = 3000):
     """A byte-level BPE of `vocab` tokens trained on `limit` IMDb reviews when present, else on the embedded
-    corpus; returns (tokenizer, texts, a line saying which texts, fillers). When the texts give fewer merges than
-    `vocab` (the embedded corpus for GPT-2's 50k), `fillers` plain tokens `<fill_i>` bring it to `vocab`: the model
-    keeps the preset's shape, and its output layer the cost it has in real use."""
+    corpus; returns (tokenizer, texts, a line saying which texts, fillers). When the texts give fewer merges
+    than `vocab` (the embedded corpus for GPT-2's 50k), `fillers` plain tokens `<fill_i>` bring it to `vocab`:
+    the model keeps the preset's shape, and its output layer the cost it has in real use."""
     from textenv.build.bpe import train_bpe
 
     texts, source = bench_texts(limit)
@@ -119,7 +126,8 @@ class EndAt(LogitsProcessor):
         self.prompt_tokens, self.lengths, self.eos = prompt_tokens, lengths, eos
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        last = self.lengths == input_ids.shape[1] - self.prompt_tokens + 1  # (B,) the next token is the row's last
+        # (B,) the next token is the row's last
+        last = self.lengths == input_ids.shape[1] - self.prompt_tokens + 1
         forced = torch.full_like(scores[:1], -float("inf"))
         forced[:, self.eos] = 0.0
         return torch.where(last[:, None], forced, scores)
@@ -199,8 +207,8 @@ def generate_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, 
         extra = {"logits_processor": LogitsProcessorList([EndAt(P, lengths, eos)])} if realistic else {}
         with torch.no_grad(), autocast(args):
             out = model.generate(
-                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0, top_p=1.0,
-                temperature=1.0, min_new_tokens=0 if realistic else args.new_tokens,
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
+                top_p=1.0, temperature=1.0, min_new_tokens=0 if realistic else args.new_tokens,
                 max_new_tokens=args.new_tokens, pad_token_id=pad, eos_token_id=eos, **extra,
             )  # fmt: skip
         tokens += response_tokens(out, P, eos) if realistic else B * args.new_tokens
@@ -208,13 +216,14 @@ def generate_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, 
     return tokens
 
 
-def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, args: Args, realistic: bool) -> int:
+def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, args: Args,
+               realistic: bool) -> int:  # fmt: skip
     base, head = split_lm(model)
     tokens = 0
     for _ in range(episodes):
         lengths = draw_lengths(args, prompts.shape[0]) if realistic else None
         ids = prompts
-        steps = int(lengths.max()) if realistic else args.new_tokens  # the batch runs until its longest row ends
+        steps = int(lengths.max()) if realistic else args.new_tokens  # runs until the longest row ends
         for _ in range(steps):
             with torch.no_grad(), autocast(args):
                 hidden = base(input_ids=ids).last_hidden_state[:, -1]  # (B, C): the whole prefix again
@@ -225,26 +234,28 @@ def naive_loop(model: GPT2LMHeadModel, prompts: torch.Tensor, episodes: int, arg
     return tokens
 
 
-def main(args: Args) -> None:
-    if args.quick:
-        args.episodes, args.rounds = 1, 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    n_layer, n_embd, n_head, vocab = PRESETS[args.preset]
-    tok, texts, source, fillers = tokenizer(vocab)
-    vocab = len(tok)
+def zero_reward(texts: list[str]) -> list[float]:
+    """A reward model that scores nothing: the benchmark times generation, not scoring."""
+    return [0.0] * len(texts)
+
+
+def build_model(tok: PreTrainedTokenizerFast, args: Args) -> GPT2LMHeadModel:
+    """The preset's GPT-2-architecture model on `tok`'s vocabulary (seeded), on `args.device`, for eval."""
+    n_layer, n_embd, n_head, _ = PRESETS[args.preset]
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    model = GPT2LMHeadModel(cfg).to(args.device).eval()
-    pad = tok.pad_token_id
+    return GPT2LMHeadModel(cfg).to(args.device).eval()
+
+
+def build_methods(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, texts: list[str],
+                  args: Args) -> dict[tuple[str, str], Callable[[int], int]]:  # fmt: skip
+    """Every (scenario, method) timed, each a function that runs n episode batches and returns its tokens."""
+    pad, vocab = tok.pad_token_id, len(tok)
     agent = GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype)
-
-    def zero_reward(texts: list[str]) -> list[float]:
-        return [0.0] * len(texts)
-
     P, N = args.prompt_tokens, args.new_tokens
-    common = dict(tokenizer=tok, reward_model=zero_reward, prompts=texts, max_prompt_tokens=P, query_tokens=(P, P))
+    common = dict(tokenizer=tok, reward_model=zero_reward, prompts=texts, max_prompt_tokens=P,
+                  query_tokens=(P, P))  # fmt: skip
     envs = TextVectorEnv(args.batch, max_new_tokens=N, min_new_tokens=N, **common)
     stream = EnvStream(agent, TextVectorEnv(args.batch, max_new_tokens=(args.min_tokens, N), **common), args)
     padded = EnvStream(GPTAgent(model, pad, vocab_size=vocab, dtype=args.dtype, group_lengths=False),
@@ -252,8 +263,7 @@ def main(args: Args) -> None:
     first, _ = envs.reset(seed=0)  # the same prompts for every method
     prompts = torch.as_tensor(first[:, -P:]).to(args.device)
     assert (prompts != pad).all(), "prompts must be exactly --prompt-tokens long"
-
-    methods = {  # (scenario, method) -> run n episode batches, return tokens
+    return {
         ("realistic", "textenv+gptagent"): stream,
         ("realistic", "textenv, padded re-prefill"): padded,
         ("realistic", "hf generate"): lambda n: generate_loop(model, prompts, n, args, pad, True),
@@ -263,11 +273,13 @@ def main(args: Args) -> None:
         ("best case", "hf generate"): lambda n: generate_loop(model, prompts, n, args, pad, False),
         ("best case", "naive recompute"): lambda n: naive_loop(model, prompts, n, args, False),
     }
-    for fn in methods.values():  # warm-up (allocator, autocast caches, lazy imports)
-        fn(1)
+
+
+def time_rounds(methods: dict[tuple[str, str], Callable[[int], int]],
+                args: Args) -> tuple[dict[tuple, list[float]], dict[tuple, list[float]]]:  # fmt: skip
+    """Wall-clock and CPU-time tokens/s of every method per round (all back to back, order alternating)."""
     rates: dict[tuple, list[float]] = {k: [] for k in methods}  # wall-clock tokens/s per round
     cpu_rates: dict[tuple, list[float]] = {k: [] for k in methods}  # tokens per CPU-second per round
-    load_before = os.getloadavg()[0]  # the CPU is shared: say how busy it was
     for r in range(args.rounds):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
         for key in order:
@@ -277,37 +289,52 @@ def main(args: Args) -> None:
             sync(args.device)
             rates[key].append(tokens / (time.perf_counter() - t0))
             cpu_rates[key].append(tokens / (time.process_time() - c0))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{s}/{m} {v[-1]:.0f}" for (s, m), v in rates.items()))
+        print(f"round {r + 1}/{args.rounds}: "
+              + ", ".join(f"{s}/{m} {v[-1]:.0f}" for (s, m), v in rates.items()))  # fmt: skip
+    return rates, cpu_rates
 
-    def ratio(table: dict, scenario: str, other: str, ours: str = "textenv+gptagent") -> float:
-        """Median over rounds of ours / other, both timed in the same round."""
-        return statistics.median(np.array(table[(scenario, ours)]) / np.array(table[(scenario, other)]))
 
+def ratio(table: dict, scenario: str, other: str, ours: str = "textenv+gptagent") -> float:
+    """Median over rounds of ours / other, both timed in the same round."""
+    return statistics.median(np.array(table[(scenario, ours)]) / np.array(table[(scenario, other)]))
+
+
+def print_rates(rates: dict[tuple, list[float]], cpu_rates: dict[tuple, list[float]]) -> None:
+    """Print each method's tokens/s (median, min, max; and per CPU-second), and its ratio to `generate`."""
     rows = [[s, m, statistics.median(v), min(v), max(v), ratio(rates, s, "hf generate", m),
              statistics.median(cpu_rates[(s, m)]), ratio(cpu_rates, s, "hf generate", m)]
             for (s, m), v in rates.items()]  # fmt: skip
     headers = ["scenario", "method", "tokens/s (median)", "min", "max", "x generate", "tokens/cpu-s",
                "x generate (cpu)"]  # fmt: skip
     print_table(headers, rows)
-    gpu = args.device.startswith("cuda")
+
+
+def rollout_targets(rates: dict[tuple, list[float]], cpu_rates: dict[tuple, list[float]],
+                    gpu: bool) -> list[dict]:  # fmt: skip
+    """The targets: ours against `generate` (both scenarios) and, on CPU, against naive recompute."""
     targets = []
     for clock, table in (("wall", rates), ("cpu_time", cpu_rates)):
         if gpu and clock == "cpu_time":
             continue
         v = ratio(table, "realistic", "hf generate")
-        targets.append(target(f"realistic_tokens_per_s_ratio_vs_generate_{clock}", round(v, 3), ">= 1.0", v >= 1.0))
+        targets.append(target(f"realistic_tokens_per_s_ratio_vs_generate_{clock}", round(v, 3), ">= 1.0",
+                              v >= 1.0))  # fmt: skip
         want = 1.0 if gpu else 0.8
         v = ratio(table, "best case", "hf generate")
-        targets.append(target(f"best_case_tokens_per_s_ratio_vs_generate_{clock}", round(v, 3), f">= {want}", v >= want))
+        targets.append(target(f"best_case_tokens_per_s_ratio_vs_generate_{clock}", round(v, 3), f">= {want}",
+                              v >= want))  # fmt: skip
         if not gpu:
             v = ratio(table, "best case", "naive recompute")
-            targets.append(target(f"best_case_tokens_per_s_ratio_vs_naive_last_logits_{clock}", round(v, 2), ">= 3.0",
-                                  v >= 3.0))  # fmt: skip
-    for t in targets:
-        print(f"target {t['name']}: {t['value']} (want {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
+            targets.append(target(f"best_case_tokens_per_s_ratio_vs_naive_last_logits_{clock}", round(v, 2),
+                                  ">= 3.0", v >= 3.0))  # fmt: skip
+    return targets
+
+
+def scenario_results(rates: dict[tuple, list[float]], cpu_rates: dict[tuple, list[float]]) -> dict[str, dict]:
+    """The JSON record of each scenario: per-round and median rates of every method, and their ratios."""
     scenarios = {}
     for scenario in ("realistic", "best case"):
-        keys = [k for k in methods if k[0] == scenario]
+        keys = [k for k in rates if k[0] == scenario]
         scenarios[scenario] = {
             "tokens_per_s": {m: [round(x, 1) for x in rates[(s, m)]] for s, m in keys},
             "median_tokens_per_s": {m: round(statistics.median(rates[(s, m)]), 1) for s, m in keys},
@@ -319,12 +346,38 @@ def main(args: Args) -> None:
             "ratio_vs_naive": {"wall": round(ratio(rates, scenario, "naive recompute"), 2),
                                "cpu_time": round(ratio(cpu_rates, scenario, "naive recompute"), 2)},
         }  # fmt: skip
+    return scenarios
+
+
+def main(args: Args) -> None:
+    """Build the model and every method, time them in rounds, print the table and targets, write the JSON."""
+    if args.quick:
+        args.episodes, args.rounds = 1, 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    n_layer, n_embd, _, vocab = PRESETS[args.preset]
+    tok, texts, source, fillers = tokenizer(vocab)
+    vocab = len(tok)
+    model = build_model(tok, args)
+    methods = build_methods(model, tok, texts, args)
+
+    for fn in methods.values():  # warm-up (allocator, autocast caches, lazy imports)
+        fn(1)
+    load_before = os.getloadavg()[0]  # the CPU is shared: say how busy it was
+    rates, cpu_rates = time_rounds(methods, args)
+
+    print_rates(rates, cpu_rates)
+    targets = rollout_targets(rates, cpu_rates, args.device.startswith("cuda"))
+    for t in targets:
+        print(f"target {t['name']}: {t['value']} (want {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
     results = {
         "model": {"preset": args.preset, "n_layer": n_layer, "n_embd": n_embd, "vocab": vocab,
                   "filler_tokens": fillers, "parameters": sum(p.numel() for p in model.parameters())},
-        "texts": source, "batch": args.batch, "prompt_tokens": P, "new_tokens": N, "realistic_tokens": [args.min_tokens, N],
-        "episodes_per_round": args.episodes, "rounds": args.rounds, "device": args.device, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "scenarios": scenarios,
+        "texts": source, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "realistic_tokens": [args.min_tokens, args.new_tokens],
+        "episodes_per_round": args.episodes, "rounds": args.rounds, "device": args.device,
+        "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "scenarios": scenario_results(rates, cpu_rates),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }  # fmt: skip
     print(f"wrote {write_result('rollout', results, targets, args.quick, args.out)}")
