@@ -79,6 +79,11 @@ class Args:
     """the discount factor gamma"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
+    advantages: Literal["gae", "rloo", "grpo"] = "gae"
+    """`gae` (with the value head), or group-relative with no value head trained: each episode's return against
+    the other episodes answering its prompt, `rloo` (their mean) or `grpo` (the group's mean and std); needs an
+    env that reports `infos["group"]` at reset, and collects episodes whole: each iteration resets every env and
+    runs until their episodes end, at most `num_steps` steps"""
     num_minibatches: int = 4
     """the number of mini-batches"""
     update_epochs: int = 4
@@ -187,9 +192,11 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             for group in optimizer.param_groups:
                 group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
 
+            if args.advantages != "gae":  # episodic: every iteration starts fresh episodes, in groups
+                r.carry = Carry.start(r.envs, dist.seed(args.seed + 7919 * iteration), episodic=True)
             rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_ctl.coef, r.device)
-            r.global_step += T * E * W
-            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated)
+            r.global_step += T * E * W  # num_steps per env, also when an episodic rollout stopped sooner
+            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated, args.advantages)
             stats = update(agent, optimizer, rollout, args, clip, dist)
 
             # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
@@ -338,6 +345,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
     mean over its steps on all ranks and each step uses the sum of the ranks' gradients (a rank without steps
     adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
     by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
+    vf_coef = args.vf_coef if args.advantages == "gae" else 0.0  # group-relative: no value head to train
     b = {"actions": rollout.actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1),
          "values": rollout.values.reshape(-1), "advantages": rollout.advantages.reshape(-1),
          "returns": rollout.returns.reshape(-1)}
@@ -350,7 +358,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
             count, mu, std = advantage_moments(sel["advantages"], mask, dist)
             adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
             loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), clip,
-                                     args.clip_coef if args.clip_vloss else None, args.ent_coef, args.vf_coef)
+                                     args.clip_coef if args.clip_vloss else None, args.ent_coef, vf_coef)
             if epoch == 0 and mb_i == 0 and logprob.numel():  # before any step the policy is the rollout's
                 first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask)
             if not torch.isfinite(loss):

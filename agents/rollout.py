@@ -73,6 +73,8 @@ class Rollout:
     """GAE advantages (0 at reset steps); filled by compute_advantages"""
     returns: torch.Tensor | None = None
     """advantages + values, the value targets; filled by compute_advantages"""
+    groups: np.ndarray | None = None
+    """(E,) the group of each env's episode (episodic rollouts of an env that reports `infos["group"]`)"""
 
 
 @dataclass
@@ -91,14 +93,21 @@ class Carry:
     """(E,) KL to the reference so far"""
     next_mask: np.ndarray | None = None
     """(E, n_actions) bool: the actions allowed on `next_obs` (None: the env reports no `action_mask`)"""
+    finished: np.ndarray | None = None
+    """(E,) episodic collection: the env's episode has ended, the rest of the rollout ignores it (None: continuing)"""
+    groups: np.ndarray | None = None
+    """(E,) the group of each env's episode, from the reset's `infos["group"]` (None: the env reports none)"""
 
     @classmethod
-    def start(cls, envs: gym.vector.VectorEnv, seed: int | None) -> Carry:
-        """Reset `envs` with `seed`: fresh episodes everywhere."""
+    def start(cls, envs: gym.vector.VectorEnv, seed: int | None, episodic: bool = False) -> Carry:
+        """Reset `envs` with `seed`: fresh episodes everywhere. `episodic`: the next rollout collects exactly
+        these episodes, one per env, and stops when all have ended."""
         next_obs, infos = envs.reset(seed=seed)
         n = envs.num_envs
+        groups = np.asarray(infos["group"]) if "group" in infos else None
         return cls(next_obs, np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64), np.zeros(n),
-                   action_mask_of(infos, n, envs.single_action_space))
+                   action_mask_of(infos, n, envs.single_action_space), np.zeros(n, bool) if episodic else None,
+                   groups)
 
 
 def action_mask_of(infos: dict, num_envs: int, action_space: gym.Space) -> np.ndarray | None:
@@ -125,7 +134,9 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
     """`num_steps` vector steps of `agent` in `envs` (next-step autoreset), continuing from `carry` (updated).
 
     `global_step` is the count before this rollout; each vector step adds `steps_per_step` (envs x ranks).
-    With kl_coef > 0 every transition needs `infos["ref_logprob"]` (log p_ref of the action taken)."""
+    With kl_coef > 0 every transition needs `infos["ref_logprob"]` (log p_ref of the action taken).
+    An episodic `carry` (`Carry.start(..., episodic=True)`) collects each env's one episode and stops when all have
+    ended (the rollout is then shorter than `num_steps`); an episode that has not ended by then is an error."""
     T, E = num_steps, envs.num_envs
     obs_space, obs_type = envs.single_observation_space, obs_dtype(envs.single_observation_space)
     obs = torch.zeros((T, E) + obs_space.shape, dtype=obs_type, device=device)
@@ -134,7 +145,7 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
     rewards, ref_logprobs = np.zeros((T, E), np.float32), np.zeros((T, E), np.float32)
     terminated, truncated = np.zeros((T, E), bool), np.zeros((T, E), bool)
     prev_done_start, has_ref, episodes = carry.prev_done, False, []
-    c = carry
+    c, ignored = carry, np.zeros((T, E), bool)  # ignored: steps of envs whose episode ended (episodic)
     masks = None if c.next_mask is None else torch.ones((T, E, envs.single_action_space.n), dtype=torch.bool,
                                                         device=device)
     for step in range(T):
@@ -148,42 +159,89 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
         actions[step], logprobs[step], values[step] = action, logprob, value.flatten()
         c.next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
         c.next_mask = action_mask_of(infos, E, envs.single_action_space)
-        live = ~c.prev_done  # False at the autoreset steps
+        ignored[step] = False if c.finished is None else c.finished
+        live = ~c.prev_done & ~ignored[step]  # False at the autoreset steps
         rewards[step], terminated[step], truncated[step] = reward, term, trunc
-        has_it = infos.get("_ref_logprob", np.full(E, "ref_logprob" in infos)) & live  # reset steps may lack it
-        if kl_coef > 0 and not has_it[live].all():
-            raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
-                             "action taken) each step; wrap the env with a reference model or set kl_coef=0")
-        if "ref_logprob" in infos:  # `where`, not `* mask`: a NaN or inf at an ignored step must not leak in
-            has_ref = True
-            ref_logprobs[step] = np.where(has_it, infos["ref_logprob"], 0.0)
-            c.ep_kl += np.where(has_it, logprob.cpu().numpy() - ref_logprobs[step], 0.0)
+        ref, has_it = step_ref_logprob(infos, live, kl_coef)
+        if ref is not None:
+            has_ref, ref_logprobs[step] = True, ref
+            c.ep_kl += np.where(has_it, logprob.cpu().numpy() - ref, 0.0)
         c.ep_ret += np.where(live, reward, 0.0)  # the env's own reward, not the KL-shaped one
         c.ep_len += live
         c.prev_done = term | trunc  # the next step of these envs is a reset
-        for i in np.flatnonzero(c.prev_done):
+        for i in np.flatnonzero(c.prev_done & live):
             episodes.append(Episode(global_step, float(c.ep_ret[i]), int(c.ep_len[i]),
                                     float(c.ep_kl[i]) if has_ref else None, env_info(infos, i)))
             c.ep_ret[i], c.ep_len[i], c.ep_kl[i] = 0.0, 0, 0.0
-    as_tensor = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    return Rollout(obs=obs, actions=actions, logprobs=logprobs, values=values, rewards=as_tensor(rewards),
-                   ref_logprobs=as_tensor(ref_logprobs) if has_ref else None,
-                   valid=as_tensor(autoreset_valid(terminated | truncated, prev_done_start)),
-                   terminated=as_tensor(terminated), truncated=as_tensor(truncated),
-                   next_obs=torch.as_tensor(c.next_obs, dtype=obs_type).to(device), episodes=episodes,
-                   kl_coef=kl_coef, action_masks=masks)
+        if c.finished is not None:
+            c.finished |= c.prev_done & live
+            if c.finished.all():  # every episode ended: the rollout stops here
+                T = step + 1
+                break
+    if c.finished is not None and not c.finished.all():
+        raise ValueError(f"episodic collection: {int((~c.finished).sum())} episode(s) did not end within num_steps="
+                         f"{T}; raise num_steps to the longest episode's length")
+    as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x[:T])).to(device)  # noqa: E731
+    valid = autoreset_valid(terminated[:T] | truncated[:T], prev_done_start) & ~ignored[:T]
+    return Rollout(obs=obs[:T], actions=actions[:T], logprobs=logprobs[:T], values=values[:T],
+                   rewards=as_tensor(rewards), ref_logprobs=as_tensor(ref_logprobs) if has_ref else None,
+                   valid=torch.from_numpy(valid).to(device), terminated=as_tensor(terminated),
+                   truncated=as_tensor(truncated), next_obs=torch.as_tensor(c.next_obs, dtype=obs_type).to(device),
+                   episodes=episodes, kl_coef=kl_coef, action_masks=None if masks is None else masks[:T],
+                   groups=c.groups)
+
+
+def step_ref_logprob(infos: dict, live: np.ndarray, kl_coef: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """(this step's `infos["ref_logprob"]` at the live steps that report it, 0 elsewhere, or None when the env
+    reports none; which steps report it). With kl_coef > 0 every live step must."""
+    has_it = infos.get("_ref_logprob", np.full(len(live), "ref_logprob" in infos)) & live  # reset steps may lack it
+    if kl_coef > 0 and not has_it[live].all():
+        raise ValueError("kl_coef > 0 needs the env to report infos['ref_logprob'] (log p_ref of the "
+                         "action taken) each step; wrap the env with a reference model or set kl_coef=0")
+    if "ref_logprob" not in infos:
+        return None, has_it
+    return np.where(has_it, infos["ref_logprob"], 0.0), has_it  # `where`: a NaN at an ignored step stays out
 
 
 def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, gae_lambda: float,
-                       bootstrap_truncated: bool = True) -> None:
-    """Fill `rollout.shaped_rewards` (the per-token KL penalty), `advantages` and `returns` (GAE)."""
+                       bootstrap_truncated: bool = True, method: str = "gae") -> None:
+    """Fill `rollout.shaped_rewards` (the per-token KL penalty), `advantages` and `returns`: GAE, or with `method`
+    "rloo" / "grpo" each episode's return against its group's (`group_advantages`) on every one of its steps."""
     r = rollout
-    with torch.no_grad():
-        next_value = agent.get_value(r.next_obs).flatten()
     r.shaped_rewards = (kl_penalty_rewards(r.rewards, r.logprobs, r.ref_logprobs, r.valid, r.kl_coef)
                         if r.kl_coef > 0 else r.rewards)
+    if method != "gae":  # an episodic rollout: each env column holds one whole episode
+        if r.groups is None:
+            raise ValueError(f"advantages={method!r} compares episodes within groups, but the env reports no "
+                             "infos['group'] at reset; use an env that hands prompts out in groups "
+                             "(TextVectorEnv(group_size=k), gymnasium.make_vec('TextEnv-v0', group_size=k)) or 'gae'")
+        episode_returns = torch.where(r.valid, r.shaped_rewards, 0.0).sum(0)  # (E,)
+        adv = torch.as_tensor(group_advantages(episode_returns.double().cpu().numpy(), r.groups, method),
+                              dtype=r.values.dtype, device=r.values.device)
+        r.advantages = torch.where(r.valid, adv[None, :], 0.0)  # (T, E): the episode's advantage on its steps
+        r.returns = r.advantages + r.values  # no value head is trained in these modes
+        return
+    with torch.no_grad():
+        next_value = agent.get_value(r.next_obs).flatten()
     r.advantages, r.returns = compute_gae(r.shaped_rewards, r.values, next_value, r.terminated, r.truncated, r.valid,
                                           gamma, gae_lambda, bootstrap_truncated)
+
+
+def group_advantages(returns: np.ndarray, groups: np.ndarray, method: str) -> np.ndarray:
+    """Each episode's return against the other episodes of its group (k episodes answering one prompt).
+
+    "rloo" (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): the return minus the mean of the group's
+    other k - 1 returns, a baseline the episode itself does not bias. "grpo" (Shao et al. 2024,
+    https://arxiv.org/abs/2402.03300): the return minus the group's mean, over the group's std. A group of one
+    has no baseline: an error."""
+    out = np.zeros(len(returns))
+    for g in np.unique(groups):
+        idx = groups == g
+        r, k = returns[idx], int(idx.sum())
+        if k < 2:
+            raise ValueError(f"group {g} holds {k} episode: a group-relative baseline needs >= 2 per group")
+        out[idx] = r - (r.sum() - r) / (k - 1) if method == "rloo" else (r - r.mean()) / (r.std() + 1e-8)
+    return out
 
 
 def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tensor, by_env: bool) -> tuple:

@@ -280,3 +280,21 @@ def test_bad_reward_model_output(reward, match):
 def test_exports_short():
     assert set(textenv.__all__) >= {"TextEnv", "TextVectorEnv", "HFRewardModel", "char_tokenizer"}
     assert len(textenv.__all__) <= 16
+
+
+def test_groups_share_their_prompt_and_budget_at_reset():
+    tok = char_tokenizer("abcd")
+    kw = dict(tokenizer=tok, reward_model=EndsWithReward("d"), prompts=["a", "b", "c", "d", "ab", "cd"],
+              max_prompt_tokens=2, max_new_tokens=(1, 4))
+    envs = TextVectorEnv(8, group_size=4, **kw)
+    for seed in range(5):
+        obs, infos = envs.reset(seed=seed)
+        assert infos["group"].tolist() == [0] * 4 + [1] * 4 and infos["_group"].all()
+        assert (obs[:4] == obs[0]).all() and (obs[4:] == obs[4]).all()
+        assert len(set(envs._budget[:4])) == 1 and len(set(envs._budget[4:])) == 1
+    # the first env of each group draws: the same prompts as a TextVectorEnv without groups gives those envs
+    plain, _ = TextVectorEnv(8, **kw).reset(seed=3)
+    grouped, _ = envs.reset(seed=3)
+    assert (grouped[0] == plain[0]).all() and (grouped[4] == plain[4]).all()
+    with pytest.raises(ValueError, match="group_size=3 must be a positive divisor of num_envs=8"):
+        TextVectorEnv(8, group_size=3, **kw)

@@ -237,7 +237,7 @@ def test_sample_never_draws_zero_probability_tokens():
 # --- through agents.ppo on a TextEnv -----------------------------------------------------------------------
 
 
-def keyword_envs(num_envs: int = 16):
+def keyword_envs(num_envs: int = 16, **kw):
     import gymnasium as gym
 
     import textenv
@@ -246,7 +246,7 @@ def keyword_envs(num_envs: int = 16):
     envs = gym.make_vec(
         "TextEnv-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", tokenizer=tok,
         reward_model=textenv.KeywordReward("a"), prompts=["b", "bb", "ba", "ab"], max_prompt_tokens=2,
-        max_new_tokens=4, min_new_tokens=4,
+        max_new_tokens=4, min_new_tokens=4, **kw,
     )  # fmt: skip
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=2, n_head=2, embd_pdrop=0.3)
@@ -256,10 +256,11 @@ def keyword_envs(num_envs: int = 16):
 def ppo_args(tmp_path, iterations: int, **kw):
     from agents.ppo import Args
 
+    steps = kw.pop("num_steps", 20)
     return Args(
-        num_envs=16, num_steps=20, total_timesteps=16 * 20 * iterations, learning_rate=3e-3, minibatch_by_env=True,
-        num_minibatches=4, update_epochs=4, gamma=1.0, bootstrap_truncated=False, ent_coef=0.0, eval_episodes=0,
-        save_every=1, run_dir=str(tmp_path / "run"), log_every=0, torch_threads=1, **kw,
+        num_envs=16, num_steps=steps, total_timesteps=16 * steps * iterations, learning_rate=3e-3,
+        minibatch_by_env=True, num_minibatches=4, update_epochs=4, gamma=1.0, bootstrap_truncated=False, ent_coef=0.0,
+        eval_episodes=0, save_every=1, run_dir=str(tmp_path / "run"), log_every=0, torch_threads=1, **kw,
     )  # fmt: skip
 
 
@@ -282,6 +283,21 @@ def test_ppo_with_gptagent_learns_a_keyword_reward(tmp_path):
     first, last = scores[:64], scores[-64:]  # a random policy writes "a" 1 time in 5; the optimum is 4 of 4
     print(f"first 64 episodes score {first.mean():.2f}, last 64 {last.mean():.2f}")  # ~1.5 -> ~3.7
     assert last.mean() > first.mean() + max(1.0, 6 * first.std().item() / 64**0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_group_relative_advantages_learn_a_keyword_reward_without_training_the_value_head(tmp_path, method):
+    from agents.ppo import train
+
+    envs, agent = keyword_envs(group_size=4)  # 4 groups of 4 episodes answering one prompt
+    head = agent.value_head.weight.detach().clone()
+    result = train(ppo_args(tmp_path, 24, advantages=method, num_steps=5), envs=envs, agent=agent)  # 384 episodes
+    scores = torch.tensor([r for _, r in result["episode_returns"]])
+    assert len(scores) == 16 * 24  # one whole episode per env and iteration
+    first, last = scores[:32], scores[-32:]  # a random policy writes "a" 1 time in 5; the optimum is 4 of 4
+    assert last.mean() > first.mean() + max(1.0, 6 * first.std().item() / 32**0.5), (first.mean(), last.mean())
+    assert torch.equal(agent.value_head.weight, head)  # no value loss: the head's weights never move
 
 
 def test_ppo_with_gptagent_resumes_from_a_checkpoint(tmp_path):

@@ -239,3 +239,26 @@ def test_auto_threads_are_decided_once_per_process(monkeypatch):
     assert pipeline.set_threads(1) == 1 and pipeline.set_threads(None) == 2  # explicit counts still apply
     monkeypatch.setattr(pipeline, "_AUTO_THREADS", None)  # a fresh process that starts on a busy machine
     assert pipeline.set_threads(None) == 1
+
+
+def test_warm_start_trains_only_the_top_blocks_and_lowers_the_held_out_loss(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from textenv import char_tokenizer
+    from textenv.build.warm_start import WarmStartConfig, warm_start
+
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    texts = [f"the film was {w} and the cast was {w}. " * 3 for w in ("good", "bad", "fine", "dull")] * 20
+    cfg = WarmStartConfig(trainable_layers=1, window=24, max_texts=80, eval_texts=8, batch_size=8, lr=1e-2,
+                          epochs=3.0, max_minutes=None)
+    m = warm_start(cfg, tmp_path / "base", texts, texts[:8], tmp_path / "warm", log=lambda s: None)
+    assert m["heldout_loss_after"] < m["heldout_loss_before"] - 0.5 and m["steps"] == 30
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "warm")
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed), changed

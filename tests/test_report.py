@@ -201,3 +201,13 @@ def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     assert out.returncode == 0, out.stderr
     backend, pyplot, size = out.stdout.split()
     assert backend == "svg" and pyplot == "False" and int(size) > 500, out.stdout
+
+
+def test_perplexity_under_the_reference_is_the_reports_reference_perplexity(tok):
+    from agents.rlhf.report import perplexity_under
+
+    model = tiny_lm(len(tok), seed=4)
+    m, s = evaluate(model, model, tok, PROMPTS, max_new_tokens=(2, 6), seed=1, batch_size=7)
+    assert perplexity_under(model, s, tok, batch_size=5) == pytest.approx(m["ref_perplexity"], rel=1e-5)
+    other = perplexity_under(tiny_lm(len(tok), seed=9, uniform=True), s, tok)
+    assert other == pytest.approx(len(tok), rel=1e-5)  # a uniform model: perplexity = vocabulary size

@@ -283,3 +283,38 @@ def test_the_main_job_run_twice_with_one_seed_gives_one_report(tmp_path):
         {k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in r["history"]]}
         for r in reports)
     assert a["after"]["kl_mean"] != 0 and a == b
+
+
+def test_group_relative_run_with_normalised_reward_and_a_best_of_n_baseline(tmp_path):
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS * 2)
+    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 4),
+                     group_size=4, normalize_reward=True, best_of_n=(1, 2, 4), best_of_n_prompts=6)
+    rec = run(cfg, pieces)
+    rows = rec["best_of_n"]["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 4] and rows[0]["kl_bound"] == 0.0
+    # the first n samples are nested: the reward model's favourite of more can only score as well or better
+    assert rows[0]["reward_mean"] <= rows[1]["reward_mean"] <= rows[2]["reward_mean"]
+    assert rows[2]["reward_mean"] > rows[0]["reward_mean"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| best-of-4 | <= 0.64 |" in md and "| tuned policy |" in md  # log 4 - 3/4
+    # PPO saw the normalised score: its episodes' scores are centred on the initial policy's mean (a raw count of
+    # "a" is never negative), while the report keeps the raw score
+    assert min(h["score_mean"] for h in rec["history"]) < 0 < rec["before"]["reward_mean"]
+    assert len(rec["history"]) == 4
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(ppo=dict(advantages="rloo", num_steps=8)), "set --group-size >= 2"),
+    (dict(ppo=dict(advantages="grpo", num_steps=4), group_size=4), "must be >= --max-new-tokens"),
+    (dict(group_size=5), "must divide --ppo.num-envs 16"),
+    (dict(warm_start=True), "needs --policy smollm2"),
+])
+def test_settings_of_group_advantages_and_warm_start_are_checked(tmp_path, kw, message):
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS)
+    with pytest.raises(UsageError, match=message):
+        run(toy_config(tmp_path, **kw), pieces)
+    assert not (tmp_path / "run").exists()

@@ -99,3 +99,41 @@ def test_episode_kl_counts_only_steps_with_a_reference():
     kl = {e.global_step: e.kl for e in r.episodes}  # both end at the 3rd step
     expected = float((r.logprobs[:, 0] - r.ref_logprobs[:, 0]).sum())
     assert [e.kl for e in r.episodes] == pytest.approx([expected, 0.0]), kl
+
+
+def test_group_advantages_by_hand():
+    from agents.rollout import group_advantages
+
+    returns, groups = np.array([1.0, 2.0, 3.0, 6.0]), np.array([0, 0, 1, 1])
+    # RLOO: the return minus the mean of the group's other returns
+    np.testing.assert_allclose(group_advantages(returns, groups, "rloo"), [1 - 2, 2 - 1, 3 - 6, 6 - 3])
+    # GRPO: (return - group mean) / group std; means 1.5 and 4.5, stds 0.5 and 1.5
+    np.testing.assert_allclose(group_advantages(returns, groups, "grpo"), [-1, 1, -1, 1], rtol=1e-6)
+    three = group_advantages(np.array([0.0, 3.0, 6.0]), np.zeros(3, int), "rloo")
+    np.testing.assert_allclose(three, [0 - 4.5, 3 - 3, 6 - 1.5])
+    with pytest.raises(ValueError, match="needs >= 2 per group"):
+        group_advantages(returns, np.array([0, 0, 1, 2]), "rloo")
+
+
+def test_episodic_collection_stops_when_every_episode_ended_and_ignores_what_follows():
+    envs = gym.vector.SyncVectorEnv([lambda n=n: FixedLength(length=n) for n in (2, 4, 3)])
+    torch.manual_seed(0)
+    agent = MLPAgent(envs.single_observation_space, envs.single_action_space)
+    cpu = torch.device("cpu")
+    r = collect_rollout(envs, agent, Carry.start(envs, 0, episodic=True), 10, 0, 3, kl_coef=0.0, device=cpu)
+    # the longest episode has 4 steps: the rollout stops there, one episode per env; after its episode ends an env
+    # (stepped on with the others: it autoresets and starts another) counts for nothing
+    assert r.valid.shape == (4, 3) and sorted(e.length for e in r.episodes) == [2, 3, 4]
+    assert r.valid.T.tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
+    compute_advantages(r, agent, 1.0, 1.0, False)
+    assert bool((r.advantages[~r.valid] == 0).all())
+    with pytest.raises(ValueError, match="did not end within num_steps=3"):
+        collect_rollout(envs, agent, Carry.start(envs, 0, episodic=True), 3, 0, 3, kl_coef=0.0, device=cpu)
+
+
+def test_group_advantages_need_an_env_that_reports_groups():
+    envs, agent, _ = setup()
+    r = collect_rollout(envs, agent, Carry.start(envs, 0, episodic=True), 5, 0, 2, kl_coef=0.0,
+                        device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="reports no infos\\['group'\\]"):
+        compute_advantages(r, agent, 1.0, 1.0, False, method="rloo")

@@ -213,6 +213,19 @@ class EndsWithReward:
         return [self.reward if t.endswith(self.suffix) else 0.0 for t in texts]
 
 
+class NormalizedReward:
+    """`(reward_model(texts) - mean) / std`: a reward model rescaled, e.g. to mean 0 and std 1 under the initial
+    policy (Ziegler et al. 2019 normalise so), which puts the KL coefficient on one scale across reward models."""
+
+    def __init__(self, reward_model: RewardModel, mean: float, std: float) -> None:
+        if not std > 0:
+            raise ValueError(f"std={std} must be > 0: the reward model gave every sample the same score")
+        self.reward_model, self.mean, self.std = reward_model, float(mean), float(std)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [(float(s) - self.mean) / self.std for s in self.reward_model(texts)]
+
+
 class KeywordReward:
     """`weight` per occurrence of each keyword (case-insensitive), e.g. a toy "positive words" reward."""
 

