@@ -10,7 +10,9 @@ belongs. The best setpoint by the judge is saved in the JSON.
     python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
     python benchmarks/overoptimisation.py --preset smollm2 --quick   # the same on SmolLM2 (~18 min per full run)
 
-Runs train in parallel processes (`--workers`, default one per core), each with its share of the threads.
+Runs train in parallel processes (`--workers`, default one per core), each with its share of the threads. Beside
+the runs, the best-of-n baseline of the initial policy (`agents.rlhf.baselines`; n = 1, 4, 16 against its KL
+bound): a setpoint whose judge score lies below that curve bought less than picking from samples does.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class Args:
     """PPO iterations per run (default: the embedded preset's)"""
     eval_prompts: int = 128
     """held-out prompts per evaluation"""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """n of the best-of-n baseline (sampled once, from the initial policy, on the first --best-of-n-prompts)"""
+    best_of_n_prompts: int = 64
+    """held-out prompts of the best-of-n baseline (0: none)"""
     workers: int = 0
     """runs trained at once, each in its own process (0: one per core, up to the number of runs; 1 on a GPU).
     The embedded models are small: one thread per run uses a core better than two threads on one run"""
@@ -65,7 +71,7 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
                               run_dir=f"runs/bench-overopt-{a.preset}-{setpoint or 0:g}-{seed}-{int(time.time())}")
     if a.iterations:
         ppo.total_timesteps = a.iterations * ppo.num_envs * ppo.num_steps
-    cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts)
+    cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts, best_of_n_prompts=0)  # main() samples it
     rec = run(cfg, dataclasses.replace(pieces, policy=copy.deepcopy(pieces.policy)))
     af = rec["after"]
     return {"setpoint": setpoint, "seed": seed, "kl": af["kl_mean"], "proxy": af["reward_mean"],
@@ -93,7 +99,19 @@ def _work(job: tuple[int, int, float | None, int, Args]) -> tuple[int, dict, dic
     return (i, *one_run(_WORKER["base"], _WORKER["pieces"], setpoint, seed, a))
 
 
-def plot(points: list[dict], before: dict, path) -> None:
+def baseline(base, pieces, a: Args) -> dict | None:
+    """Best-of-n of the initial policy on the held-out prompts the runs are evaluated on."""
+    if not a.best_of_n_prompts:
+        return None
+    from agents.rlhf.baselines import best_of_n
+    from agents.rlhf.job import held_out
+
+    cfg = dataclasses.replace(base, eval_prompts=a.eval_prompts)
+    policy = pieces.policy.eval()
+    return best_of_n(policy, policy, held_out(cfg, pieces), a.best_of_n, a.best_of_n_prompts)
+
+
+def plot(points: list[dict], before: dict, path, bon: dict | None = None) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
@@ -109,6 +127,10 @@ def plot(points: list[dict], before: dict, path) -> None:
     for m in means:
         ax.annotate("coef 0" if m["setpoint"] is None else f"{m['setpoint']:g}", (m["kl"], m["proxy"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if bon is not None:
+        rows = bon["rows"]
+        ax2.plot([r["kl_bound"] for r in rows], [r["judge_mean"] for r in rows], "^--", color="tab:olive",
+                 label="best-of-n of the initial policy, judge (KL: its bound)")
     ax.axhline(before["reward_mean"], color="tab:blue", ls=":", lw=1)
     ax2.axhline(before["judge_mean"], color="tab:green", ls=":", lw=1)
     ax.set(xlabel="KL to the reference on held-out prompts (nats per response)", ylabel="reward-model score",
@@ -162,7 +184,8 @@ def main(a: Args) -> None:
     best = max(means, key=lambda m: m["judge"])
     name = "overoptimisation" + ("" if a.preset == "embedded" else f"_{a.preset}")
     png = RESULTS_DIR / f"{name}.png" if a.out is None else Path(a.out).with_suffix(".png")
-    plot(points, before, png)
+    bon = baseline(base, pieces, a)
+    plot(points, before, png, bon)
     total_s = time.time() - t0
     held = [m for m in means if m["setpoint"] is not None]
     worst = max((abs(m["train_kl_final_quarter"] - m["setpoint"]) / m["setpoint"] for m in held), default=float("nan"))
@@ -170,7 +193,8 @@ def main(a: Args) -> None:
                target("seeds_per_point", len(a.seeds), ">= 2", len(a.seeds) >= 2),
                target("wall_minutes", total_s / 60, "<= 30", total_s <= 30 * 60),
                target("worst_final_quarter_kl_error", worst, "<= 0.2 (fraction of the setpoint)", worst <= 0.2)]
-    results = {"points": points, "means": means, "before": before, "best_setpoint_by_judge": best["setpoint"],
+    results = {"points": points, "means": means, "before": before, "best_of_n": bon,
+               "best_setpoint_by_judge": best["setpoint"],
                "best": best, "png": png.name, "total_s": total_s, "workers": workers, "threads_per_run": threads,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     print(f"\nbest kl_target by the judge: {best['setpoint']} (judge {best['judge']:.3f} at KL {best['kl']:.2f})")

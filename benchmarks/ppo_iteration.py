@@ -308,15 +308,16 @@ class HookClock:
 
 def train_check(built: dict, args: Args, iterations: int) -> list[float]:
     """Seconds per iteration of `agents.ppo.train` itself (hook to hook) on the headline case: the top-k one if
-    there is one (its agent and envs continue: the reference shares that agent's trunk), else a fresh copy of
-    the first case's agent."""
+    there is one (its agent and envs continue: the reference shares that agent's trunk), else a fresh agent on
+    the untrained weights (a copy of the reference: the KL starts at 0) in the first case's envs."""
     case = next((c for c in built["cases"].values() if c.agent.split is not None), None)
     if case is not None:
         agent = case.agent
     else:
         case = next(iter(built["cases"].values()))
-        agent = GPTAgent(copy.deepcopy(built["lm"]), built["tok"].pad_token_id, vocab_size=len(built["tok"]),
-                         device=built["device"], dtype=args.dtype)
+        lm = copy.deepcopy(built["reference"]).requires_grad_(True)
+        agent = GPTAgent(lm, built["tok"].pad_token_id, vocab_size=len(built["tok"]), device=built["device"],
+                         dtype=args.dtype)
     a = dataclasses.replace(case.args, total_timesteps=iterations * case.args.num_steps * case.args.num_envs,
                             run_dir=tempfile.mkdtemp(prefix="ppo_iteration-train-"))
     hooks = HookClock()

@@ -43,5 +43,6 @@ def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Se
         pick = scores[:, :n].argmax(axis=1)  # the reward model's favourite of the first n
         rows.append({"n": n, "kl_bound": kl_bound(n), "reward_mean": float(scores[at, pick].mean()),
                      "positive_rate_reward_model": float(positive[at, pick].mean()),
-                     "positive_rate_judge": None if judged is None else float((judged[at, pick] > 0.5).mean())})
+                     "positive_rate_judge": None if judged is None else float((judged[at, pick] > 0.5).mean()),
+                     "judge_mean": None if judged is None else float(judged[at, pick].mean())})
     return {"prompts": len(base), "samples_per_prompt": n_max, "rows": rows}
