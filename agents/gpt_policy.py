@@ -230,7 +230,7 @@ class GPTAgent(nn.Module):
             action = sample_categorical(probs)
             if mask is not None:  # float rounding at the CDF's end must not pick a masked token
                 action = torch.where(mask.gather(-1, action[:, None])[:, 0], action, probs.argmax(-1))
-        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy_of(logp, mask)
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy_of(logp, mask, probs)
 
     # --- agent protocol ----------------------------------------------------------------------------------
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def ppo_loss(logprob: torch.Tensor, entropy: torch.Tensor, value: torch.Tensor, 
         v_clipped = old["values"] + torch.clamp(value - old["values"], -vf_clip, vf_clip)
         v_err = torch.max(v_err, (v_clipped - old["returns"]) ** 2)
     pg_loss, v_loss, entropy_loss = pg.sum() / count, 0.5 * (v_err.sum() / count), entropy.sum() / count
-    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    # without an entropy bonus the entropy stays out of the graph: no backward through the (B, V) softmax for it
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef if ent_coef else pg_loss + v_loss * vf_coef
     with torch.no_grad():
         sums = torch.stack([pg.sum(), 0.5 * v_err.sum(), entropy.sum(), (-logratio).sum(),
                             ((ratio - 1) - logratio).sum(), ((ratio - 1).abs() > clip_coef).float().sum()])

@@ -39,9 +39,11 @@ def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch
     return (logits if mask is None else logits.masked_fill(~mask, float("-inf"))).log_softmax(-1)
 
 
-def entropy_of(logp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """-sum p log p over the last dim; masked entries (p = 0, log p = -inf) count 0, without NaN in value or grad."""
-    return -(logp.exp() * (logp if mask is None else logp.masked_fill(~mask, 0.0))).sum(-1)
+def entropy_of(logp: torch.Tensor, mask: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum p log p over the last dim; masked entries (p = 0, log p = -inf) count 0, without NaN in value or grad.
+    `probs`: exp(logp) when the caller has it already (a large vocabulary makes the exp cost)."""
+    probs = logp.exp() if probs is None else probs
+    return -(probs * (logp if mask is None else logp.masked_fill(~mask, 0.0))).sum(-1)
 
 
 def categorical(logits: torch.Tensor, action: torch.Tensor | None,

@@ -221,8 +221,11 @@ def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, g
         r.advantages = torch.where(r.valid, adv[None, :], 0.0)  # (T, E): the episode's advantage on its steps
         r.returns = r.advantages + r.values  # no value head is trained in these modes
         return
+    # the last step's successor counts only where that step is a transition whose episode goes on (or is truncated
+    # and bootstrapped): otherwise skip the forward (an LM re-encodes a whole batch of new prompts there)
+    goes_on = r.valid[-1] & ~(r.terminated[-1] | (r.truncated[-1] & (not bootstrap_truncated)))
     with torch.no_grad():
-        next_value = agent.get_value(r.next_obs).flatten()
+        next_value = agent.get_value(r.next_obs).flatten() if bool(goes_on.any()) else torch.zeros_like(r.values[-1])
     r.advantages, r.returns = compute_gae(r.shaped_rewards, r.values, next_value, r.terminated, r.truncated, r.valid,
                                           gamma, gae_lambda, bootstrap_truncated)
 
