@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tyro
 from _common import IMDB_DIR, final_quarter_kl, print_table, target, write_result
 
@@ -88,14 +89,24 @@ def build_config(a: Args) -> RLHFConfig:
 
 
 def fetch_policy(cfg: RLHFConfig) -> float | None:
-    """Seconds to fetch and convert SmolLM2 into cfg.policy if it is `smollm2`; None for any other policy."""
+    """Seconds to fetch and convert SmolLM2 (cached in artifacts_dir, where the job finds it) if the policy is
+    `smollm2`; None for any other policy."""
     if cfg.policy != "smollm2":
         return None
     from textenv.build.smollm2 import fetch_smollm2
 
     t0 = time.time()  # the first fetch + conversion, timed on its own (0 s when cached)
-    cfg.policy = str(fetch_smollm2(cfg.artifacts_dir))
+    fetch_smollm2(cfg.artifacts_dir)
     return time.time() - t0
+
+
+def best_of_n_at(bon: dict | None, kl: float) -> float | None:
+    """The best-of-n curve's judge positive rate at `kl` (linear between its points, flat past the last)."""
+    if not bon or bon["rows"][0]["positive_rate_judge"] is None:
+        return None
+    xs = [r["kl_bound"] for r in bon["rows"]]
+    ys = [r["positive_rate_judge"] for r in bon["rows"]]
+    return float(np.interp(kl, xs, ys))
 
 
 def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> list[dict]:
@@ -105,8 +116,16 @@ def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> li
     ppl_ratio = af["ref_perplexity"] / b["ref_perplexity"]
     d2_ratio = af["distinct_2"] / b["distinct_2"] if b["distinct_2"] else float("nan")
     kl_err = abs(kl_tail - kl_target) / kl_target if kl_target else float("nan")
-    judge_goal = 0.95 if preset == "smollm2" else 0.90  # the real-LM issue asks the judge for 0.95
-    return [
+    real = preset == "smollm2"
+    judge_goal, minutes = (0.95, 30) if real else (0.90, 20)
+    curve = best_of_n_at(rec.get("best_of_n"), af["kl_mean"])
+    warm = rec.get("pieces", {}).get("warm_start")
+    extra = [] if curve is None else [
+        target("judge_over_best_of_n_at_its_kl", (af["positive_rate_judge"] or 0) - curve, ">= 0",
+               (af["positive_rate_judge"] or 0) >= curve)]
+    if warm:
+        extra.append(target("warm_start_minutes", warm["build_seconds"] / 60, "<= 10", warm["build_seconds"] <= 600))
+    return extra + [
         target("positive_rate_reward_model", af["positive_rate_reward_model"], ">= 0.95",
                af["positive_rate_reward_model"] >= 0.95),
         target("positive_rate_judge", af["positive_rate_judge"], f">= {judge_goal}",
@@ -117,7 +136,7 @@ def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> li
                f"<= 0.2 (|mean KL of the last 25% - {kl_target:g}| / setpoint)", kl_err <= 0.2),
         target("ref_perplexity_ratio", ppl_ratio, "<= 1.3", ppl_ratio <= 1.3),
         target("distinct_2_ratio", d2_ratio, ">= 0.8", d2_ratio >= 0.8),
-        target("rlhf_wall_minutes", rlhf_s / 60, "<= 20", rlhf_s <= 20 * 60),
+        target("rlhf_wall_minutes", rlhf_s / 60, f"<= {minutes}", rlhf_s <= minutes * 60),
     ]
 
 

@@ -16,7 +16,7 @@ from textenv.build.bpe import CLS, classifier_tokenizer, train_bpe
 from textenv.build.corpus import corpus_split
 from textenv.build.data import Texts
 from textenv.build.judge import Judge, JudgeConfig, train_judge
-from textenv.build.pipeline import Artifacts, TokenizerConfig, build_all, main, parse_args, preset
+from textenv.build.pipeline import Artifacts, TokenizerConfig, build, build_all, main, parse_args, preset
 from textenv.build.pretrain import PretrainConfig, lr_at, pretrain
 from textenv.build.reward_train import RewardConfig, encode, train_reward
 
@@ -262,3 +262,30 @@ def test_warm_start_trains_only_the_top_blocks_and_lowers_the_held_out_loss(tmp_
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "warm")
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
     assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed), changed
+
+
+def test_warm_start_step_is_built_once_and_reused(tmp_path: Path) -> None:
+    # `textenv.build warmstart` on a stand-in for the fetched SmolLM2 (a tiny Llama in its cache folder)
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from textenv import char_tokenizer
+    from textenv.build.smollm2 import FOLDER, MARKER, VERSION
+    from textenv.build.warm_start import WarmStartConfig
+
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .,'!")
+    base = tmp_path / FOLDER
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    tok.save_pretrained(base)
+    (base / MARKER).write_text(json.dumps({"version": VERSION}))
+    args = preset("embedded", out_dir=str(tmp_path), train_limit=200, test_limit=40,
+                  warm_start=WarmStartConfig(trainable_layers=1, window=16, max_texts=64, eval_texts=8, batch_size=8))
+    logs: list[str] = []
+    first = build(args, "warmstart", log=logs.append).warm_start
+    record = json.loads((first / "build.json").read_text())
+    assert first.name.startswith("warmstart-") and record["metrics"]["rows"] == 64
+    assert record["metrics"]["heldout_loss_after"] < record["metrics"]["heldout_loss_before"]
+    assert build(args, "warmstart", log=logs.append).warm_start == first and any("reusing" in s for s in logs)

@@ -214,7 +214,8 @@ def warm_start(cfg: RLHFConfig) -> tuple[str, dict]:
     from textenv.build.pipeline import build, preset
 
     path = build(preset(cfg.models, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir), "warmstart").warm_start
-    return str(path), json.loads((path / "build.json").read_text())["metrics"]
+    record = json.loads((path / "build.json").read_text())
+    return str(path), {"path": str(path), "build_seconds": record["seconds"], **record["metrics"]}
 
 
 def build_models(cfg: RLHFConfig, device: torch.device, *, need_policy: bool, need_reward: bool,
