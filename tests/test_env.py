@@ -298,3 +298,17 @@ def test_groups_share_their_prompt_and_budget_at_reset():
     assert (grouped[0] == plain[0]).all() and (grouped[4] == plain[4]).all()
     with pytest.raises(ValueError, match="group_size=3 must be a positive divisor of num_envs=8"):
         TextVectorEnv(8, group_size=3, **kw)
+
+
+def test_groups_take_a_prompt_index_per_group_and_refuse_one_split_across_a_group():
+    tok = char_tokenizer("abcd")
+    envs = TextVectorEnv(8, group_size=4, tokenizer=tok, reward_model=EndsWithReward("d"),
+                         prompts=["a", "b", "c", "d", "ab", "cd"], max_prompt_tokens=2, max_new_tokens=(1, 4))
+    _, infos = envs.reset(seed=0, options={"prompt_index": np.array([5] * 4 + [2] * 4)})
+    assert infos["prompt"].tolist() == ["cd"] * 4 + ["c"] * 4
+    # a group whose leader does not restart keeps its episode: a follower's index is then its own
+    _, infos = envs.reset(options={"prompt_index": np.array([0] * 4 + [1] * 4),
+                                   "reset_mask": np.array([True] * 4 + [False] * 4)})
+    assert infos["prompt"][:4].tolist() == ["a"] * 4
+    with pytest.raises(ValueError, match="env 2 prompt 3 but the first env of its group .env 0. prompt 0"):
+        envs.reset(options={"prompt_index": np.array([0, 0, 3, 0, 1, 1, 1, 1])})

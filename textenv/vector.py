@@ -136,6 +136,8 @@ class TextVectorEnv(VectorEnv):
                     f"per env; got {options['prompt_index']!r}."
                 )
         rows = np.flatnonzero(mask)
+        if index is not None and self.group_size > 1:
+            self._check_group_index(rows, index)
         for i in rows:
             if seed[i] is not None:
                 self._rngs[i] = seeding.np_random(seed[i])[0]
@@ -145,6 +147,19 @@ class TextVectorEnv(VectorEnv):
         if self.group_size > 1:
             infos["group"], infos["_group"] = np.arange(self.num_envs) // self.group_size, mask.copy()
         return self._obs.copy(), infos
+
+    def _check_group_index(self, rows: np.ndarray, index: np.ndarray) -> None:
+        """The envs of a group share their prompt: a `prompt_index` that gives one group two prompts is refused."""
+        leaders = rows - rows % self.group_size
+        starting = np.isin(leaders, rows)  # a follower takes its leader's episode only when the leader starts too
+        split = starting & (index[rows] != index[leaders])
+        if split.any():
+            i = rows[split][0]
+            raise ValueError(
+                f"options['prompt_index'] gives env {i} prompt {index[i]} but the first env of its group "
+                f"(env {leaders[split][0]}) prompt {index[leaders[split][0]]}; with group_size={self.group_size} "
+                f"the envs of a group share one prompt: repeat each index {self.group_size} times."
+            )
 
     def _check_actions(self, actions: Any) -> np.ndarray:
         a = np.asarray(actions)

@@ -30,6 +30,8 @@ def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Se
     (`sample_episodes`: max(ns) samples per prompt, each its own seed). For each n the pick is the reward model's
     favourite among the first n samples; returns per n its KL bound and the picks' mean reward and positive rates
     by the reward model and by the judge."""
+    if not ns or min(ns) < 1:
+        raise ValueError(f"best-of-n needs every n >= 1; got {tuple(ns)}")
     n_max, base = max(ns), list(held_out.prompts[:prompts])
     repeated = dataclasses.replace(held_out, prompts=[p for p in base for _ in range(n_max)])
     s = sample_episodes(policy, reference, repeated)
@@ -38,11 +40,18 @@ def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Se
     positive = (scores > 0) if h.reward_positive_fn is None else (
         np.asarray(h.reward_positive_fn(s.texts), dtype=float).reshape(len(base), n_max) > 0.5)
     judged = None if h.judge_fn is None else np.asarray(h.judge_fn(s.texts), dtype=float).reshape(len(base), n_max)
-    rows, at = [], np.arange(len(base))
+    return {"prompts": len(base), "samples_per_prompt": n_max, "rows": pick_best(scores, positive, judged, ns)}
+
+
+def pick_best(scores: np.ndarray, positive: np.ndarray, judged: np.ndarray | None, ns: Sequence[int]) -> list[dict]:
+    """Per n in `ns`: of each prompt's first n samples (rows of `scores`, shape (prompts, samples)) the reward
+    model's favourite, and the picks' mean reward, positive rate by the reward model (`positive`, bools) and by the
+    judge (`judged`, probabilities positive, or None)."""
+    rows, at = [], np.arange(len(scores))
     for n in sorted(ns):
         pick = scores[:, :n].argmax(axis=1)  # the reward model's favourite of the first n
         rows.append({"n": n, "kl_bound": kl_bound(n), "reward_mean": float(scores[at, pick].mean()),
                      "positive_rate_reward_model": float(positive[at, pick].mean()),
                      "positive_rate_judge": None if judged is None else float((judged[at, pick] > 0.5).mean()),
                      "judge_mean": None if judged is None else float(judged[at, pick].mean())})
-    return {"prompts": len(base), "samples_per_prompt": n_max, "rows": rows}
+    return rows
