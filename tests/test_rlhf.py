@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from agents.cli import UsageError
 from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
-from agents.rlhf.config import rlhf_ppo
+from agents.rlhf.baselines import best_of_n, pick_best
+from agents.rlhf.config import EMBEDDED_ITERATIONS, rlhf_ppo
 from textenv import EpisodeSpec, KeywordReward, char_tokenizer
 
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
@@ -138,19 +140,21 @@ def test_response_longer_than_the_context(folders):
 
 def test_presets_keep_the_jobs_ppo_settings():
     # the job's PPO settings, nested in `ppo` (the PID KL controller holding each preset's setpoint)
-    job = dict(exp_name="rlhf", env_id="TextEnv-v0", seed=1, num_envs=64, num_steps=34, anneal_lr=True,
+    job = dict(exp_name="rlhf", env_id="TextEnv-v0", seed=1, num_envs=64, anneal_lr=True,
                update_epochs=4, num_minibatches=4, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True,
                vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, kl_coef=0.2, kl_horizon=1000,
                minibatch_by_env=True,
                bootstrap_truncated=False, eval_episodes=0, log_every=0, save_every=50, run_dir=None, resume=False)
-    for cfg, steps, lr, kl_target, ctl in ((embedded(), 40 * 64 * 34, 5e-5, 1.5, "pid"),
-                                           (imdb(), 100 * 64 * 34, 1e-4, 5.0, "pid")):
+    for cfg, steps, lr, kl_target, advantages in ((embedded(), EMBEDDED_ITERATIONS * 64 * 16, 5e-5, 1.5, "rloo"),
+                                                  (imdb(), 100 * 64 * 34, 1e-4, 5.0, "gae")):
         got = dataclasses.asdict(cfg.ppo)
         assert {k: got[k] for k in job} == job
-        assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target, cfg.ppo.kl_controller) == (
-            steps, lr, kl_target, ctl)
+        assert (cfg.ppo.total_timesteps, cfg.ppo.learning_rate, cfg.ppo.kl_target, cfg.ppo.kl_controller,
+                cfg.ppo.advantages) == (steps, lr, kl_target, "pid", advantages)
+    # the embedded preset collects whole episodes, 4 per prompt, one per env column: 16 steps cover 16 new tokens
+    assert (embedded().group_size, embedded().normalize_reward, embedded().ppo.num_steps) == (4, True, 16)
     assert (embedded().models, imdb().models, imdb().data_dir) == ("embedded", "imdb", "../shared/data/imdb")
-    assert embedded() == RLHFConfig()
+    assert (imdb().group_size, imdb().ppo.num_steps) == (1, 34)
 
 
 def test_cli_help_and_presets(capsys):
@@ -170,7 +174,7 @@ def test_cli_help_and_presets(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ppo.num-envs", "3", "--ppo.num-minibatches", "2"], "num_minibatches"),
+    (["--ppo.num-envs", "4", "--ppo.num-minibatches", "3"], "num_minibatches"),
     (["--data-dir", "/nonexistent", "--quick"], "/nonexistent"),
 ])
 def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, capsys):
@@ -305,11 +309,26 @@ def test_group_relative_run_with_normalised_reward_and_a_best_of_n_baseline(tmp_
     assert len(rec["history"]) == 4
 
 
+def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
+    scores = np.array([[0.1, 0.9, 0.5, 2.0], [1.0, -1.0, 3.0, 0.0]])
+    judged = np.array([[0.9, 0.2, 0.8, 0.7], [0.1, 0.9, 0.6, 0.4]])  # the judge disagrees with some picks
+    rows = pick_best(scores, scores > 0.6, judged, (4, 1, 2))
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    # n=1: samples 0, 0; n=2: 1, 0; n=4: 3, 2
+    assert [r["reward_mean"] for r in rows] == pytest.approx([0.55, 0.95, 2.5])
+    assert [r["positive_rate_reward_model"] for r in rows] == [0.5, 1.0, 1.0]
+    assert [r["positive_rate_judge"] for r in rows] == [0.5, 0.0, 1.0]
+    assert rows[2]["kl_bound"] == pytest.approx(np.log(4) - 0.75)
+    with pytest.raises(ValueError, match="every n >= 1; got \\(0, 4\\)"):
+        best_of_n(None, None, None, ns=(0, 4))
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(ppo=dict(advantages="rloo", num_steps=8)), "set --group-size >= 2"),
     (dict(ppo=dict(advantages="grpo", num_steps=4), group_size=4), "must be >= --max-new-tokens"),
     (dict(group_size=5), "must divide --ppo.num-envs 16"),
     (dict(warm_start=True), "needs --policy smollm2"),
+    (dict(best_of_n=(0, 4)), "--best-of-n .0, 4. must be >= 1"),
 ])
 def test_settings_of_group_advantages_and_warm_start_are_checked(tmp_path, kw, message):
     tok = char_tokenizer("ab ")
