@@ -167,7 +167,7 @@ def main(a: Args) -> None:
                "build_s": build_s, "fetch_and_convert_s": fetch_s,
                "kl_final_quarter": kl_tail,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-               "built_from": rec.get("pieces", {}), "samples": rec["samples"],
+               "built_from": rec.get("pieces", {}), "best_of_n": rec.get("best_of_n"), "samples": rec["samples"],
                "config": rec["config"], "run_dir": ppo.run_dir}
     path = write_result(f"rlhf_{a.preset}", results, targets, a.quick, a.out)
     report = path.with_name(path.stem + "_report.md")
