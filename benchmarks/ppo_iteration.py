@@ -389,7 +389,7 @@ def targets_of(s: dict, args: Args, names: list[str]) -> list[dict]:
     if args.model == "smollm2":
         whole, top = (s[n] for n in names)
         speedup = whole["median_s"] / top["median_s"]
-        return [target("smollm2_topk_iteration_s", round(top["median_s"], 2), "<= 20", top["median_s"] <= 20),
+        return [target("smollm2_topk_iteration_s", round(top["median_s"], 2), "<= 10", top["median_s"] <= 10),
                 target("smollm2_full_over_topk", round(speedup, 2), ">= 3.5", speedup >= 3.5)]
     out = [target(f"iteration_over_floor_{n}", round(s[n]["ratio_to_floor"], 3), limit, s[n]["ratio_to_floor"] <= float(limit[3:]))
            for n, limit in zip(names, ("<= 1.15", "<= 1.25"), strict=True) if "ratio_to_floor" in s[n]]  # fmt: skip
