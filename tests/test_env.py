@@ -267,14 +267,37 @@ def test_bad_construction():
 def test_bad_reward_model_output(reward, match):
     env = make(reward_model=reward, max_new_tokens=1)
     env.reset(seed=0)
-    with pytest.raises(ValueError, match=f"reward model <lambda>.*{match}"):
+    with pytest.raises(ValueError, match=f"reward model <lambda>.*{match}") as error:
         env.step(A)
+    assert error.value.__notes__ == [f"while scoring a batch of 1 finished episodes (prompts {env.unwrapped._prompt!r})"]
     envs = TextVectorEnv(
         2, tokenizer=TOK, reward_model=reward, prompts=PROMPTS, max_prompt_tokens=5, max_new_tokens=1
     )
     envs.reset(seed=0)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         envs.step(np.array([A, B]))
+    assert error.value.__notes__ == [f"while scoring a batch of 2 finished episodes (prompts {envs._prompt[0]!r}, "
+                                     f"{envs._prompt[1]!r})"]
+
+
+def test_a_reward_model_that_raises_or_returns_inf_is_named_with_its_batch():
+    def broken(texts):
+        raise RuntimeError("CUDA out of memory")
+
+    envs = TextVectorEnv(5, tokenizer=TOK, reward_model=broken, prompts=PROMPTS, max_prompt_tokens=5,
+                         max_new_tokens=1)
+    envs.reset(seed=0)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as error:  # its own error, type kept
+        envs.step(np.full(5, A))
+    (note,) = error.value.__notes__
+    assert note.startswith(f"while scoring a batch of 5 finished episodes (prompts {envs._prompt[0]!r}, ")
+    assert note.endswith(" and 2 more)")
+    envs = TextVectorEnv(2, tokenizer=TOK, reward_model=lambda t: [1.0, float("inf")], prompts=PROMPTS,
+                         max_prompt_tokens=5, max_new_tokens=1)
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="non-finite score .inf. for text 1") as error:
+        envs.step(np.array([A, B]))
+    assert envs._prompt[1] in error.value.__notes__[0]
 
 
 def test_exports_short():

@@ -278,9 +278,17 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             )
         return i
 
-    def score(self, texts: list[str]) -> np.ndarray:
-        """The reward model's scores (float64, one per text), validated."""
-        return check_scores(self.reward_model(texts), len(texts), self.reward_model)
+    def score(self, texts: list[str], prompts: Sequence[str] = ()) -> np.ndarray:
+        """The reward model's scores (float64, one per text), validated. Whatever the reward model raises, or the
+        validation, carries a note naming the batch: how many texts and the first `prompts`."""
+        try:
+            return check_scores(self.reward_model(texts), len(texts), self.reward_model)
+        except Exception as exc:
+            shown = ", ".join(repr(p[:60]) for p in list(prompts)[:3])
+            more = f" and {len(prompts) - 3} more" if len(prompts) > 3 else ""
+            exc.add_note(f"while scoring a batch of {len(texts)} finished episodes"
+                         + (f" (prompts {shown}{more})" if shown else ""))
+            raise
 
     def check_action(self, action: Any) -> int:
         """The action as an int in [0, vocab_size), or a TypeError/ValueError that says how to fix it."""
@@ -360,7 +368,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         truncated = not terminated and (full or len(self._actions) >= self._budget or length >= self.window)
         if terminated or truncated:
             self._done = True
-            info["score"] = float(self.score([info["text"]])[0])
+            info["score"] = float(self.score([info["text"]], [self._prompt])[0])
             reward += info["score"]
             if self.token_rewards is not None:
                 info["token_rewards"] = list(self._paid)  # a list: episodes differ in length

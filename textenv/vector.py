@@ -224,7 +224,7 @@ class TextVectorEnv(VectorEnv):
         if len(finished):
             # One reward-model call for every episode that ends on this step.
             score = np.zeros(E)
-            score[finished] = env.score(list(texts[finished]))
+            score[finished] = env.score(list(texts[finished]), list(self._prompt[finished]))
             rewards[finished] += score[finished]
             completion = np.full(E, None, dtype=object)
             completion[finished] = decode_rows(
