@@ -66,13 +66,35 @@ def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteratio
             "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write `state` to `path` atomically: a temporary file, then `os.replace` (a kill never leaves half a file)."""
+def writable_dir(path: str | Path, what: str = "run folder") -> Path:
+    """`path` created if need be and checked writable by writing a probe file, or a UsageError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write-check"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write the {what} {path} ({e.strerror or e}); point it at a folder you can write "
+                         "to (e.g. --run-dir runs/mine)") from None
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` atomically: a temporary file, then `os.replace` (a kill never leaves half a file).
+    A failed write (a full disk, a folder gone read-only) removes the temporary file, keeps the previous
+    checkpoint as it was and raises a UsageError that says so."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept as it was" if path.is_file() else "no earlier checkpoint exists"
+        raise UsageError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}. "
+                         "Free disk space or fix the folder's permissions, then continue with --resume") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

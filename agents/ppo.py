@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from agents import distributed
-from agents.checkpoint import StopOnCtrlC, open_run, restore, run_state, save_checkpoint, seed_everything
+from agents.checkpoint import (
+    StopOnCtrlC,
+    open_run,
+    restore,
+    run_state,
+    save_checkpoint,
+    seed_everything,
+    writable_dir,
+)
 from agents.cli import UsageError, run_cli
 from agents.evaluate import final_evaluation
 from agents.kl_control import make_kl_controller
@@ -259,6 +267,8 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     check_args(args)
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
+    if dist.is_main:
+        writable_dir(run_dir)
     ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
     ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
 

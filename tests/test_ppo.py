@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import load_checkpoint
+from agents.checkpoint import load_checkpoint, save_checkpoint
 from agents.cli import UsageError
 from agents.distributed import Dist
 from agents.policies import MLPAgent
@@ -237,6 +237,34 @@ def test_bad_args_and_spaces_give_clear_errors(tmp_path):
                                         autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     with pytest.raises(ValueError, match="NEXT_STEP"):
         train(small(tmp_path), envs=disabled)
+
+
+def test_an_unwritable_run_folder_is_one_error_line(tmp_path, capsys):
+    from agents.ppo import main
+
+    (tmp_path / "a_file").write_text("")  # a folder under a file cannot be made, even by root
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run-dir", str(tmp_path / "a_file" / "run"), "--total-timesteps", "512"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the run folder {tmp_path / 'a_file' / 'run'}"), lines
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    train(small(tmp_path, "full", save_every=1))
+    path = tmp_path / "full" / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def disk_full(obj, f):  # half a file written, then the disk is full
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UsageError, match="No space left on device.*previous checkpoint is kept as it was"):
+        save_checkpoint(path, {"x": 1})
+    assert path.read_bytes() == before and not path.with_name("checkpoint.pt.tmp").exists()
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] >= 1
 
 
 class NaNReward(gym.vector.VectorWrapper):

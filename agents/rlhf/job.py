@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from agents import distributed
+from agents.checkpoint import writable_dir
 from agents.cli import run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
@@ -110,7 +111,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
         cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(run_dir)
 
     dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     policy = pieces.policy.to(device)
