@@ -189,6 +189,13 @@ def test_build_all_caches_and_loads(tmp_path: Path) -> None:
     lines.clear()
     again = build_all(args, log=lines.append)
     assert again == paths and sum("reusing" in s for s in lines) == 4
+    # a build killed before its marker: the folder holds half a model and no build.json; the next run rebuilds it
+    (paths.judge / "build.json").unlink()
+    (paths.judge / "half-written.bin").write_bytes(b"\0" * 10)
+    lines.clear()
+    assert build_all(args, log=lines.append).judge == paths.judge
+    assert any(s.startswith("[judge] building") for s in lines) and sum("reusing" in s for s in lines) == 3
+    assert (paths.judge / "build.json").exists() and not list(paths.judge.glob("*.tmp"))
     changed = build_all(dataclasses.replace(args, judge=JudgeConfig(epochs=2, n_features=2**12)), log=lines.append)
     assert changed.judge != paths.judge and changed.reward == paths.reward
     model, tok = paths.load_gpt()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -184,7 +185,11 @@ class _Builder:
         path.mkdir(parents=True, exist_ok=True)
         metrics = build(path)
         record = {"step": step, "key": parts, "seconds": time.time() - t0, "metrics": metrics}
-        (path / "build.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        # build.json marks the folder complete, so it is written last and atomically: a build killed at any point
+        # leaves no marker, and the next run builds the step again over whatever it left
+        tmp = path / "build.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        os.replace(tmp, path / "build.json")
         self.log(f"[{step}] done in {time.time() - t0:.0f}s")
         return path
 
