@@ -239,14 +239,12 @@ def test_bad_args_and_spaces_give_clear_errors(tmp_path):
         train(small(tmp_path), envs=disabled)
 
 
-def test_an_unwritable_run_folder_is_one_error_line(tmp_path, capsys):
-    from agents.ppo import main
-
+def test_an_unwritable_run_folder_is_one_error_line(tmp_path):
     (tmp_path / "a_file").write_text("")  # a folder under a file cannot be made, even by root
-    with pytest.raises(SystemExit) as exit_:
-        main(["--run-dir", str(tmp_path / "a_file" / "run"), "--total-timesteps", "512"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1, lines
+    out = subprocess.run([sys.executable, "-m", "agents.ppo", "--run-dir", str(tmp_path / "a_file" / "run")],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: cannot write the run folder {tmp_path / 'a_file' / 'run'}"), lines
 
 
