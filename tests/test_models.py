@@ -248,19 +248,27 @@ def test_auto_threads_are_decided_once_per_process(monkeypatch):
     assert pipeline.set_threads(None) == 1
 
 
+def _tiny_llama(tok, folder: Path, layers: int, **config):
+    """A seeded Llama of `layers` 32-wide blocks over `tok`'s vocabulary, saved with `tok` into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         **config))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
 def test_warm_start_trains_only_the_top_blocks_and_lowers_the_held_out_loss(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from textenv import char_tokenizer
     from textenv.build.warm_start import WarmStartConfig, warm_start
 
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                        tie_word_embeddings=True))
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    base = _tiny_llama(tok, tmp_path / "base", layers=3, tie_word_embeddings=True)
     texts = [f"the film was {w} and the cast was {w}. " * 3 for w in ("good", "bad", "fine", "dull")] * 20
     cfg = WarmStartConfig(trainable_layers=1, window=24, max_texts=80, eval_texts=8, batch_size=8, lr=1e-2,
                           epochs=3.0, max_minutes=None)
@@ -275,19 +283,13 @@ def test_warm_start_step_is_built_once_and_reused(tmp_path: Path) -> None:
     # `textenv.build warmstart` on a stand-in for the fetched SmolLM2 (a tiny Llama in its cache folder)
     import json
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from textenv import char_tokenizer
     from textenv.build.smollm2 import FOLDER, MARKER, VERSION
     from textenv.build.warm_start import WarmStartConfig
 
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .,'!")
-    base = tmp_path / FOLDER
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
-    tok.save_pretrained(base)
-    (base / MARKER).write_text(json.dumps({"version": VERSION}))
+    _tiny_llama(tok, tmp_path / FOLDER, layers=2)
+    (tmp_path / FOLDER / MARKER).write_text(json.dumps({"version": VERSION}))
     args = preset("embedded", out_dir=str(tmp_path), train_limit=200, test_limit=40,
                   warm_start=WarmStartConfig(trainable_layers=1, window=16, max_texts=64, eval_texts=8, batch_size=8))
     logs: list[str] = []
