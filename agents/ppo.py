@@ -16,6 +16,7 @@ This file imports only gymnasium, torch, numpy and the stdlib (a test checks it)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -188,12 +189,12 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
     `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0.
     Under torchrun pass the process group the entry point set up (`distributed.setup`; `main` does)."""
     own_envs = envs is None
-    r = _setup(args, envs, agent, distributed.given(dist))
+    r = _setup(args, envs, agent, distributed.given(dist), hooks)
     args, dist, agent, optimizer, kl_ctl = r.args, r.dist, r.agent, r.optimizer, r.kl_ctl
     T, E, W = args.num_steps, args.num_envs, dist.world_size
     start_time, start_step, hook_logs, interrupted = time.time(), r.global_step, [], False
     start = iteration = r.global_step // (T * E * W)  # resumed with another number of ranks: the same global step
-    with StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC() as ctrl_c, _note_last_checkpoint(r):
         for iteration in range(start + 1, r.n_iterations + 1):
             frac = 1.0 - (iteration - 1.0) / r.n_iterations
             clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
@@ -216,8 +217,7 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             interrupted = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all
             last = iteration == r.n_iterations or args.save_every and iteration % args.save_every == 0
             if dist.is_main and (interrupted or last):
-                save_checkpoint(r.ckpt_path, run_state(agent, optimizer, iteration, r.global_step, kl_ctl,
-                                                       r.episode_returns, args, W))
+                _save(r, hooks, iteration)
             if interrupted:
                 dist.is_main and print(f"saved {r.ckpt_path} at iteration {iteration}; continue with --resume "
                                        f"--run-dir {r.ckpt_path.parent}")
@@ -254,12 +254,14 @@ class _Run:
     global_step: int
     episode_returns: list
     carry: Carry
+    saved_at: int | None  # the iteration of the newest checkpoint (None: none yet)
 
 
 def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Module | None,
-           dist: distributed.Dist) -> _Run:
+           dist: distributed.Dist, hooks: object | None = None) -> _Run:
     """Check the settings, build the envs, seed, build the agent, Adam and the KL controller, resume from the run's
-    checkpoint when asked, open rank 0's TensorBoard writer and start the envs."""
+    checkpoint (and the hooks' state, when they have `load_state_dict`) when asked, open rank 0's TensorBoard
+    writer and start the envs."""
     if envs is None:
         check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
@@ -281,8 +283,39 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_ctl = make_kl_controller(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
     global_step, episode_returns, env_seed = _resume(ckpt, agent, optimizer, kl_ctl, args, dist, ckpt_path)
+    if ckpt is not None and "hooks" in ckpt and hasattr(hooks, "load_state_dict"):
+        hooks.load_state_dict(ckpt["hooks"])  # e.g. the RLHF logger's history: the report covers the whole run
+    saved_at = ckpt["iteration"] if ckpt is not None else None
     return _Run(args, dist, device, envs, agent, optimizer, kl_ctl, _writer(run_dir, args, dist), ckpt_path,
-                num_iterations(args, dist.world_size), global_step, episode_returns, Carry.start(envs, env_seed))
+                num_iterations(args, dist.world_size), global_step, episode_returns, Carry.start(envs, env_seed),
+                saved_at)
+
+
+def _save(r: _Run, hooks: object | None, iteration: int) -> None:
+    """Rank 0's atomic checkpoint of the run at `iteration`, with the hooks' `state_dict()` when they have one."""
+    state = run_state(r.agent, r.optimizer, iteration, r.global_step, r.kl_ctl, r.episode_returns, r.args,
+                      r.dist.world_size)
+    if hasattr(hooks, "state_dict"):
+        state["hooks"] = hooks.state_dict()
+    save_checkpoint(r.ckpt_path, state)
+    r.saved_at = iteration
+
+
+@contextlib.contextmanager
+def _note_last_checkpoint(r: _Run):
+    """An error that stops training (a reward model that raised, a NaN loss) leaves with a note on rank 0 saying
+    which checkpoint is kept and how to continue from it once the cause is fixed."""
+    try:
+        yield
+    except Exception as e:
+        if r.dist.is_main:
+            run_dir = r.ckpt_path.parent
+            e.add_note(f"training stopped; no checkpoint was written yet (--save-every {r.args.save_every})"
+                       if r.saved_at is None else
+                       f"training stopped; the last good checkpoint, {r.ckpt_path} (iteration {r.saved_at}), is "
+                       f"kept: fix the cause, then continue with --resume --run-dir {run_dir} (agents.rlhf: "
+                       f"--ppo.resume --ppo.run-dir {run_dir})")
+        raise
 
 
 def _iteration_stats(r: _Run, rollout: Rollout, stats: dict, iteration: int, extra: dict) -> dict:

@@ -65,7 +65,12 @@ class _Reference:
     def logprobs(self, obs: np.ndarray, actions: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """log p_ref(actions | obs) (E,) float64 for obs (E, L), advancing the KV cache by one token per row;
         normalised over the allowed actions of `mask` (E, n_actions) bool when given."""
-        logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
+        try:
+            logits, _ = self.cache.step(torch.as_tensor(obs, device=self.device))  # (E, V)
+        except Exception as e:  # its own error, type kept, with where it came from
+            e.add_note(f"while the reference model scored the actions of {len(obs)} envs (the KL penalty's "
+                       "log p_ref)")
+            raise
         logits = logits[:, : self.n_actions]  # (E, n_actions)
         if mask is not None:
             logits = logits.masked_fill(~torch.as_tensor(mask, device=self.device), float("-inf"))
@@ -73,6 +78,17 @@ class _Reference:
         # Clamped: under NEXT_STEP autoreset an ignored action need not be a valid id.
         idx = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device).clamp(0, self.n_actions - 1)
         return logp.gather(1, idx[:, None])[:, 0].double().cpu().numpy()
+
+
+def check_finite(logp: np.ndarray, applied: np.ndarray) -> None:
+    """A ValueError naming the envs whose applied action got a non-finite reference log-prob: the KL penalty
+    would turn their rewards, and then PPO's loss, into NaN one step later with the cause gone."""
+    bad = np.flatnonzero(applied & ~np.isfinite(logp))
+    if bad.size:
+        raise ValueError(f"the reference model gave a non-finite log-prob ({logp[bad[0]]}) to the action of env "
+                         f"{bad[0]}" + (f" (and {bad.size - 1} more)" if bad.size > 1 else "") + "; check its "
+                         "weights for NaN or inf (a bad load, an overflow in half precision) and that it is the "
+                         "policy's pretrained model")
 
 
 class RefLogprob(VectorWrapper):
@@ -124,6 +140,7 @@ class RefLogprob(VectorWrapper):
         obs, rewards, terminated, truncated, infos = self.env.step(actions)  # validates the actions first
         logp = self.ref.logprobs(self._obs, np.asarray(actions), self._mask)  # on the obs they were taken in
         applied = ~self._ended if self.next_step else np.ones(self.num_envs, dtype=np.bool_)
+        check_finite(logp, applied)
         infos["ref_logprob"], infos["_ref_logprob"] = np.where(applied, logp, 0.0), applied
         self._obs, self._ended = obs, terminated | truncated
         self._remember_mask(infos, np.ones(self.num_envs, dtype=np.bool_))
@@ -154,6 +171,8 @@ class RefLogprobEnv(gym.Wrapper):
             raise gym.error.ResetNeeded("step() called before reset(); call env.reset() first.")
         obs, reward, terminated, truncated, info = self.env.step(action)  # validates the action first
         mask = None if self._mask is None else self._mask[None]
-        logp = self.ref.logprobs(self._obs[None], np.asarray(action).reshape(1), mask)[0]
+        logp = self.ref.logprobs(self._obs[None], np.asarray(action).reshape(1), mask)
+        check_finite(logp, np.ones(1, dtype=np.bool_))
+        logp = logp[0]
         self._obs, self._mask = obs, info.get("action_mask")
         return obs, reward, terminated, truncated, {**info, "ref_logprob": float(logp)}

@@ -16,6 +16,7 @@ Cost: one call per (vector) step, on a text that grows by one token each time.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -224,6 +225,41 @@ class NormalizedReward:
 
     def __call__(self, texts: list[str]) -> list[float]:
         return [(float(s) - self.mean) / self.std for s in self.reward_model(texts)]
+
+
+class TimeLimit:
+    """`scorer(texts)` that raises a TimeoutError when the call takes longer than `timeout_s` seconds, e.g. a
+    reward model on a remote server that hangs, or a GPU model that fell back to CPU.
+
+    The call runs in a daemon thread; on a timeout that thread is left to finish on its own (Python cannot stop
+    a thread) and never keeps the process from exiting. `what` names the scorer in the error ("reward model",
+    "judge"). Errors of the call itself are raised as they are."""
+
+    def __init__(self, scorer: RewardModel, timeout_s: float, what: str = "reward model") -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0 seconds")
+        self.scorer, self.timeout_s, self.what = scorer, float(timeout_s), what
+        self.__name__ = getattr(scorer, "__name__", type(scorer).__name__)  # error messages name the scorer
+
+    def __call__(self, texts: list[str]) -> Sequence[float]:
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                box["scores"] = self.scorer(texts)
+            except BaseException as e:  # raised in the caller's thread below
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name=f"{self.what} {self.__name__}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(f"{self.what} {self.__name__} took longer than {self.timeout_s:g} s to score "
+                               f"{len(texts)} texts; make it faster (a GPU, smaller batches) or allow more time "
+                               "(the RLHF job's --reward-timeout)")
+        if "error" in box:
+            raise box["error"]
+        return box["scores"]
 
 
 class KeywordReward:

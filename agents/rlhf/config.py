@@ -79,6 +79,9 @@ class RLHFConfig:
     normalize_reward: bool = False
     """train on the reward model's score standardised to mean 0, std 1 over the initial policy's held-out samples
     (the report keeps the raw score)"""
+    reward_timeout: float = 600.0
+    """seconds the reward model (and the judge) may take on one batch before the run stops with an error that
+    names the batch, keeping its last checkpoint (0: no limit)"""
     # --- PPO: seed, device, torch threads, run dir, resume and checkpoints live here too (one place)
     ppo: Args = field(default_factory=rlhf_ppo)
     """PPO on TextEnv-v0; `--ppo.seed` also seeds the envs and the report's sampling, `--ppo.run-dir` (default
@@ -153,6 +156,10 @@ def check_config(cfg: RLHFConfig) -> None:
                          f"{cfg.ppo.num_steps} must be >= --max-new-tokens ({budget})")
     if cfg.best_of_n_prompts < 0 or min(cfg.best_of_n, default=1) < 1:
         raise UsageError(f"--best-of-n {cfg.best_of_n} must be >= 1 and --best-of-n-prompts >= 0")
+    if cfg.reward_timeout < 0:
+        raise UsageError(f"--reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0: no limit)")
+    if cfg.ppo.resume and not cfg.ppo.run_dir:
+        raise UsageError("--ppo.resume continues a run in its folder: pass that run's --ppo.run-dir too")
     if cfg.eval_prompts < 1:
         raise UsageError(f"eval_prompts ({cfg.eval_prompts}) must be >= 1: the report needs held-out prompts")
     try:

@@ -45,7 +45,7 @@ from agents.checkpoint import writable_dir
 from agents.cli import run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
-from agents.rlhf.pieces import Pieces, check_pieces, load_pieces
+from agents.rlhf.pieces import Pieces, check_pieces, guarded, load_pieces
 from agents.vector import resolve_device  # one device rule for PPO and the job
 
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
@@ -107,6 +107,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
             pieces = load_pieces(cfg, device)
     else:
         check_pieces(pieces, cfg)
+    pieces = guarded(pieces, cfg.reward_timeout)  # a hung, NaN or miscounting scorer stops the run by name
     t_built = time.time()
     run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
         cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))

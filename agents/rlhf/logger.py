@@ -86,6 +86,18 @@ class RLHFLogger:
         self.last = now
         return stats
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (`agents.ppo.train` saves it): the history and the warnings given so far."""
+        return {"history": self.history, "warnings": self.warnings, "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a resumed run's history (its clock too: `time_s` goes on from the checkpoint's last value)."""
+        self.history, self.warnings = list(state["history"]), list(state["warnings"])
+        self._warned = set(state["warned"])
+        self.last = time.time()
+        if self.history:
+            self.start = self.last - self.history[-1]["time_s"]
+
     def _warn(self, iteration: int) -> None:
         """Print each kind of over-optimisation warning the first time it fires."""
         for kind, line in check(self.history, self.thresholds).items():

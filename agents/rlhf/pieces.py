@@ -38,6 +38,39 @@ class Pieces:
     original: torch.nn.Module | None = None  # the LM the policy was warm-started from (its perplexity is reported)
 
 
+class Guarded:
+    """One of the job's scorers (the reward model, its P(positive), the judge) that fails loudly: each call within
+    `timeout_s` seconds (`textenv.rewards.TimeLimit`; 0: no limit), one finite float per text
+    (`textenv.rewards.check_scores`), and any error with a note naming the scorer and its batch."""
+
+    def __init__(self, scorer: RewardModel, what: str, timeout_s: float = 0.0) -> None:
+        from textenv.rewards import TimeLimit
+
+        self.scorer, self.what = scorer, what
+        self.call = TimeLimit(scorer, timeout_s, what) if timeout_s else scorer
+        self.__name__ = f"({what}) " + getattr(scorer, "__name__", type(scorer).__name__)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        from textenv.rewards import check_scores
+
+        try:
+            return check_scores(self.call(texts), len(texts), self).tolist()
+        except Exception as e:
+            first = f", the first {texts[0][:60]!r}" if texts else ""
+            e.add_note(f"while the {self.what} scored {len(texts)} texts{first}")
+            raise
+
+
+def guarded(pieces: Pieces, timeout_s: float) -> Pieces:
+    """`pieces` with its reward model, P(positive) and judge each `Guarded` (a time limit of `timeout_s`)."""
+    def guard(fn: RewardModel | None, what: str) -> RewardModel | None:
+        return None if fn is None or isinstance(fn, Guarded) else Guarded(fn, what, timeout_s)
+
+    return dataclasses.replace(pieces, reward_fn=guard(pieces.reward_fn, "reward model"),
+                               reward_positive_fn=guard(pieces.reward_positive_fn, "reward model's P(positive)"),
+                               judge_fn=guard(pieces.judge_fn, "judge"))
+
+
 def check_pieces(pieces: Pieces, cfg: RLHFConfig) -> None:
     """Pieces built by hand (not by `prepare`): the tokenizer, the policy against it and the episode, held-out
     prompts to report on."""
