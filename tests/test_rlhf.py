@@ -176,18 +176,21 @@ def test_cli_help_and_presets(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--ppo.num-envs", "4", "--ppo.num-minibatches", "3"], "num_minibatches"),
     (["--data-dir", "/nonexistent", "--quick"], "/nonexistent"),
+    (["--quick", "--artifacts-dir", "{tmp}/a_file/cache"], "cannot write the artefact cache {tmp}/a_file/cache/"),
 ])
 def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, capsys):
     # `python -m agents.rlhf ...` in this process (agents.ppo's and textenv.build's tests run theirs as subprocesses)
     from agents.rlhf.job import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["agents.rlhf", *argv, "--artifacts-dir", str(tmp_path)])
+    (tmp_path / "a_file").write_text("")  # a folder under a file cannot be made, even by root
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.setattr(sys, "argv", ["agents.rlhf", "--artifacts-dir", str(tmp_path), *argv])
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+    assert exit_.value.code == 2 and len(errors) == 1 and message.replace("{tmp}", str(tmp_path)) in errors[0], err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 

