@@ -156,3 +156,27 @@ def test_bad_timeout_and_resume_without_a_run_dir_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, run_dir=None))
     with pytest.raises(UsageError, match="pass that run's --ppo.run-dir"):
         run(cfg, pieces())
+
+
+def test_a_full_disk_while_the_report_is_written_keeps_the_checkpoint_and_resume_writes_it(tmp_path, clean,
+                                                                                         monkeypatch):
+    import errno
+
+    import agents.rlhf.report
+    from agents.cli import UsageError
+
+    write = agents.rlhf.report.write_report
+
+    def disk_full(run_dir, *args, **kw):
+        (run_dir / "report.md").write_text("half a rep")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(agents.rlhf.report, "write_report", disk_full)
+    with pytest.raises(UsageError, match=r"could not write the results to .* \(No space left on device\); the "
+                                         r"trained run's checkpoint .* is kept: .* with --ppo.resume"):
+        run(config(run_dir), pieces())
+    assert load_checkpoint(run_dir / "checkpoint.pt")["iteration"] == ITERATIONS
+    monkeypatch.setattr(agents.rlhf.report, "write_report", write)
+    assert numbers(run(config(run_dir, resume=True), pieces())) == clean
+    assert "half a rep" not in (run_dir / "report.md").read_text()

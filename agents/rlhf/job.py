@@ -31,6 +31,7 @@ passed in).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -42,7 +43,7 @@ import torch
 
 from agents import distributed
 from agents.checkpoint import writable_dir
-from agents.cli import run_cli
+from agents.cli import UsageError, run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
 from agents.rlhf.pieces import Pieces, check_pieces, guarded, load_pieces
@@ -137,13 +138,27 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
         return {}
     t_eval = time.time()
     after = evaluate_held_out(agent, reference, evaluation)  # the trained agent as it samples in training
-    agent.lm.save_pretrained(run_dir / "policy")
-    pieces.tokenizer.save_pretrained(run_dir / "policy")
+    with _results_written(run_dir):
+        agent.lm.save_pretrained(run_dir / "policy")
+        pieces.tokenizer.save_pretrained(run_dir / "policy")
     timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,
               "torch_threads": torch.get_num_threads()}
-    return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+    with _results_written(run_dir):
+        return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+
+
+@contextlib.contextmanager
+def _results_written(run_dir: Path):
+    """A full disk or a folder gone read-only while the policy or the report is written: one error line; the
+    final checkpoint, written before, is what `--ppo.resume` writes them from."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"could not write the results to {run_dir} ({e.strerror or e}); the trained run's "
+                         f"checkpoint {run_dir / 'checkpoint.pt'} is kept: free disk space, then run the same command "
+                         f"with --ppo.resume --ppo.run-dir {run_dir} to write them") from None
 
 
 def _before(cfg: RLHFConfig, reference: torch.nn.Module, evaluation: Any) -> tuple[tuple, dict]:
