@@ -65,7 +65,8 @@ def env_world_size() -> int:
 
 
 def setup(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, str]:
-    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
+    """Join the process group torchrun describes in the environment (gloo on CPU; on CUDA, NCCL for CUDA
+    tensors and gloo for CPU ones).
 
     Returns (Dist, device): under torchrun with CUDA, `auto`/`cuda` become `cuda:LOCAL_RANK` (one GPU per rank).
     Already initialised (e.g. by the caller, to build models on rank 0 first): reused as it is."""
@@ -79,7 +80,9 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, str]:
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(torch.device(device))
-        tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # NCCL carries CUDA tensors only: gloo beside it for CPU ones (PPO's loss statistics, the Ctrl-C flag)
+        tdist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                 timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(tdist.get_rank(), tdist.get_world_size(), local_rank, owns), device
 
 

@@ -277,9 +277,11 @@ class CachedLM:
         self.slot = [self.live.index(i) if i in self.live else 0 for i in range(self.num_layers)]
         if self.kbuf is None:  # allocate from the shapes the model produced
             capacity, ks = max(self.capacity, 2 * width), [layers[i].keys for i in self.live]
+            # each buffer in its own tensors' dtype: under autocast keys and values can differ (Llama's rotary
+            # embedding turns bf16 keys float32; the values stay bf16)
             self.kbuf = [k.new_zeros(batch, k.shape[1], capacity, k.shape[3]) for k in ks]
-            self.vbuf = [k.new_zeros(batch, layers[i].values.shape[1], capacity, layers[i].values.shape[3])
-                         for i, k in zip(self.live, ks, strict=True)]  # fmt: skip
+            self.vbuf = [v.new_zeros(batch, v.shape[1], capacity, v.shape[3])
+                         for v in (layers[i].values for i in self.live)]  # fmt: skip
             self.mbuf = torch.zeros(batch, capacity, dtype=torch.long, device=ks[0].device)
             self.start = self.end = 0
         grow = width - self.width
