@@ -389,6 +389,8 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
     adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
     by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
     vf_coef = args.vf_coef if args.advantages == "gae" else 0.0  # group-relative: no value head to train
+    # bf16 autocast (GPTAgent's dtype): the rollout's cached decode and the update's full forward may round apart
+    ratio_tol = 2e-2 if getattr(agent, "autocast_dtype", None) is not None else 1e-4
     b = {"actions": rollout.actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1),
          "values": rollout.values.reshape(-1), "advantages": rollout.advantages.reshape(-1),
          "returns": rollout.returns.reshape(-1)}
@@ -403,7 +405,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
             loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), clip,
                                      args.clip_coef if args.clip_vloss else None, args.ent_coef, vf_coef)
             if epoch == 0 and mb_i == 0 and logprob.numel():  # before any step the policy is the rollout's
-                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask)
+                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask, ratio_tol)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"PPO loss is {loss.item()} (policy {mb_sums[0]}, value {mb_sums[1]}): training stopped; the last "
@@ -414,7 +416,8 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
             distributed.all_reduce_grads(trainable, dist)  # the sum over ranks, before clipping
             nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
-            sums += torch.cat([mb_sums, (mask.sum() if mask is not None else torch.tensor(logprob.numel()))[None]])
+            count_steps = mask.sum().cpu() if mask is not None else torch.tensor(logprob.numel())  # mb_sums: CPU
+            sums += torch.cat([mb_sums, count_steps[None]])
         sums = distributed.all_reduce_sum(sums, dist)
         if args.target_kl is not None and sums[4] / sums[-1].clamp(min=1) > args.target_kl:
             break

@@ -355,11 +355,11 @@ def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:
                       "masking?) or ref_logprob is wrong", stacklevel=3)
 
 
-def first_ratio_deviation(ratio: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """max |ratio - 1| over the (unmasked) entries of the first minibatch, with a warning when it is not ~0:
+def first_ratio_deviation(ratio: torch.Tensor, mask: torch.Tensor | None, tol: float = 1e-4) -> float:
+    """max |ratio - 1| over the (unmasked) entries of the first minibatch, with a warning when it is over `tol`:
     before any step the policy is the rollout's, so the update must score the actions as the rollout did."""
     dev = ((ratio - 1).abs() if mask is None else torch.where(mask, ratio - 1, 0).abs()).max().item()
-    if dev > 1e-4:
+    if dev > tol:
         warnings.warn(f"PPO ratio at the first minibatch deviates from 1 by {dev:.2e}: the update does not score "
                       "actions as the rollout did (dropout on? sampling from a different distribution? stale "
                       "cache?)", stacklevel=4)
