@@ -127,8 +127,9 @@ class RefLogprob(VectorWrapper):
             self._mask[has] = np.asarray(infos["action_mask"])[has]
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
-        obs, infos = self.env.reset(seed=seed, options=options)
+        # read before resetting: SyncVectorEnv.reset pops "reset_mask" from the options it is given
         mask = (options or {}).get("reset_mask", np.ones(self.num_envs, dtype=np.bool_))
+        obs, infos = self.env.reset(seed=seed, options=options)
         self._ended = self._ended & ~mask
         self._obs = obs
         self._remember_mask(infos, mask)
