@@ -1,6 +1,8 @@
 """TextVectorEnv: `num_envs` TextEnv episodes in one batched numpy state.
 
-Same transitions, seeds and infos as `SyncVectorEnv([TextEnv] * num_envs)` (a test checks it), but the
+Same transitions, seeds and infos as `SyncVectorEnv([TextEnv] * num_envs)` (tests check it, fuzzed too), save
+two harmless extras: `token_rewards` on steps where no episode ended (its `_token_rewards` all False) and, after a
+partial reset, every env's `action_mask` rather than the reset rows' only. Unlike it, the
 observation window of every env shifts in one numpy op, texts decode in one batched call, and all
 episodes that finish on a step are scored in ONE reward-model call (the expensive part with a neural
 reward model). Autoreset follows Gymnasium's default NEXT_STEP mode: the step after an episode ends
