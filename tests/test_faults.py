@@ -97,7 +97,8 @@ def test_a_reward_model_fault_names_the_batch_and_the_run_resumes(tmp_path, clea
 def test_a_judge_fault_during_training_names_the_judge_and_the_run_resumes(tmp_path, clean, kind, error, match):
     run_dir = tmp_path / "run"
     broken = faulty(judge, kind, lambda: (run_dir / "checkpoint.pt").exists())
-    match = match.replace("reward model KeywordReward", "judge judge")
+    match = ("judge judge returned .*" if error is ValueError else "") + match.replace("reward model KeywordReward",
+                                                                                        "judge judge")
     notes = stops_then_resumes(run_dir, pieces(judge_fn=broken), error, match, clean)
     assert any(n.startswith("while the judge scored 16 texts, the first ") for n in notes)
 

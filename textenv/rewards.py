@@ -32,26 +32,27 @@ class RewardModel(Protocol):
     def __call__(self, texts: list[str]) -> Sequence[float]: ...
 
 
-def check_scores(scores: object, n: int, reward_model: object) -> np.ndarray:
-    """Scores as a float64 array of shape (n,), or a ValueError that names the reward model and the fix."""
-    name = getattr(reward_model, "__name__", type(reward_model).__name__)
+def check_scores(scores: object, n: int, reward_model: object, what: str = "reward model") -> np.ndarray:
+    """Scores as a float64 array of shape (n,), or a ValueError that names the scorer (`what`, e.g. "judge", and
+    its name) and the fix."""
+    name = f"{what} " + getattr(reward_model, "__name__", type(reward_model).__name__)
     try:
         arr = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(
-            f"reward model {name} returned {type(scores).__name__}, which is not a sequence of numbers; "
+            f"{name} returned {type(scores).__name__}, which is not a sequence of numbers; "
             "it must return one float per text (a list, tuple or 1-D array)."
         ) from e
     if arr.shape != (n,):
         raise ValueError(
-            f"reward model {name} returned scores of shape {arr.shape} for {n} texts; "
+            f"{name} returned scores of shape {arr.shape} for {n} texts; "
             f"it must return exactly one float per text, shape ({n},)."
         )
     if not np.all(np.isfinite(arr)):
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise ValueError(
-            f"reward model {name} returned a non-finite score ({arr[bad]}) for text {bad}; "
-            "fix the reward model so every score is a finite float (check for NaN weights or division by zero)."
+            f"{name} returned a non-finite score ({arr[bad]}) for text {bad}; "
+            f"fix the {what} so every score is a finite float (check for NaN weights or division by zero)."
         )
     return arr
 

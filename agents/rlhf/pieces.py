@@ -48,13 +48,13 @@ class Guarded:
 
         self.scorer, self.what = scorer, what
         self.call = TimeLimit(scorer, timeout_s, what) if timeout_s else scorer
-        self.__name__ = f"({what}) " + getattr(scorer, "__name__", type(scorer).__name__)
+        self.__name__ = getattr(scorer, "__name__", type(scorer).__name__)  # errors name the scorer
 
     def __call__(self, texts: list[str]) -> list[float]:
         from textenv.rewards import check_scores
 
         try:
-            return check_scores(self.call(texts), len(texts), self).tolist()
+            return check_scores(self.call(texts), len(texts), self.scorer, self.what).tolist()
         except Exception as e:
             first = f", the first {texts[0][:60]!r}" if texts else ""
             e.add_note(f"while the {self.what} scored {len(texts)} texts{first}")
