@@ -25,9 +25,10 @@ import math
 import pytest
 import torch
 import torch.distributed as tdist
-from test_rlhf import PROMPTS, toy_config
+from test_models import tiny_llama as llama_of
+from test_rlhf import PROMPTS, tiny_gpt, toy_config
 from torch.distributed.distributed_c10d import Backend, BackendConfig
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import agents.ppo
 from agents import distributed
@@ -54,19 +55,13 @@ FEW_EPISODES = pytest.mark.filterwarnings(
 
 def tiny_gpt2(vocab: int) -> GPT2LMHeadModel:
     """One 16-wide GPT-2 block (absolute positions, LayerNorm, tied head), seeded."""
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                      bos_token_id=1, eos_token_id=1, pad_token_id=0,
-                                      initializer_range=INIT_STD))
+    return tiny_gpt(vocab, initializer_range=INIT_STD)
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
     """Two 32-wide Llama blocks (grouped-query attention, rotary positions, RMSNorm), seeded."""
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-                                        eos_token_id=1, initializer_range=INIT_STD))
+    return llama_of(vocab, 2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                    initializer_range=INIT_STD)
 
 
 class UpdateProbe:

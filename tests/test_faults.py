@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_rlhf import PROMPTS, tiny_gpt, toy_config
+from test_rlhf import PROMPTS, tiny_gpt, toy_config, without_clocks
 
 from agents.checkpoint import load_checkpoint
 from agents.rlhf import Pieces, run
@@ -55,8 +55,7 @@ def pieces(reward=None, judge_fn=judge) -> Pieces:
 
 def numbers(rec: dict) -> dict:
     """What two runs of one seed must share: the before/after measures and the history without its clocks."""
-    return {"before": rec["before"], "after": rec["after"], "history": [
-        {k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in rec["history"]]}
+    return {"before": rec["before"], "after": rec["after"], "history": without_clocks(rec["history"])}
 
 
 @pytest.fixture(scope="module")

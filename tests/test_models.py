@@ -248,14 +248,20 @@ def test_auto_threads_are_decided_once_per_process(monkeypatch):
     assert pipeline.set_threads(None) == 1
 
 
-def _tiny_llama(tok, folder: Path, layers: int, **config):
-    """A seeded Llama of `layers` 32-wide blocks over `tok`'s vocabulary, saved with `tok` into `folder`."""
+def tiny_llama(vocab: int, layers: int, **config):
+    """A seeded Llama of `layers` 32-wide blocks (grouped-query attention, rotary positions, RMSNorm);
+    `config` overrides LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                         **config))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        **config))
+
+
+def _tiny_llama(tok, folder: Path, layers: int, **config):
+    """`tiny_llama` over `tok`'s vocabulary, saved with `tok` into `folder`."""
+    model = tiny_llama(len(tok), layers, **config)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return model

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_rlhf import without_clocks
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,8 +45,7 @@ def rlhf(run_dir: Path, *extra: str) -> list[str]:
 def numbers(run_dir: Path) -> dict:
     r = json.loads((run_dir / "report.json").read_text())
     return {"before": r["before"], "after": r["after"], "samples": r["samples"], "warnings": r["warnings"],
-            "history": [{k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")}
-                        for h in r["history"]]}
+            "history": without_clocks(r["history"])}
 
 
 @pytest.mark.slow

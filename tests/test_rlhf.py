@@ -22,11 +22,17 @@ from textenv import EpisodeSpec, KeywordReward, char_tokenizer
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
 
 
-def tiny_gpt(vocab: int, n_positions: int = 16, seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt(vocab: int, n_positions: int = 16, seed: int = 0, **config) -> GPT2LMHeadModel:
+    """One 16-wide GPT-2 block, seeded; `config` overrides GPT2Config fields (e.g. initializer_range)."""
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2, eos_token_id=1,
-                     bos_token_id=1, pad_token_id=0)
+                     bos_token_id=1, pad_token_id=0, **config)
     return GPT2LMHeadModel(cfg)
+
+
+def without_clocks(history: list[dict]) -> list[dict]:
+    """A report's per-iteration history less what depends on the clock: what two runs of one seed share."""
+    return [{k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in history]
 
 
 def toy_config(tmp_path, ppo: dict | None = None, **kw) -> RLHFConfig:
@@ -286,9 +292,8 @@ def test_the_main_job_run_twice_with_one_seed_gives_one_report(tmp_path):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=1200,
                        env={**os.environ, "PYTHONHASHSEED": hash_seed})
         reports.append(json.loads((tmp_path / name / "report.json").read_text()))
-    a, b = ({k: r[k] for k in ("before", "after", "samples")} | {"history": [
-        {k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in r["history"]]}
-        for r in reports)
+    a, b = ({k: r[k] for k in ("before", "after", "samples")} | {"history": without_clocks(r["history"])}
+            for r in reports)
     assert a["after"]["kl_mean"] != 0 and a == b
 
 

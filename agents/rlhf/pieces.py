@@ -18,7 +18,7 @@ import torch
 
 from agents.cli import UsageError
 from agents.rlhf.config import RLHFConfig, check_config
-from textenv.rewards import RewardModel  # the one text-scorer type: texts -> one float each
+from textenv.rewards import RewardModel, TimeLimit, check_scores  # RewardModel: texts -> one float each
 
 # ---------------------------------------------------------------------------------------- the pieces
 
@@ -44,15 +44,11 @@ class Guarded:
     (`textenv.rewards.check_scores`), and any error with a note naming the scorer and its batch."""
 
     def __init__(self, scorer: RewardModel, what: str, timeout_s: float = 0.0) -> None:
-        from textenv.rewards import TimeLimit
-
         self.scorer, self.what = scorer, what
         self.call = TimeLimit(scorer, timeout_s, what) if timeout_s else scorer
         self.__name__ = getattr(scorer, "__name__", type(scorer).__name__)  # errors name the scorer
 
     def __call__(self, texts: list[str]) -> list[float]:
-        from textenv.rewards import check_scores
-
         try:
             return check_scores(self.call(texts), len(texts), self.scorer, self.what).tolist()
         except Exception as e:
