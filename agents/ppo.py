@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from agents.checkpoint import (
     seed_everything,
     writable_dir,
 )
-from agents.cli import UsageError, run_cli
+from agents.cli import UsageError, check_fields, parse_cli, run_cli
 from agents.evaluate import final_evaluation
 from agents.kl_control import make_kl_controller
 from agents.loss import LOSS_STATS, advantage_moments, ppo_loss
@@ -55,7 +56,7 @@ from agents.rollout import (
     score_minibatch,
     warn_if_negative_kl,
 )
-from agents.vector import resolve_device, vector_env
+from agents.vector import check_device, check_groups, env_name, resolve_device, vector_env
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Args:
     learning_rate: float = 2.5e-4
     """the learning rate of the optimizer"""
     num_envs: int = 4
-    """the number of parallel game environments (per process under torchrun: the batch grows with the ranks)"""
+    """the number of parallel game environments (per process under torchrun: the batch grows with the ranks); envs
+    passed to `train` must hold this many (the batch and the checkpoint's resume check are counted from it)"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -124,7 +126,8 @@ class Args:
     kl_horizon: int = 10_000
     """horizon (episodes) of the proportional KL controller"""
     run_dir: str | None = None
-    """where TensorBoard logs and checkpoints go (default runs/{exp_name}__{env_id}__{seed}__{time})"""
+    """where TensorBoard logs and checkpoints go (default runs/{exp_name}__{env}__{seed}__{time}, env: `env_id`, or
+    the id of the envs passed to `train`, else their class)"""
     save_every: int = 50
     """write a checkpoint every N iterations (and at the end; 0 = only at the end)"""
     resume: bool = False
@@ -154,7 +157,12 @@ PRESETS = {"cleanrl": cleanrl, "zoo": zoo}  # the CLI's subcommands
 
 
 def check_args(args: Args) -> None:
-    """Raise `UsageError` (a ValueError) on an inconsistent `Args`, naming the field and the fix."""
+    """Raise `UsageError` (a ValueError) on an `Args` that cannot train, naming the field and the fix: a value of the
+    wrong type or outside its choices (`check_fields`) or range (`_RANGES`), or fields that disagree."""
+    check_fields(args)
+    for name, (ok, allowed) in _RANGES.items():
+        if not ok(getattr(args, name)):
+            raise UsageError(f"{name} = {getattr(args, name)!r} is out of range: it must be {allowed}")
     if args.num_envs < 1 or args.num_steps < 1:
         raise UsageError(f"num_envs ({args.num_envs}) and num_steps ({args.num_steps}) must be >= 1")
     batch = args.num_envs * args.num_steps
@@ -173,6 +181,27 @@ def check_args(args: Args) -> None:
     if args.kl_target is not None and args.kl_coef == 0:  # both controllers scale the coefficient: 0 stays 0
         raise UsageError(f"kl_target={args.kl_target} adapts kl_coef, which is 0 (no penalty) and would stay 0; "
                          "set kl_coef > 0 as its starting value (e.g. 0.2) or drop kl_target")
+    if args.resume and not args.run_dir:
+        raise UsageError("resume continues the run in run_dir: pass that run's run_dir (--run-dir) too")
+    check_device(args.device)
+
+
+_RANGES = {  # field: (test, the allowed range in words); NaN fails every test
+    "seed": (lambda v: v >= 0, ">= 0 (numpy and Gymnasium refuse negative seeds)"),
+    "torch_threads": (lambda v: v >= 0, ">= 0 (0: leave torch's setting)"),
+    "learning_rate": (lambda v: 0 < v < math.inf, "> 0 and finite"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "gae_lambda": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_coef": (lambda v: 0 < v < math.inf, "> 0 and finite"),
+    "ent_coef": (math.isfinite, "finite"),
+    "vf_coef": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "max_grad_norm": (lambda v: 0 < v <= math.inf, "> 0 (inf: no clipping)"),
+    "target_kl": (lambda v: v is None or v > 0, "> 0 or None"),
+    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "eval_episodes": (lambda v: v >= 0, ">= 0 (0: none)"),
+    "log_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "dist_timeout": (lambda v: v > 0, "> 0 seconds"),
+}
 
 
 def num_iterations(args: Args, world_size: int = 1) -> int:
@@ -262,12 +291,13 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     """Check the settings, build the envs, seed, build the agent, Adam and the KL controller, resume from the run's
     checkpoint (and the hooks' state, when they have `load_state_dict`) when asked, open rank 0's TensorBoard
     writer and start the envs."""
-    if envs is None:
-        check_args(args)  # before building num_envs copies
+    check_args(args)  # before building num_envs copies
     envs = vector_env(envs, args.env_id, args.num_envs)
-    args = dataclasses.replace(args, num_envs=envs.num_envs)  # the given envs decide
-    check_args(args)
-    run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}")
+    if envs.num_envs != args.num_envs:  # Args is the run's record: its batch, its checkpoint, its resume check
+        raise UsageError(f"num_envs = {args.num_envs} but the envs passed to train hold {envs.num_envs}; set "
+                         f"num_envs={envs.num_envs} (it sets the batch, num_envs * num_steps, and what --resume checks)")
+    check_groups(envs, args.advantages, dist.seed(args.seed))  # before anything is written
+    run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{env_name(envs)}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
     if dist.is_main:
         writable_dir(run_dir)
@@ -446,8 +476,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     def parse(defaults: dict[str, Args]) -> Args:
         descriptions = {name: (PRESETS[name].__doc__ or "").split("\n")[0] for name in defaults}
         presets = tyro.extras.subcommand_type_from_defaults(defaults, descriptions)
-        return tyro.cli(presets, default=defaults["cleanrl"], args=argv, prog="python -m agents.ppo",
-                        description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))  # flags w/o a subcommand
+        return parse_cli(presets, default=defaults["cleanrl"], args=argv, prog="python -m agents.ppo",
+                         description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))  # flags w/o a subcommand
 
     args = parse({name: make() for name, make in PRESETS.items()})
     if not (args.resume and args.run_dir):

@@ -231,7 +231,7 @@ def test_bad_args_and_spaces_give_clear_errors(tmp_path):
         train(small(tmp_path, num_minibatches=3))
     with pytest.raises(UsageError, match="num_envs"):
         train(small(tmp_path, num_envs=0))
-    with pytest.raises(TypeError, match="Discrete"):
+    with pytest.raises(UsageError, match="Discrete"):
         train(small(tmp_path), envs=gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")] * 4))
     disabled = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4,
                                         autoreset_mode=gym.vector.AutoresetMode.DISABLED)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,8 +21,22 @@ from agents.rlhf.report import HeldOut, sample_episodes
 
 
 def kl_bound(n: int) -> float:
-    """The largest KL (nats) of best-of-n to the policy it samples from: log n - (n - 1) / n."""
+    """The largest KL (nats) of best-of-n to the policy it samples from: log n - (n - 1) / n, for an integer n >= 1."""
+    if not _is_count(n):
+        raise ValueError(f"kl_bound: n = {n!r} must be an integer >= 1 (the samples best-of-n picks from)")
     return math.log(n) - (n - 1) / n
+
+
+def check_ns(ns: Sequence[int], samples: int | None = None) -> None:
+    """Raise ValueError unless `ns` holds at least one n and each is an integer >= 1 and at most `samples` (the
+    samples per prompt to pick from; None: no upper end)."""
+    allowed = ">= 1" if samples is None else f"in [1, {samples}] (the samples per prompt)"
+    if not len(ns) or not all(_is_count(n) and (samples is None or n <= samples) for n in ns):
+        raise ValueError(f"ns: best-of-n needs at least one n, integers, and every n {allowed}; got {tuple(ns)}")
+
+
+def _is_count(n: object) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
 def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Sequence[int] = (1, 4, 16),
@@ -30,8 +45,7 @@ def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Se
     (`sample_episodes`: max(ns) samples per prompt, each its own seed). For each n the pick is the reward model's
     favourite among the first n samples; returns per n its KL bound and the picks' mean reward and positive rates
     by the reward model and by the judge."""
-    if not ns or min(ns) < 1:
-        raise ValueError(f"best-of-n needs every n >= 1; got {tuple(ns)}")
+    check_ns(ns)
     n_max, base = max(ns), list(held_out.prompts[:prompts])
     repeated = dataclasses.replace(held_out, prompts=[p for p in base for _ in range(n_max)])
     s = sample_episodes(policy, reference, repeated)
@@ -46,7 +60,8 @@ def best_of_n(policy: nn.Module, reference: nn.Module, held_out: HeldOut, ns: Se
 def pick_best(scores: np.ndarray, positive: np.ndarray, judged: np.ndarray | None, ns: Sequence[int]) -> list[dict]:
     """Per n in `ns`: of each prompt's first n samples (rows of `scores`, shape (prompts, samples)) the reward
     model's favourite, and the picks' mean reward, positive rate by the reward model (`positive`, bools) and by the
-    judge (`judged`, probabilities positive, or None)."""
+    judge (`judged`, probabilities positive, or None). Every n must be in [1, samples]."""
+    check_ns(ns, samples=scores.shape[1])
     rows, at = [], np.arange(len(scores))
     for n in sorted(ns):
         pick = scores[:, :n].argmax(axis=1)  # the reward model's favourite of the first n
