@@ -3,16 +3,18 @@
 The actor is the LM's next-token distribution at the last position of the (left-padded) observation; the
 critic is a linear value head on the same trunk's final hidden state (shared trunk, as in Ziegler et al.
 2019). It speaks the agent protocol of `agents.ppo` (see `agents.policies`), so the generic PPO trains it
-XX
+like any other agent.
 
 Three things keep it correct and fast (../shared/DESIGN.md, "Making token-by-token RL fast"):
 - Rollout (`get_action_and_value(obs)` under `no_grad`) goes through `textenv.lm.CachedLM`: one new
   token per env step from cached keys/values; only rows whose episode just reset are re-prefilled.
 - The update (`evaluate_sequences`) cuts every env column into episode segments and runs ONE teacher-forced
   forward over all of them: a step's observation is a prefix of its segment's last observation.
-- The policy samples from exactly the distribution it trains: plain categorical over the vocabulary,
-  temperature 1, no top-k/top-p (drawn by inverting the CDF: `torch.multinomial` costs more than a decode
-  step on CPU), dropout off for good (else the PPO ratio is not 1 at the first minibatch).
+- The policy samples from exactly the distribution it trains: plain categorical over softmax(logits / T) at its
+  `temperature` T (1 by default), no top-k/top-p (drawn by inverting the CDF: `torch.multinomial` costs more
+  than a decode step on CPU), dropout off for good (else the PPO ratio is not 1 at the first minibatch). T is
+  part of the policy: the stored and recomputed log-probs and the entropy are all at T, and the KL reference
+  (`textenv.kl.RefLogprob(temperature=T)`) must score at the same T.
 - Caches never outlive the weights. The contract: whoever changes the weights in place calls `reset_cache()`
   (`agents.ppo` does after each update; `watch(optimizer)` makes an optimizer do it after every step).
   `load_state_dict` drops the caches by itself (a public post-hook), and so does `.to()`/`.half()` (a cached
@@ -88,6 +90,8 @@ class GPTAgent(nn.Module):
         group_lengths: run rows of similar length in separate forwards, each cropped to its longest row (the
             update's episode pieces, a KV cache re-encoding a mid-episode batch); False: one forward padded to the
             longest row (slower, the same numbers; benchmarks use it for their before numbers).
+        temperature: the policy is softmax(logits / temperature) in every method (sampling, log-probs, entropy,
+            `act`); 1 leaves the logits untouched, bit for bit.
 
     `positions` counts the token positions the update's forwards ran: real ones and with their padding.
     """
@@ -103,8 +107,12 @@ class GPTAgent(nn.Module):
         trainable_layers: int | None = None,
         *,
         group_lengths: bool = True,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature {temperature!r} must be a positive number (1: the LM's own distribution)")
+        self.temperature = float(temperature)
         _, head = split_lm(model)
         model_vocab = check_lm_vocab(model, vocab_size or 0, "the policy")
         hidden_size = head.weight.shape[1]
@@ -180,12 +188,13 @@ class GPTAgent(nn.Module):
         return torch.as_tensor(obs, device=self.device).long()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits over the env's vocabulary from final hidden states (..., C)."""
+        """float32 logits over the env's vocabulary from final hidden states (..., C), divided by the temperature."""
         head = self.lm.get_output_embeddings()
         weight = head.weight[: self.vocab_size]
         bias = head.bias[: self.vocab_size] if getattr(head, "bias", None) is not None else None
         with torch.autocast(self.device.type, enabled=False):  # bf16 logits would blur the PPO ratio
-            return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+            logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
@@ -250,7 +259,7 @@ class GPTAgent(nn.Module):
         hidden = self._last_hidden(ids, "rollout" if action is None else None)  # (B, C)
         if action is not None:
             action = torch.as_tensor(action, device=self.device).long()
-        # pure sampling, temperature 1
+        # pure sampling from softmax(logits / temperature)
         action, logprob, entropy = self._stats(self._logits(hidden), action, action_mask)
         return action, logprob, entropy, self._value(hidden)
 

@@ -353,3 +353,27 @@ def test_evaluate_sequences_with_no_valid_step_is_zero_and_differentiable():
     )
     assert logprob.shape == (3, 2) and (logprob == 0).all() and (entropy == 0).all() and (value == 0).all()
     (logprob.sum() + value.sum()).backward()
+
+
+def test_temperature_is_part_of_the_policy():
+    """At T != 1 the cached rollout, the recompute and the episode-grouped update agree, and all are
+    softmax(logits / T); at T = 1 the logits are the LM's, untouched."""
+    agent = GPTAgent(tiny_lm(5), PAD, temperature=0.7)
+    roll = simulate(agent, steps=20, envs=4, seed=5)
+    new, ent, _ = agent.evaluate_sequences(roll["obs"], roll["actions"], roll["valid"])
+    m = roll["valid"]
+    torch.testing.assert_close(new[m], roll["logprobs"][m], atol=1e-5, rtol=1e-5)  # stored == recomputed
+    torch.testing.assert_close(ent[m], roll["entropy"][m], atol=1e-5, rtol=1e-5)
+    obs = torch.tensor([[PAD, PAD, 5, 6]])
+    with torch.no_grad():
+        raw = agent.lm(torch.tensor([[5, 6]])).logits[0, -1]  # plain HF forward
+        _, logprob, entropy, _ = agent.get_action_and_value(obs, torch.arange(VOCAB)[:1])
+    expected = torch.log_softmax(raw / 0.7, -1)
+    torch.testing.assert_close(logprob, expected[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[0], -(expected.exp() * expected).sum(), atol=1e-5, rtol=1e-5)
+    hidden = torch.randn(3, agent.lm.config.n_embd)
+    one = GPTAgent(tiny_lm(5), PAD)
+    assert torch.equal(one._logits(hidden), hidden @ one.lm.lm_head.weight.T)  # T = 1: no division at all
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            GPTAgent(tiny_lm(5), PAD, temperature=bad)

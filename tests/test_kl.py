@@ -24,16 +24,16 @@ def tiny_gpt(vocab: int = N + 3) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def recompute(model, obs_row: np.ndarray, length: int, action: int) -> float:
-    """log p(action | the real tokens of obs_row): one unpadded forward, no cache."""
+def recompute(model, obs_row: np.ndarray, length: int, action: int, temperature: float = 1.0) -> float:
+    """log p(action | the real tokens of obs_row) at `temperature`: one unpadded forward, no cache."""
     ids = torch.as_tensor(obs_row[len(obs_row) - length :])[None]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1, :N]
-    return torch.log_softmax(logits, -1)[action].item()
+    return torch.log_softmax(logits / temperature, -1)[action].item()
 
 
-@pytest.mark.parametrize("vector", ["batched", "sync"])
-def test_ref_logprob_equals_full_recompute(vector):
+@pytest.mark.parametrize("vector,temperature", [("batched", 1.0), ("sync", 1.0), ("batched", 0.6)])
+def test_ref_logprob_equals_full_recompute(vector, temperature):
     E = 4
     model = tiny_gpt()
     base = (
@@ -41,7 +41,7 @@ def test_ref_logprob_equals_full_recompute(vector):
         if vector == "batched"
         else gym.vector.SyncVectorEnv([lambda: TextEnv(**KW)] * E)
     )
-    envs = RefLogprob(base, model)
+    envs = RefLogprob(base, model, temperature=temperature)
     assert not model.training  # frozen: resid_pdrop=0.5 would make log-probs random
     prefilled = []
     real_prefill = envs.cache._prefill
@@ -55,7 +55,7 @@ def test_ref_logprob_equals_full_recompute(vector):
         new_obs, _, term, trunc, infos = envs.step(actions)
         assert infos["_ref_logprob"].tolist() == (~ended).tolist()
         for i in np.flatnonzero(~ended):
-            expected = recompute(model, obs[i], length[i], actions[i])
+            expected = recompute(model, obs[i], length[i], actions[i], temperature)
             assert infos["ref_logprob"][i] == pytest.approx(expected, abs=1e-4)
         assert np.all(infos["ref_logprob"][ended] == 0.0)
         starts += ended.sum()
@@ -66,12 +66,12 @@ def test_ref_logprob_equals_full_recompute(vector):
 
 def test_single_env_wrapper_matches_recompute():
     model = tiny_gpt()
-    env = RefLogprobEnv(TextEnv(**KW), model)
+    env = RefLogprobEnv(TextEnv(**KW), model, temperature=1.5)
     obs, info = env.reset(seed=1)
     length = info["length"]
     for a in [3, 4, 5, 6, 7, 3, 4, 5, 6, 7]:
         new_obs, _, term, trunc, info = env.step(a)
-        assert info["ref_logprob"] == pytest.approx(recompute(model, obs, length, a), abs=1e-4)
+        assert info["ref_logprob"] == pytest.approx(recompute(model, obs, length, a, 1.5), abs=1e-4)
         obs, length = new_obs, info["length"]
         if term or trunc:
             obs, info = env.reset()

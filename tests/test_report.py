@@ -211,3 +211,35 @@ def test_perplexity_under_the_reference_is_the_reports_reference_perplexity(tok)
     assert perplexity_under(model, s, tok, batch_size=5) == pytest.approx(m["ref_perplexity"], rel=1e-5)
     other = perplexity_under(tiny_lm(len(tok), seed=9, uniform=True), s, tok)
     assert other == pytest.approx(len(tok), rel=1e-5)  # a uniform model: perplexity = vocabulary size
+
+
+def test_the_yardstick_scores_real_reviews_cut_to_the_episodes_lengths(tok, tmp_path):
+    """Real texts are cut to each episode's prompt + response length and scored apart by label; the report shows
+    them as a third column."""
+    import dataclasses
+
+    from agents.rlhf.yardstick import real_windows, yardstick
+    from textenv.build.texts import Texts
+
+    model = tiny_lm(len(tok))
+    h = held(tok, PROMPTS[:6], reward_fn=count_a, judge_fn=lambda ts: [float("b" in t) for t in ts], max_new_tokens=4)
+    m, s = evaluate_held_out(model, model, h)
+    real = Texts(["a", "aaaa aaaa aaaa", "bbbb bbbb bbbb", "aaaa bbbb aaaa", "bbbb bbbb bbbb", "aaaa aaaa aaaa",
+                  "bbbb aaaa bbbb", "aaaa aaaa aaaa"], [1, 1, 0, 1, 0, 1, 0, 1])
+    w, labels = real_windows(tok, real, s)
+    assert len(w) == 6 and labels == [1, 0, 1, 0, 1, 0]  # "a" is too short for any episode: skipped
+    for i in range(6):
+        assert (len(w.prompt_ids[i]), len(w.response_ids[i])) == (len(s.prompt_ids[i]), len(s.response_ids[i]))
+    r = yardstick(dataclasses.replace(h, real=real), s)
+    scores = np.array(count_a(w.texts))
+    pos = np.array(labels) == 1
+    assert r["n"] == 6 and r["positive_rate_reward_model"] == pytest.approx(float((scores > 0).mean()))
+    assert r["positive_rate_reward_model_of_positive"] == pytest.approx(float((scores[pos] > 0).mean()))
+    assert r["positive_rate_reward_model_of_negative"] == pytest.approx(float((scores[~pos] > 0).mean()))
+    assert r["positive_rate_judge_of_negative"] == 1.0  # every negative text holds a "b"
+    assert yardstick(h, s) == {}  # no real texts: no yardstick
+    rec = write_report(tmp_path, (m, s), (m, s), extra={"real_reviews": r})
+    table = report_table(rec)
+    assert "| metric | before | after | real reviews, same lengths |" in table
+    assert f"| positive rate (reward model) of real negative reviews | n/a | n/a | " \
+           f"{r['positive_rate_reward_model_of_negative']:.3f} |" in table

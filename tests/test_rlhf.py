@@ -16,7 +16,7 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification, 
 from agents.cli import UsageError
 from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
 from agents.rlhf.baselines import best_of_n, pick_best
-from agents.rlhf.config import EMBEDDED_ITERATIONS, rlhf_ppo
+from agents.rlhf.config import EMBEDDED_ITERATIONS, check_config, rlhf_ppo
 from textenv import EpisodeSpec, KeywordReward, char_tokenizer
 
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
@@ -315,6 +315,29 @@ def test_group_relative_run_with_normalised_reward_and_a_best_of_n_baseline(tmp_
     # "a" is never negative), while the report keeps the raw score
     assert min(h["score_mean"] for h in rec["history"]) < 0 < rec["before"]["reward_mean"]
     assert len(rec["history"]) == 4
+
+
+def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tmp_path):
+    """At T = 0.5 the first rollout's policy equals its reference (KL 0: both score at T), the first PPO ratio is 1,
+    and the report and the saved policy say T."""
+    import warnings
+
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS * 2)
+    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 2, kl_coef=0.2),
+                     group_size=4, temperature=0.5, best_of_n_prompts=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = run(cfg, pieces)
+    assert not [w for w in caught if "ratio" in str(w.message)]
+    assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert rec["history"][1]["kl"] != 0.0  # after an update the policy moved away from the reference
+    assert "sampled at temperature 0.5" in (tmp_path / "run" / "report.md").read_text()
+    saved = json.loads((tmp_path / "run" / "policy" / "generation_config.json").read_text())
+    assert saved["temperature"] == 0.5 and saved["do_sample"] is True
+    with pytest.raises(UsageError, match="--temperature 0"):
+        check_config(dataclasses.replace(cfg, temperature=0.0))
 
 
 def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():

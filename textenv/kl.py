@@ -50,7 +50,10 @@ class _Reference:
     """The frozen reference LM with its KV cache, restricted to the env's action space (both wrappers use it)."""
 
     def __init__(self, action_space: spaces.Space, ref_model: nn.Module, pad_token_id: int,
-                 device: str | torch.device | None, who: str) -> None:
+                 device: str | torch.device | None, who: str, temperature: float = 1.0) -> None:
+        if not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
+            raise ValueError(f"{who}: temperature {temperature!r} must be a positive number (the policy's)")
+        self.temperature = float(temperature)
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"{who} needs Discrete token actions, got {action_space}; wrap a TextEnv.")
         self.n_actions = int(action_space.n)
@@ -72,6 +75,8 @@ class _Reference:
                        "log p_ref)")
             raise
         logits = logits[:, : self.n_actions]  # (E, n_actions)
+        if self.temperature != 1.0:  # the reference at the policy's temperature: the KL of what is sampled
+            logits = logits / self.temperature
         if mask is not None:
             logits = logits.masked_fill(~torch.as_tensor(mask, device=self.device), float("-inf"))
         logp = torch.log_softmax(logits, dim=-1)  # (E, n_actions)
@@ -96,8 +101,10 @@ class RefLogprob(VectorWrapper):
 
     Works on any vector env with `Discrete` actions and left-padded token-id observations (TextVectorEnv,
     or SyncVectorEnv of TextEnv). `ref_model` is a causal LM, or `agent.reference(model)` of a `GPTAgent`
-    with `trainable_layers` (the reference then runs only its top blocks over the policy's frozen trunk). Under NEXT_STEP autoreset the step right after an episode end applies
-    no action: its `ref_logprob` is 0 and its `_ref_logprob` mask False.
+    with `trainable_layers` (the reference then runs only its top blocks over the policy's frozen trunk). Under
+    NEXT_STEP autoreset the step right after an episode end applies no action: its `ref_logprob` is 0 and its
+    `_ref_logprob` mask False. `temperature`: the reference is softmax(logits / temperature), as a `GPTAgent` of
+    that temperature samples; pass the policy's, so the penalty is the KL of the distributions actually sampled.
     """
 
     def __init__(
@@ -106,11 +113,12 @@ class RefLogprob(VectorWrapper):
         ref_model: nn.Module,
         pad_token_id: int | None = None,
         device: str | torch.device | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(env)
         if pad_token_id is None:  # the vector envs' attribute API (TextVectorEnv, SyncVectorEnv of TextEnvs)
             pad_token_id = _pad_token_id(env, lambda: env.unwrapped.get_attr("pad_token_id")[0])
-        self.ref = _Reference(env.single_action_space, ref_model, pad_token_id, device, "RefLogprob")
+        self.ref = _Reference(env.single_action_space, ref_model, pad_token_id, device, "RefLogprob", temperature)
         self.cache = self.ref.cache
         self.next_step = (
             env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
@@ -152,12 +160,13 @@ class RefLogprobEnv(gym.Wrapper):
     """Single-env version of `RefLogprob`: adds `info["ref_logprob"]` (a float) after each step."""
 
     def __init__(
-        self, env: gym.Env, ref_model: nn.Module, pad_token_id: int | None = None, device: str | None = None
+        self, env: gym.Env, ref_model: nn.Module, pad_token_id: int | None = None, device: str | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(env)
         if pad_token_id is None:
             pad_token_id = _pad_token_id(env, lambda: env.get_wrapper_attr("pad_token_id"))
-        self.ref = _Reference(env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv")
+        self.ref = _Reference(env.action_space, ref_model, pad_token_id, device, "RefLogprobEnv", temperature)
         self.cache = self.ref.cache
         self._obs: np.ndarray | None = None
         self._mask: np.ndarray | None = None

@@ -63,6 +63,10 @@ class RLHFConfig:
     """policy tokenizer folder or hub name; None = the policy's own"""
     dtype: Literal["auto", "float32", "bf16"] = "auto"
     """policy compute dtype: `auto` = bf16 on CUDA, float32 on CPU"""
+    temperature: float = 1.0
+    """the policy's sampling temperature: softmax(logits / T) in the rollout, PPO's stored and recomputed log-probs
+    and entropy, the KL reference's log-probs, best-of-n and the report (so the KL is that of the distributions
+    actually sampled); below 1 trims the tail that most of a small LM's unreadable text comes from"""
     trainable_layers: int | None = None
     """train only the policy's top k decoder blocks (+ final norm, value head) over a frozen trunk that the
     rollout, the reference and every PPO epoch share; None = train every parameter"""
@@ -154,8 +158,12 @@ def check_config(cfg: RLHFConfig) -> None:
     if cfg.ppo.advantages != "gae" and cfg.ppo.num_steps < budget:
         raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} collects whole episodes: --ppo.num-steps "
                          f"{cfg.ppo.num_steps} must be >= --max-new-tokens ({budget})")
-    if cfg.best_of_n_prompts < 0 or min(cfg.best_of_n, default=1) < 1:
-        raise UsageError(f"--best-of-n {cfg.best_of_n} must be >= 1 and --best-of-n-prompts >= 0")
+    if cfg.best_of_n_prompts < 0 or (cfg.best_of_n_prompts and not cfg.best_of_n) or min(cfg.best_of_n, default=1) < 1:
+        raise UsageError(f"--best-of-n {cfg.best_of_n} needs every n >= 1 and --best-of-n-prompts >= 0 "
+                         "(--best-of-n-prompts 0 turns the baseline off)")
+    if not 0 < cfg.temperature < float("inf"):
+        raise UsageError(f"--temperature {cfg.temperature} must be > 0 (1: the LM's own distribution; 0.7 trims its "
+                         "tail)")
     if cfg.reward_timeout < 0:
         raise UsageError(f"--reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0: no limit)")
     if cfg.ppo.resume and not cfg.ppo.run_dir:

@@ -43,7 +43,7 @@ import torch
 
 from agents import distributed
 from agents.checkpoint import writable_dir
-from agents.cli import UsageError, run_cli
+from agents.cli import UsageError, parse_cli, run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
 from agents.rlhf.pieces import Pieces, check_pieces, guarded, load_pieces
@@ -64,7 +64,8 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
     envs = gym.make_vec("TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
                         tokenizer=pieces.tokenizer, reward_model=reward_fn, prompts=pieces.train_prompts,
                         **cfg.episode.env_kwargs(), **groups)
-    return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device)
+    return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device,
+                      temperature=cfg.temperature)
 
 
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
@@ -85,7 +86,7 @@ def held_out(cfg: RLHFConfig, pieces: Pieces):
 
     return HeldOut(pieces.tokenizer, pieces.eval_prompts, pieces.reward_fn, cfg.episode,
                    reward_positive_fn=pieces.reward_positive_fn, judge_fn=pieces.judge_fn, seed=cfg.ppo.seed + 12345,
-                   original=pieces.original)
+                   original=pieces.original, temperature=cfg.temperature, real=pieces.real_texts)
 
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None) -> dict:
@@ -122,7 +123,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     # (a build, a load): seed it, or two runs of one seed part after their first update
     torch.manual_seed(cfg.ppo.seed)
     agent = GPTAgent(policy, pieces.tokenizer.pad_token_id, len(pieces.tokenizer), device=device, dtype=dtype,
-                     trainable_layers=cfg.trainable_layers)
+                     trainable_layers=cfg.trainable_layers, temperature=cfg.temperature)
     evaluation = held_out(cfg, pieces)  # the held-out prompts through the env, stepped by the policy
     before, baselines = _before(cfg, reference, evaluation) if dist.is_main else (None, {})
     # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
@@ -138,6 +139,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
         return {}
     t_eval = time.time()
     after = evaluate_held_out(agent, reference, evaluation)  # the trained agent as it samples in training
+    # the saved policy samples as it was trained: `generate` reads its temperature from the generation config
+    agent.lm.generation_config.update(do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None)
     with _results_written(run_dir):
         agent.lm.save_pretrained(run_dir / "policy")
         pieces.tokenizer.save_pretrained(run_dir / "policy")
@@ -165,17 +168,22 @@ def _before(cfg: RLHFConfig, reference: torch.nn.Module, evaluation: Any) -> tup
     """The initial policy on the held-out prompts, and its best-of-n baseline ({} without one)."""
     from agents.rlhf.baselines import best_of_n
     from agents.rlhf.report import evaluate_held_out
+    from agents.rlhf.yardstick import yardstick
 
     before = evaluate_held_out(reference, reference, evaluation)
     m = before[0]
     print(f"before: reward {m['reward_mean']:+.3f}, positive {m['positive_rate_reward_model']:.2f} (judge "
           f"{m['positive_rate_judge']}), distinct-2 {m['distinct_2']:.3f}", flush=True)
+    real = {"real_reviews": r} if (r := yardstick(evaluation, before[1])) else {}
+    if real:
+        print(f"real reviews of the same length: positive {r['positive_rate_reward_model']:.2f} by the reward model "
+              f"(judge {r.get('positive_rate_judge')}), distinct-2 {r['distinct_2']:.3f}", flush=True)
     if not cfg.best_of_n_prompts:
-        return before, {}
+        return before, real
     bon = best_of_n(reference, reference, evaluation, cfg.best_of_n, cfg.best_of_n_prompts)
     print("best-of-n: " + ", ".join(f"n={r['n']} judge {r['positive_rate_judge']} reward model "
                                     f"{r['positive_rate_reward_model']:.2f}" for r in bon["rows"]), flush=True)
-    return before, {"best_of_n": bon}
+    return before, {"best_of_n": bon, **real}
 
 
 def _smoke(cfg: RLHFConfig, world_size: int) -> RLHFConfig:
@@ -216,8 +224,8 @@ def parse_args(argv: list[str] | None = None) -> RLHFConfig:
     preset_type = tyro.extras.subcommand_type_from_defaults(
         presets, {name: make.__doc__ for name, make in PRESETS.items()})
     # CascadeSubcommandArgs: flags without a preset name apply to the default one (`--ppo.seed 2` = embedded)
-    return tyro.cli(preset_type, default=presets["embedded"], args=argv, prog="python -m agents.rlhf",
-                    description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))
+    return parse_cli(preset_type, default=presets["embedded"], args=argv, prog="python -m agents.rlhf",
+                     description=__doc__, config=(tyro.conf.CascadeSubcommandArgs,))
 
 
 def main() -> None:

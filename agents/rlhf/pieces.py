@@ -18,6 +18,7 @@ import torch
 
 from agents.cli import UsageError
 from agents.rlhf.config import RLHFConfig, check_config
+from textenv.build.texts import Texts
 from textenv.rewards import RewardModel, TimeLimit, check_scores  # RewardModel: texts -> one float each
 
 # ---------------------------------------------------------------------------------------- the pieces
@@ -36,6 +37,7 @@ class Pieces:
     judge_fn: RewardModel | None = None  # held-out judge: texts -> P(positive)
     info: dict = field(default_factory=dict)  # where the pieces came from (paths, metrics), for the report
     original: torch.nn.Module | None = None  # the LM the policy was warm-started from (its perplexity is reported)
+    real_texts: Texts | None = None  # real held-out texts, never prompts: the report's yardstick (labels optional)
 
 
 class Guarded:
@@ -171,13 +173,14 @@ def cut_queries(tokenizer: Any, texts: Sequence[str], lo: int, hi: int, seed: in
     return [q for q in out if q.strip()]
 
 
-def load_prompts(cfg: RLHFConfig) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts) of the data source, or a clear error when none is usable."""
+def load_prompts(cfg: RLHFConfig) -> tuple[list[str], Texts]:
+    """(training texts, held-out texts with their labels) of the data source, or a clear error when none is usable."""
     from textenv.build.data import load_texts
 
     train = [t for t in load_texts(cfg.data_dir, "train", seed=cfg.ppo.seed).texts if t.strip()]
-    held = [t for t in load_texts(cfg.data_dir, "test", seed=cfg.ppo.seed + 1).texts if t.strip()]
-    if not train or not held:
+    test = load_texts(cfg.data_dir, "test", seed=cfg.ppo.seed + 1)
+    held = test.take([i for i, t in enumerate(test.texts) if t.strip()])
+    if not train or not len(held):
         raise UsageError(f"data source {cfg.data_dir} has no usable text (train: {len(train)}, test: {len(held)} "
                          "non-empty texts); point --data-dir at a folder with train/test reviews")
     return train, held
@@ -228,13 +231,14 @@ def load_pieces(cfg: RLHFConfig, device: torch.device) -> Pieces:
     query = cfg.episode.query_tokens
     hi = query[1] if query else cfg.episode.max_prompt_tokens
     lo = query[0] if query else min(2, hi)
-    eval_prompts = cut_queries(tok, held_texts[: 4 * cfg.eval_prompts], lo, hi, cfg.ppo.seed)[: cfg.eval_prompts]
+    eval_prompts = cut_queries(tok, held_texts.texts[: 4 * cfg.eval_prompts], lo, hi, cfg.ppo.seed)[: cfg.eval_prompts]
+    real = held_texts.take(range(4 * cfg.eval_prompts, min(len(held_texts), 6 * cfg.eval_prompts)))  # never prompts
     if not eval_prompts:
         raise UsageError(f"data source {cfg.data_dir}: no held-out prompt left after cutting queries; the test split "
                          "has no usable text")
     return Pieces(tokenizer=tok, policy=policy, reward_fn=reward[0], reward_positive_fn=reward[1],
                   judge_fn=judge, train_prompts=train_texts, eval_prompts=eval_prompts, info=info,
-                  original=original)
+                  original=original, real_texts=real if len(real) else None)
 
 
 def warm_start(cfg: RLHFConfig) -> tuple[str, dict]:

@@ -15,7 +15,7 @@ keeps that table and adds what tells a real gain from reward hacking, measured o
 The samples come from the environment itself: a `TextVectorEnv` over the held-out prompts (each started
 once, in order, by `reset(options={"prompt_index": ...})`) wrapped with `textenv.kl.RefLogprob`, stepped by
 a `GPTAgent`. Prompts, EOS, min/max new tokens and scores thus have one definition, the env's; sampling is
-the agent's pure ancestral sampling (temperature 1, no top-k/top-p), the distribution PPO trains.
+the agent's pure ancestral sampling at the job's temperature (no top-k/top-p), the distribution PPO trains.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import nn
 
 from agents.gpt_policy import GPTAgent
 from agents.rlhf.signals import batch_signals, compare
+from textenv.build.texts import Texts
 from textenv.episode import EpisodeSpec
 from textenv.kl import RefLogprob
 from textenv.rewards import RewardModel
@@ -57,16 +58,19 @@ class Samples:
         return len(self.prompts)
 
 
-def as_agent(policy: GPTAgent | nn.Module, tokenizer) -> GPTAgent:
-    """`policy` itself if it is a GPTAgent over the tokenizer's vocabulary, else a causal LM wrapped in one
-    (float32, on the LM's device; its value head is never used)."""
+def as_agent(policy: GPTAgent | nn.Module, tokenizer, temperature: float = 1.0) -> GPTAgent:
+    """`policy` itself if it is a GPTAgent over the tokenizer's vocabulary at `temperature`, else a causal LM
+    wrapped in one (float32, on the LM's device, sampling at `temperature`; its value head is never used)."""
     if isinstance(policy, GPTAgent):
         if policy.vocab_size != len(tokenizer) or policy.pad_token_id != tokenizer.pad_token_id:
             raise ValueError(f"the agent's vocabulary ({policy.vocab_size}) / pad id ({policy.pad_token_id}) differ "
                              f"from the tokenizer's ({len(tokenizer)} / {tokenizer.pad_token_id}); evaluate with the "
                              "tokenizer the agent was built with")
+        if policy.temperature != temperature:
+            raise ValueError(f"the agent samples at temperature {policy.temperature}, the evaluation at {temperature}; "
+                             "evaluate at the agent's temperature (HeldOut.temperature)")
         return policy
-    return GPTAgent(policy, tokenizer.pad_token_id, len(tokenizer))
+    return GPTAgent(policy, tokenizer.pad_token_id, len(tokenizer), temperature=temperature)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class HeldOut:
     seed: int = 0
     batch_size: int = 64  # envs side by side
     original: nn.Module | None = None  # the LM the reference was fine-tuned from: its perplexity is reported too
+    temperature: float = 1.0  # the policy's and the reference's sampling temperature (softmax(logits / T))
+    real: Texts | None = None  # real held-out reviews (labelled), the yardstick's (`agents.rlhf.yardstick`)
 
 
 @torch.no_grad()
@@ -102,12 +108,13 @@ def sample_episodes(policy: GPTAgent | nn.Module, reference: nn.Module, held_out
     # every CUDA device forked too: manual_seed reseeds them all, and the caller's RNG state must survive
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        agent = as_agent(policy, tokenizer)  # before seeding: a new (unused) value head does not shift the draws
+        agent = as_agent(policy, tokenizer, h.temperature)  # before seeding: a new (unused) value head does not shift the draws
         torch.manual_seed(h.seed)
         episode = dataclasses.replace(h.episode, query_tokens=None)  # the prompts are whole
         envs = RefLogprob(
             TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, **episode.env_kwargs()),
-            agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device)  # a top-k
+            agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device,
+            temperature=h.temperature)  # a top-k
         # agent's reference runs only its top blocks over the agent's frozen trunk (the same log-probs)
         agent.reset_cache()
         try:
@@ -236,7 +243,11 @@ _ROWS = [
     ("reward median", "reward_median"),
     ("reward std", "reward_std"),
     ("positive rate (reward model)", "positive_rate_reward_model"),
+    ("positive rate (reward model) of real positive reviews", "positive_rate_reward_model_of_positive"),
+    ("positive rate (reward model) of real negative reviews", "positive_rate_reward_model_of_negative"),
     ("positive rate (held-out judge)", "positive_rate_judge"),
+    ("positive rate (judge) of real positive reviews", "positive_rate_judge_of_positive"),
+    ("positive rate (judge) of real negative reviews", "positive_rate_judge_of_negative"),
     ("KL to reference (nats/response)", "kl_mean"),
     ("reference perplexity", "ref_perplexity"),
     ("perplexity under the original LM (before the warm start)", "original_perplexity"),
@@ -286,11 +297,13 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
 
 
 def report_table(record: dict) -> str:
-    """The before/after Markdown table of a report record (`write_report`'s or `agents.rlhf.run`'s return)."""
-    b, a = record["before"], record["after"]
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(b.get(k))} | {_fmt(a.get(k))} |" for name, k in _ROWS
-              if b.get(k) is not None or a.get(k) is not None]  # a row only where the run measured it
+    """The before/after Markdown table of a report record (`write_report`'s or `agents.rlhf.run`'s return), with a
+    column of real reviews cut to the same lengths where the record has them (`agents.rlhf.yardstick`)."""
+    cols = [record["before"], record["after"]] + ([record["real_reviews"]] if record.get("real_reviews") else [])
+    head = ["before", "after", "real reviews, same lengths"][: len(cols)]
+    lines = ["| metric | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_fmt(c.get(k)) for c in cols) + " |" for name, k in _ROWS
+              if any(c.get(k) is not None for c in cols)]  # a row only where the run measured it
     return "\n".join(lines)
 
 
@@ -360,7 +373,8 @@ def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | No
     """The Markdown report of a record: the before/after table, warnings, the run's numbers, sample pairs, plot."""
     summary_b, summary_a, n = record["before"], record["after"], record["before"]["n"]
     lines = ["# RLHF report", "",
-             f"Held-out prompts: {n}, one pure-sampled response each (same prompts and seed before and after).",
+             f"Held-out prompts: {n}, one response each, sampled at temperature "
+             f"{record.get('config', {}).get('temperature', 1.0)} (same prompts and seed before and after).",
              f"Reward mean gain: {record['gain']['reward_mean']:+.3f} "
              f"(standard error before {summary_b['reward_sem']:.3f}, after {summary_a['reward_sem']:.3f}).", "",
              report_table(record)]
@@ -368,7 +382,8 @@ def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | No
         lines += ["", "## Over-optimisation warnings", "", *[f"- {md_cell(w)}" for w in record["warnings"]]]
     if "best_of_n" in extra:
         lines += ["", *best_of_n_table(extra["best_of_n"], summary_a)]
-    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in extra.items()
+    shown = {k: v for k, v in extra.items() if k != "real_reviews"}  # the table's third column already
+    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in shown.items()
             for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     flat = {k: v for k, v in flat.items() if isinstance(v, int | float | str)}
     if flat:

