@@ -7,7 +7,8 @@ and compares before and after on held-out prompts:
 - positive rate >= 95% by the reward model and >= 90% by the held-out judge,
 - mean reward gain >= +1.53 (the seed's: 0.157 -> 1.686 with GPT-2 and DistilBERT on a V100),
 - KL to the reference <= 6 nats per response, the training KL of the last 25% within 20% of the setpoint,
-- reference perplexity <= 1.3x the start, distinct-2 >= 0.8x the start,
+- reference perplexity <= 1.3x the start, distinct-2 >= 0.8x the start and >= 0.8x that of real reviews cut to the
+  same lengths, under 5% identical responses,
 - RLHF wall time (PPO + report, models already built) <= 20 minutes on 2 CPU cores.
 
 Building the models (tokenizer, GPT, reward model, judge) is cached in `artifacts/` and timed separately.
@@ -53,6 +54,8 @@ class Args:
     """PPO learning rate (default: the imdb preset's)"""
     kl_target: float | None = None
     """KL setpoint of the adaptive controller (default: the imdb preset's)"""
+    temperature: float | None = None
+    """the policy's sampling temperature (default: the preset's)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
     policy: str | None = None
@@ -81,7 +84,8 @@ def build_config(a: Args) -> RLHFConfig:
     if a.kl_target:
         ppo.kl_target = a.kl_target
     cfg = dataclasses.replace(base, data_dir=a.data_dir, policy=a.policy or base.policy,
-                              reward_model=a.reward_model, judge=a.judge, ppo=ppo)
+                              reward_model=a.reward_model, judge=a.judge, ppo=ppo,
+                              temperature=a.temperature or base.temperature)
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64
@@ -125,6 +129,7 @@ def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> li
                (af["positive_rate_judge"] or 0) >= curve)]
     if warm:
         extra.append(target("warm_start_minutes", warm["build_seconds"] / 60, "<= 10", warm["build_seconds"] <= 600))
+    extra += real_targets(af, rec.get("real_reviews"))
     return extra + [
         target("positive_rate_reward_model", af["positive_rate_reward_model"], ">= 0.95",
                af["positive_rate_reward_model"] >= 0.95),
@@ -138,6 +143,16 @@ def rlhf_targets(preset: str, rec: dict, kl_target: float, kl_tail: float) -> li
         target("distinct_2_ratio", d2_ratio, ">= 0.8", d2_ratio >= 0.8),
         target("rlhf_wall_minutes", rlhf_s / 60, f"<= {minutes}", rlhf_s <= minutes * 60),
     ]
+
+
+def real_targets(after: dict, real: dict | None) -> list[dict]:
+    """Diversity guarded against real text, not only against the start: distinct-2 of the tuned responses >= 0.8x
+    that of real reviews cut to the same lengths, and under 5% identical responses."""
+    rows = [target("identical_responses", after["identical_share"], "< 0.05", after["identical_share"] < 0.05)]
+    if real:
+        ratio = after["distinct_2"] / real["distinct_2"]
+        rows.append(target("distinct_2_ratio_to_real_reviews", ratio, ">= 0.8", ratio >= 0.8))
+    return rows
 
 
 def main(a: Args) -> None:
@@ -167,7 +182,8 @@ def main(a: Args) -> None:
                "build_s": build_s, "fetch_and_convert_s": fetch_s,
                "kl_final_quarter": kl_tail,
                "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-               "built_from": rec.get("pieces", {}), "best_of_n": rec.get("best_of_n"), "samples": rec["samples"],
+               "built_from": rec.get("pieces", {}), "best_of_n": rec.get("best_of_n"),
+               "real_reviews": rec.get("real_reviews"), "samples": rec["samples"],
                "config": rec["config"], "run_dir": ppo.run_dir}
     path = write_result(f"rlhf_{a.preset}", results, targets, a.quick, a.out)
     report = path.with_name(path.stem + "_report.md")

@@ -21,7 +21,7 @@ Methods:
   one forward padded to its longest row, as before `CachedLM` grouped rows by length (a before/after number).
 - `hf generate`: `model.generate` with KV cache, pure sampling (do_sample, top_k=0, temperature 1).
 - `naive recompute`: re-encodes the whole prefix for every token, computes the logits of the last position
-  only and samples as the agent does (`agents.gpt_policy.sample`): what a token-step env costs without an
+  only and samples as the agent does (`agents.gpt_policy.sample_categorical`): what a token-step env costs without an
   agent-side cache, done reasonably.
 
 The machine is shared and noisy: each round times all methods back to back (order alternating), and the

@@ -125,7 +125,7 @@ def sample_episodes(policy: GPTAgent | nn.Module, reference: nn.Module, held_out
 
 
 def _run(agent: GPTAgent, envs: RefLogprob, prompts: list[str], seed: int) -> Samples:
-    """Step `envs` with `agent` until every prompt has had its one episode; see `sample`."""
+    """Step `envs` with `agent` until every prompt has had its one episode; see `sample_episodes`."""
     n, E = len(prompts), envs.num_envs
     W = envs.single_observation_space.shape[0]
     out = Samples(prompts, [[]] * n, [[]] * n, [""] * n, [""] * n, [0.0] * n, [np.zeros(0)] * n, [np.zeros(0)] * n)

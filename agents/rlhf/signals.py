@@ -117,7 +117,7 @@ def check(history: Sequence[dict], th: Thresholds | None = None) -> dict[str, st
 
 
 def compare(before: dict, after: dict, th: Thresholds | None = None) -> dict[str, str]:
-    """Warnings on a report's held-out samples (`agents.rlhf.report.evaluate` metrics, before vs after): the
+    """Warnings on a report's held-out samples (`agents.rlhf.report.evaluate_held_out` metrics, before vs after): the
     judge disagreeing with the reward model, and the collapse signals of the tuned policy's samples."""
     th = th or Thresholds()
     out = _collapse(before, after, th, "held-out samples after training")

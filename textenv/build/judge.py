@@ -1,7 +1,7 @@
 """Held-out sentiment judge: a hashed word n-gram logistic regression, used only for evaluation.
 
 It differs from the reward model on purpose: bag-of-n-grams features instead of a transformer, its own
-seed, and (in `textenv.build`) the other half of the training split, which the reward model never sees.
+seed, and (in `textenv.build`) the first half of the test split, which the reward model never sees.
 When RLHF exploits a quirk of the reward model (reward hacking), the reward climbs while the judge's
 score does not: the gap is the signal.
 
