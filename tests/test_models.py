@@ -285,6 +285,24 @@ def test_warm_start_trains_only_the_top_blocks_and_lowers_the_held_out_loss(tmp_
     assert changed and all(k.startswith(("model.layers.2.", "model.norm.")) for k in changed), changed
 
 
+def test_warm_start_is_fixed_by_work_and_its_time_guard_cuts_loudly(tmp_path: Path) -> None:
+    from textenv import char_tokenizer
+    from textenv.build.warm_start import WarmStartConfig, warm_start
+
+    assert WarmStartConfig().max_minutes is None  # by default the steps alone decide: same seed, same model
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
+    _tiny_llama(tok, tmp_path / "base", layers=2)
+    texts = [f"the film was {w} and the cast was {w}. " * 3 for w in ("good", "bad")] * 20
+    logs: list[str] = []
+    cfg = WarmStartConfig(trainable_layers=1, window=24, max_texts=40, eval_texts=4, batch_size=8, max_minutes=0.0)
+    m = warm_start(cfg, tmp_path / "base", texts, texts[:4], tmp_path / "cut", log=logs.append)
+    assert (m["steps"], m["planned_steps"], m["cut_by_time"]) == (1, 5, True)
+    assert any(line.startswith("WARNING: warm start cut at step 1 of 5") for line in logs), logs
+    full = warm_start(dataclasses.replace(cfg, max_minutes=None), tmp_path / "base", texts, texts[:4],
+                      tmp_path / "full", log=logs.append)
+    assert (full["steps"], full["cut_by_time"]) == (5, False)
+
+
 def test_warm_start_step_is_built_once_and_reused(tmp_path: Path) -> None:
     # `textenv.build warmstart` on a stand-in for the fetched SmolLM2 (a tiny Llama in its cache folder)
     import json

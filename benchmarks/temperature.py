@@ -1,0 +1,72 @@
+"""Sampling temperature before any RL: what the `smollm2` preset's starting policy writes at each T, against real
+reviews of the same lengths.
+
+For each temperature the warm-started SmolLM2 samples one response per held-out prompt through the report's env
+(`agents.rlhf.report.evaluate_held_out`, the distribution PPO would train), and the row gives the reward model's and
+the judge's positive rates, distinct-2, identical responses and the perplexity under the original LM (fluency), beside
+the same measures of real held-out reviews cut to the same lengths (`agents.rlhf.yardstick`). A lower T trims the
+tail a small LM's unreadable text comes from, and costs diversity: this table is where the preset's T is chosen.
+
+    python benchmarks/temperature.py                      # T = 1, 0.8, 0.7, 0.6, 0.5; results/temperature.json
+    python benchmarks/temperature.py --prompts 64 --temperatures 1 0.5 --out /tmp/t.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import tyro
+from _common import IMDB_DIR, print_table, target, write_result
+
+from agents.rlhf import prepare
+from agents.rlhf.config import smollm2
+from agents.rlhf.job import held_out
+from agents.rlhf.report import evaluate_held_out
+from agents.rlhf.yardstick import yardstick
+from agents.vector import resolve_device
+
+KEYS = ("positive_rate_reward_model", "positive_rate_judge", "distinct_2", "identical_share", "original_perplexity")
+
+
+@dataclass
+class Args:
+    temperatures: tuple[float, ...] = (1.0, 0.8, 0.7, 0.6, 0.5)
+    """sampling temperatures to measure"""
+    prompts: int = 256
+    """held-out prompts (one response each per temperature)"""
+    seed: int = 1
+    """the prompts' and the sampling's seed"""
+    data_dir: str = str(IMDB_DIR)
+    """IMDb as gzipped JSON Lines"""
+    out: str | None = None
+    """JSON path (default benchmarks/results/temperature.json)"""
+
+
+def main(a: Args) -> None:
+    cfg = smollm2()
+    cfg = dataclasses.replace(cfg, data_dir=a.data_dir, eval_prompts=a.prompts,
+                              ppo=dataclasses.replace(cfg.ppo, seed=a.seed))
+    pieces = prepare(cfg, resolve_device("cpu"))  # the preset's warm start, reward model and judge (cached)
+    rows, real = [], None
+    for t in a.temperatures:
+        t0 = time.time()
+        evaluation = held_out(dataclasses.replace(cfg, temperature=t), pieces)
+        metrics, samples = evaluate_held_out(pieces.policy, pieces.policy, evaluation)
+        real = real or yardstick(evaluation, samples)
+        rows.append({"temperature": t, **{k: metrics.get(k) for k in KEYS}, "seconds": time.time() - t0,
+                     "examples": [p + c for p, c in zip(samples.prompts[:5], samples.completions[:5], strict=True)]})
+    print_table(["T", *KEYS], [[r["temperature"], *(r[k] for k in KEYS)] for r in rows]
+                + [["real reviews", *(real.get(k) for k in KEYS)]])
+    d2 = real["distinct_2"]
+    targets = [target(f"distinct_2_ratio_to_real_at_T{r['temperature']:g}", r["distinct_2"] / d2, ">= 0.8",
+                      r["distinct_2"] >= 0.8 * d2) for r in rows]
+    path = write_result("temperature", {"rows": rows, "real_reviews": real, "prompts": a.prompts,
+                                        "policy": pieces.info.get("warm_start", {}).get("path")},
+                        targets, quick=False, out=a.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
