@@ -56,6 +56,8 @@ class Args:
     """KL setpoint of the adaptive controller (default: the imdb preset's)"""
     temperature: float | None = None
     """the policy's sampling temperature (default: the preset's)"""
+    ent_coef: float | None = None
+    """PPO's entropy bonus (default: the preset's)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
     policy: str | None = None
@@ -83,6 +85,8 @@ def build_config(a: Args) -> RLHFConfig:
         ppo.learning_rate = a.learning_rate
     if a.kl_target:
         ppo.kl_target = a.kl_target
+    if a.ent_coef is not None:
+        ppo.ent_coef = a.ent_coef
     cfg = dataclasses.replace(base, data_dir=a.data_dir, policy=a.policy or base.policy,
                               reward_model=a.reward_model, judge=a.judge, ppo=ppo,
                               temperature=a.temperature or base.temperature)
