@@ -210,7 +210,7 @@ def test_cli_parses_presets_and_builds_a_step(tmp_path: Path) -> None:
     assert paths.tokenizer is not None and len(AutoTokenizer.from_pretrained(paths.tokenizer)) == 300
     assert paths.gpt is None
     assert (preset().data_dir, preset().gpt.model, preset().tokenizer.vocab_size) == ("embedded", "mini", 1024)
-    assert (preset("imdb").gpt.model, preset("imdb").reward.max_length) == ("small", 256)
+    assert (preset("imdb").gpt.model, preset("imdb").reward.model, preset("imdb").reward.max_length) == ("small", "minilm", 128)
     assert preset("imdb", data_dir="/d").data_dir == "/d"
     assert parse_args([]) == parse_args(["all", "embedded"]) == ("all", preset())
     assert parse_args(["imdb"]) == ("all", preset("imdb"))

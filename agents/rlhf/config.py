@@ -167,8 +167,8 @@ def check_config(cfg: RLHFConfig) -> None:
         raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} collects whole episodes: --ppo.num-steps "
                          f"{cfg.ppo.num_steps} must be >= --max-new-tokens ({budget})")
     if cfg.best_of_n_prompts < 0 or (cfg.best_of_n_prompts and not cfg.best_of_n) or min(cfg.best_of_n, default=1) < 1:
-        raise UsageError(f"--best-of-n {cfg.best_of_n} needs every n >= 1 and --best-of-n-prompts >= 0 "
-                         "(--best-of-n-prompts 0 turns the baseline off)")
+        raise UsageError(f"--best-of-n {cfg.best_of_n} must be >= 1 each and name at least one n, and "
+                         "--best-of-n-prompts >= 0 (--best-of-n-prompts 0 turns the baseline off)")
     if not 0 < cfg.temperature < float("inf"):
         raise UsageError(f"--temperature {cfg.temperature} must be > 0 (1: the LM's own distribution; 0.7 trims its "
                          "tail)")
