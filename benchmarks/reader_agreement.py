@@ -6,7 +6,8 @@ signals the report can compute, and says for each how well it predicts the reade
 
 - P(positive) by the reward model and by the held-out judge, against "positive";
 - perplexity under the original LM (lower is more fluent), against "fluent";
-- the share of the text's words that name a film or its making (a fixed word list), against "on-topic".
+- the share of the text's words that name a film or its making (`agents.rlhf.signals.FILM_WORDS`), against
+  "on-topic".
 
 For each: ROC AUC (0.5 = no better than chance; the probability that a text the reader labelled yes scores above one
 labelled no) and the accuracy at the signal's own threshold (0.5 for probabilities).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +27,6 @@ import numpy as np
 import torch
 import tyro
 from _common import print_table, write_result
-
-FILM_WORDS = set("""film films movie movies cinema actor actors actress actresses acting acted cast casting director
-directed directing direction script screenplay plot scene scenes character characters role roles performance
-performances show series episode episodes season sequel remake documentary comedy drama thriller horror western
-animation animated cartoon hollywood oscar oscars studio camera cinematography soundtrack score screen viewer viewers
-audience watch watched watching dvd theater theatre story storyline ending dialogue""".split())
 
 
 @dataclass
@@ -57,11 +51,6 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
         tie = scores == v
         ranks[tie] = ranks[tie].mean()
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def film_share(text: str) -> float:
-    words = re.findall(r"[a-z']+", text.lower())
-    return sum(w in FILM_WORDS for w in words) / max(len(words), 1)
 
 
 @torch.no_grad()
@@ -90,6 +79,7 @@ def read(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 
 def main(a: Args) -> None:
     from agents.rlhf.pieces import load_classifier, load_judge
+    from agents.rlhf.signals import film_word_share
 
     built = json.loads(Path(a.results).read_text())["results"]["built_from"]
     texts, labels = [], {"positive": [], "on_topic": [], "fluent": []}
@@ -105,7 +95,7 @@ def main(a: Args) -> None:
                                      "positive", 0.5),
         "judge P(positive)": (np.array(load_judge(built["built"]["judge"], cpu)(texts)), "positive", 0.5),
         "minus perplexity under the original LM": (-perplexities(built["policy"], texts), "fluent", None),
-        "share of film words": (np.array([film_share(t) for t in texts]), "on_topic", 0.0),
+        "share of film words": (np.array([film_word_share(t) for t in texts]), "on_topic", 0.0),
     }
     rows = []
     for name, (score, label, threshold) in signals.items():

@@ -104,3 +104,11 @@ def test_the_rlhf_logger_logs_the_signals_and_warns_once_on_a_collapsed_batch(ca
     out = capsys.readouterr().out
     assert out.count("warning:") == len(logger.warnings) >= 2
     assert any("copies" in w for w in logger.warnings) and any("saturated" in w for w in logger.warnings)
+
+
+def test_on_topic_rate_counts_texts_that_name_a_film():
+    from agents.rlhf.signals import film_word_share, on_topic_rate
+
+    texts = ["The acting was superb.", "I bought a new car today.", "A MOVIE, and its Director's cut", "x"]
+    assert on_topic_rate(texts) == 0.5 and on_topic_rate([]) == 0.0
+    assert film_word_share("the film and the plot") == pytest.approx(2 / 5)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from agents.gpt_policy import GPTAgent
-from agents.rlhf.signals import batch_signals, compare
+from agents.rlhf.signals import batch_signals, compare, on_topic_rate
 from textenv.build.texts import Texts
 from textenv.episode import EpisodeSpec
 from textenv.kl import RefLogprob
@@ -209,6 +209,7 @@ def evaluate_held_out(policy: GPTAgent | nn.Module, reference: nn.Module, held_o
         metrics["original_perplexity"] = perplexity_under(h.original, s, h.tokenizer)
     judged = None if h.judge_fn is None else np.asarray(h.judge_fn(s.texts), dtype=float)
     metrics.update(batch_signals(s.response_ids, s.completions, rewards, judged))  # distinct-n, collapse, judge mean
+    metrics["on_topic_rate"] = on_topic_rate(s.texts)  # names a film: tracks a reader's "on-topic"
     if judged is not None:
         metrics["positive_rate_judge"] = _positive_rate(judged, 0.5)
         metrics["_judge"] = judged.tolist()
@@ -252,6 +253,7 @@ _ROWS = [
     ("reference perplexity", "ref_perplexity"),
     ("perplexity under the original LM (before the warm start)", "original_perplexity"),
     ("judge mean P(positive)", "judge_mean"),
+    ("names a film (share of texts with a film word)", "on_topic_rate"),
     ("distinct-1", "distinct_1"),
     ("distinct-2", "distinct_2"),
     ("repeated 3-grams (share)", "repeated_3gram_rate"),

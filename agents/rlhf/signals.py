@@ -12,6 +12,7 @@ reads a run's history and names what crossed its threshold (`Thresholds`, docume
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,27 @@ def saturation(scores: Sequence[float], tol: float = 0.01) -> float:
     if s.size < 2 or s.max() == s.min():
         return 1.0 if s.size else 0.0
     return float(np.mean(s >= s.max() - tol * (s.max() - s.min())))
+
+
+# words that name a film or its making: a text with one is about a film far more often than not (against a blind
+# reader's "on-topic", an area under the ROC curve of 0.90: benchmarks/README.md, "RLHF with SmolLM2-135M-Instruct")
+FILM_WORDS = frozenset("""film films movie movies cinema actor actors actress actresses acting acted cast casting
+director directed directing direction script screenplay plot scene scenes character characters role roles performance
+performances show series episode episodes season sequel remake documentary comedy drama thriller horror western
+animation animated cartoon hollywood oscar oscars studio camera cinematography soundtrack score screen viewer viewers
+audience watch watched watching dvd theater theatre story storyline ending dialogue""".split())
+
+
+def film_word_share(text: str) -> float:
+    """Share of the text's words that are in `FILM_WORDS`."""
+    words = re.findall(r"[a-z']+", text.lower())
+    return sum(w in FILM_WORDS for w in words) / max(len(words), 1)
+
+
+def on_topic_rate(texts: Sequence[str]) -> float:
+    """Share of texts that name a film or its making at least once (`FILM_WORDS`): an offline stand-in for a reader's
+    "is it about a film"."""
+    return float(np.mean([film_word_share(t) > 0 for t in texts])) if texts else 0.0
 
 
 def batch_signals(response_ids: Sequence[Sequence[int]], completions: Sequence[str], scores: Sequence[float],

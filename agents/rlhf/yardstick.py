@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from agents.rlhf.report import HeldOut, Samples, perplexity_under
-from agents.rlhf.signals import batch_signals
+from agents.rlhf.signals import batch_signals, on_topic_rate
 from textenv.build.texts import Texts
 
 
@@ -70,6 +70,7 @@ def yardstick(held_out: HeldOut, like: Samples) -> dict:
         metrics |= _rates(judged, lab, 0.5, "judge")
     signals = batch_signals(s.response_ids, s.completions, pos, judged)
     metrics |= {k: signals[k] for k in ("distinct_1", "distinct_2", "repeated_3gram_rate", "identical_share")}
+    metrics["on_topic_rate"] = on_topic_rate(s.texts)
     if h.original is not None:
         metrics["original_perplexity"] = perplexity_under(h.original, s, h.tokenizer)
     metrics["mean_response_tokens"] = sum(map(len, s.response_ids)) / len(s)
