@@ -75,6 +75,7 @@ def test_rlhf_cli_flag_tyro_rejects_is_one_line(argv, fragments, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a subprocess: the slow set's rule
 def test_ppo_cli_as_a_user_runs_it(tmp_path):
     # tyro writes to the real stderr of a fresh interpreter: the one subprocess of this file
     out = subprocess.run([sys.executable, "-m", "agents.ppo", "--advantages", "bogus"], cwd=tmp_path,
