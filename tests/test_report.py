@@ -243,3 +243,30 @@ def test_the_yardstick_scores_real_reviews_cut_to_the_episodes_lengths(tok, tmp_
     assert "| metric | before | after | real reviews, same lengths |" in table
     assert f"| positive rate (reward model) of real negative reviews | n/a | n/a | " \
            f"{r['positive_rate_reward_model_of_negative']:.3f} |" in table
+
+
+def test_a_full_disk_while_the_report_is_written_leaves_no_half_file(tok, tmp_path, monkeypatch):
+    """The real writer, failing half way through report.md (ENOSPC after some bytes): the previous report.md stays
+    whole, no temporary file is left, and report.json and the plot are each whole."""
+    import errno
+    from pathlib import Path
+
+    model = tiny_lm(len(tok))
+    m, s = evaluate(model, model, tok, PROMPTS[:6], max_new_tokens=4)
+    history = [{"global_step": 1, "score_mean": 0.1, "kl": 0.0}, {"global_step": 2, "score_mean": 0.2, "kl": 0.1}]
+    write_report(tmp_path, (m, s), (m, s), history=history)
+    old_md = (tmp_path / "report.md").read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        if self.name == "report.md.tmp":
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)  # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tmp_path, (m, s), (m, s), history=history, config={"temperature": 0.5})
+    assert (tmp_path / "report.md").read_text() == old_md  # the previous one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "training.png"]
+    assert json.loads((tmp_path / "report.json").read_text())["config"] == {"temperature": 0.5}  # written whole

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,8 +295,20 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
     axes[1].set(xlabel="env steps (tokens)", ylabel="KL to reference", title="KL per iteration")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)  # a Figure without a canvas saves through Agg
+    written(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a Figure without a canvas saves through Agg
     return path
+
+
+def written(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a failure or a kill half way
+    (a full disk) leaves the old `path`, or none, never half a file; the temporary file is removed on failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def report_table(record: dict) -> str:
@@ -351,10 +364,8 @@ def write_report(
         "config": config or {},
         **(extra or {}),
     }
-    tmp = run_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / "report.json")
-    (run_dir / "report.md").write_text(report_markdown(record, samples[:n_pairs], extra or {}, png))
+    written(run_dir / "report.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str) + "\n"))
+    written(run_dir / "report.md", lambda tmp: tmp.write_text(report_markdown(record, samples[:n_pairs], extra or {}, png)))
     return record
 
 
