@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from agents.ppo import Args
+from agents.vector import set_torch_threads
 
 Returns = Sequence[tuple[int, float]]
 
@@ -66,8 +67,7 @@ def train_sb3(args: Args, env: str | Callable[[], gym.Env] | None = None, **ppo_
                     self.returns.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    set_torch_threads(args.torch_threads)  # the flag's one rule (0: automatic)
     venv = make_vec_env(env or args.env_id, n_envs=args.num_envs, seed=args.seed)
     model = PPO("MlpPolicy", venv, verbose=0, **(sb3_kwargs(args) | ppo_kwargs))
     episodes = Episodes()

@@ -40,6 +40,7 @@ from textenv.lm import (
     split_lm,
 )
 
+VALUE_INIT_STD = 0.01  # the value head's initial weights: small, so the values start near 0
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -79,7 +80,6 @@ class GPTAgent(nn.Module):
         pad_token_id: the env's pad id (left padding; `mask = cumsum(obs != pad) > 0`).
         vocab_size: the tokenizer's vocabulary size (= the env's action space). A model with a smaller
             output vocabulary is rejected; a larger one (e.g. padded to a multiple of 64) is cut to it.
-        value_init_std: std of the value head's initial weights (small: values start near 0).
         device: where to put the agent (default: where the model already is).
         dtype: "float32" (default) or "bf16": bf16 autocast for the transformer, float32 master weights,
             log-probs and values.
@@ -101,7 +101,6 @@ class GPTAgent(nn.Module):
         model: nn.Module,
         pad_token_id: int,
         vocab_size: int | None = None,
-        value_init_std: float = 0.01,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         trainable_layers: int | None = None,
@@ -136,7 +135,7 @@ class GPTAgent(nn.Module):
             for p in self.split.trainable():
                 p.requires_grad_(True)
         self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=value_init_std)
+        nn.init.normal_(self.value_head.weight, std=VALUE_INIT_STD)
         nn.init.zeros_(self.value_head.bias)
         self.to(device if device is not None else head.weight.device)
         self.register_load_state_dict_post_hook(_loaded)  # new weights: the caches hold the old ones' keys

@@ -1,8 +1,10 @@
 """The PPO loss as pure functions of tensors: `ppo_loss` (the clipped policy, value and entropy terms as masked
 sums over a given number of steps) and `advantage_moments` (the minibatch statistics advantages are normalised
-with, over every rank's steps). `agents.ppo.update` loops over minibatches around them."""
+with, over every rank's steps). `agents.update.update` loops over minibatches around them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,21 +13,35 @@ from agents import distributed
 LOSS_STATS = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
 
 
+@dataclass(frozen=True)
+class LossCoefs:
+    """The coefficients of `ppo_loss`'s terms (`Args`' fields of the same names, as one iteration uses them)."""
+
+    clip_coef: float
+    """the surrogate's clip range (annealed or not)"""
+    vf_clip: float | None
+    """the value loss's clip range (None: unclipped)"""
+    ent_coef: float
+    """the entropy bonus's weight"""
+    vf_coef: float
+    """the value loss's weight"""
+
+
 def ppo_loss(logprob: torch.Tensor, entropy: torch.Tensor, value: torch.Tensor, old: dict[str, torch.Tensor],
-             advantages: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float, clip_coef: float,
-             vf_clip: float | None, ent_coef: float, vf_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+             advantages: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float,
+             coefs: LossCoefs) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped PPO objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) on a minibatch.
 
     `logprob`, `entropy`, `value` (B,): the current policy's at the minibatch's steps; `old` holds the rollout's
     `logprobs`, `values` and `returns` there; `advantages` (B,) as the loss uses them (normalised or not). Only
     the steps where `mask` (B,) is True count (None: all), and every term is their sum over `count`, the steps of
     the whole minibatch (all ranks' under torchrun: summing the ranks' gradients then gives the mean over all
-    steps). `vf_clip` None: an unclipped value loss. Returns (loss, the sums over the counted steps of the
-    `LOSS_STATS`, detached)."""
+    steps), weighted by `coefs`. Returns (loss, the sums over the counted steps of the `LOSS_STATS`, detached)."""
     if mask is not None:  # zero every input at the masked steps: every term below is then 0 there, and NaN or
         # inf there reaches neither the loss nor its gradient (`where`, not `* mask`: 0 * NaN is NaN)
         logprob, entropy, value, advantages = (torch.where(mask, x, 0) for x in (logprob, entropy, value, advantages))
         old = {k: torch.where(mask, old[k], 0) for k in ("logprobs", "values", "returns")}
+    clip_coef, vf_clip, ent_coef, vf_coef = coefs.clip_coef, coefs.vf_clip, coefs.ent_coef, coefs.vf_coef
     logratio = logprob - old["logprobs"]
     ratio = logratio.exp()
     pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))

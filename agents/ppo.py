@@ -5,18 +5,18 @@
     python -m agents.ppo --run-dir runs/a --resume      # continue a killed run with its saved settings
     torchrun --nproc-per-node 2 -m agents.ppo zoo       # data-parallel: num_envs per process (agents.distributed)
 
-Each iteration runs in phases: `collect_rollout` (T steps of every env, next-step autoreset steps masked),
-`compute_advantages` (a per-token KL penalty to a reference policy from `infos["ref_logprob"]`, fixed or adaptive
-coefficient as Ziegler et al. 2019; GAE with truncated episodes bootstrapped from their final observation),
-`update` (epochs of minibatches, by env column for sequence agents; gradients averaged over ranks), then logging,
-hooks and atomic checkpoints (`--resume`, also across numbers of processes); a deterministic evaluation at the end.
+Each iteration runs in phases: `collect_rollout` (T steps of every env, next-step autoreset steps masked;
+`agents.rollout`), `compute_advantages` (a per-token KL penalty to a reference policy from `infos["ref_logprob"]`,
+fixed or adaptive coefficient as Ziegler et al. 2019; GAE with truncated episodes bootstrapped from their final
+observation, or a group-relative baseline; `agents.advantages`), `update` (epochs of minibatches, by env column for
+sequence agents; gradients averaged over ranks; `agents.update`), then logging (`agents.progress`), hooks and atomic
+checkpoints (`--resume`, also across numbers of processes); a deterministic evaluation at the end.
 This file imports only gymnasium, torch, numpy and the stdlib (a test checks it); agents are duck-typed
 (protocol in `agents.policies`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -30,33 +30,17 @@ import torch
 from torch import nn
 
 from agents import distributed
-from agents.checkpoint import (
-    StopOnCtrlC,
-    open_run,
-    restore,
-    run_state,
-    save_checkpoint,
-    seed_everything,
-    writable_dir,
-)
+from agents.advantages import ADVANTAGE_MODES, AdvantageMode, compute_advantages
+from agents.checkpoint import StopOnCtrlC, open_run, seed_everything, writable_dir
 from agents.cli import UsageError, check_fields, parse_cli, run_cli
 from agents.evaluate import final_evaluation
 from agents.kl_control import make_kl_controller
-from agents.loss import LOSS_STATS, advantage_moments, ppo_loss
 from agents.policies import MLPAgent
-from agents.rollout import (
-    Carry,
-    Rollout,
-    collect_rollout,
-    compute_advantages,
-    env_minibatches,
-    episode_stats,
-    first_ratio_deviation,
-    flat_minibatches,
-    score_minibatch,
-    warn_if_negative_kl,
-)
-from agents.vector import check_device, check_groups, env_name, resolve_device, vector_env
+from agents.progress import log_iteration, open_writer, progress_line
+from agents.rollout import Carry, Rollout, collect_rollout, episode_stats, warn_if_negative_kl
+from agents.run import Run, note_last_checkpoint, resume_run, save_run
+from agents.update import update
+from agents.vector import check_device, check_groups, env_name, resolve_device, set_torch_threads, vector_env
 
 
 @dataclass
@@ -70,7 +54,8 @@ class Args:
     device: str = "auto"
     """`cpu`, `cuda`, `cuda:N` or `auto` (cuda if available)"""
     torch_threads: int = 0
-    """torch CPU threads (0 = leave torch's setting); the presets use 1, fastest for small MLPs"""
+    """torch CPU threads; 0: automatic, torch's own count or 1 when the machine is already busy (load average >=
+    cores), one rule in agents.ppo and agents.rlhf; the agents.ppo presets use 1, fastest for small MLPs"""
     env_id: str = "CartPole-v1"
     """the id of the environment (when `train` is not given `envs`)"""
     total_timesteps: int = 500_000
@@ -139,6 +124,11 @@ class Args:
     dist_timeout: float = 600.0
     """torchrun only: seconds a collective waits for a silent rank before the job fails"""
 
+    @property
+    def advantage_mode(self) -> AdvantageMode:
+        """`advantages` as the object that owns what it decides (`agents.advantages`)."""
+        return ADVANTAGE_MODES[self.advantages]
+
 
 def cleanrl() -> Args:
     """CleanRL's `ppo.py` defaults: 4 envs x 128 steps, 4 minibatches, 4 epochs, 500k steps."""
@@ -188,7 +178,7 @@ def check_args(args: Args) -> None:
 
 _RANGES = {  # field: (test, the allowed range in words); NaN fails every test
     "seed": (lambda v: v >= 0, ">= 0 (numpy and Gymnasium refuse negative seeds)"),
-    "torch_threads": (lambda v: v >= 0, ">= 0 (0: leave torch's setting)"),
+    "torch_threads": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "learning_rate": (lambda v: 0 < v < math.inf, "> 0 and finite"),
     "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "gae_lambda": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -215,38 +205,41 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
 
     Returns a dict with `episode_returns` [(global_step, return)], `sps`, `run_dir`, `global_step`, `iterations`,
     `eval_returns`, `eval_mean`, `kl_coef`, `checkpoint`, `interrupted` (Ctrl-C), `rank`, `world_size`, `hook_logs`.
-    `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0.
+    `hooks.on_iteration(iteration, global_step, rollout: Rollout, writer) -> dict | None` runs on rank 0 (with
+    `kl_coef=`, the coefficient the rollout's rewards were shaped with, when it takes that keyword).
     Under torchrun pass the process group the entry point set up (`distributed.setup`; `main` does)."""
     own_envs = envs is None
     r = _setup(args, envs, agent, distributed.given(dist), hooks)
     args, dist, agent, optimizer, kl_ctl = r.args, r.dist, r.agent, r.optimizer, r.kl_ctl
+    mode = args.advantage_mode  # gae, rloo or grpo: how envs start a rollout, the estimator, the value loss's weight
     T, E, W = args.num_steps, args.num_envs, dist.world_size
     start_time, start_step, hook_logs, interrupted = time.time(), r.global_step, [], False
     start = iteration = r.global_step // (T * E * W)  # resumed with another number of ranks: the same global step
-    with StopOnCtrlC() as ctrl_c, _note_last_checkpoint(r):
+    with StopOnCtrlC() as ctrl_c, note_last_checkpoint(r):
         for iteration in range(start + 1, r.n_iterations + 1):
             frac = 1.0 - (iteration - 1.0) / r.n_iterations
             clip = frac * args.clip_coef if args.anneal_clip else args.clip_coef
             for group in optimizer.param_groups:
                 group["lr"] = frac * args.learning_rate if args.anneal_lr else args.learning_rate
 
-            if args.advantages != "gae":  # episodic: every iteration starts fresh episodes, in groups
-                r.carry = Carry.start(r.envs, dist.seed(args.seed + 7919 * iteration), episodic=True)
-            rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_ctl.coef, r.device)
+            r.carry = mode.next_carry(r.envs, r.carry, dist.seed(args.seed + 7919 * iteration))  # grouped: fresh
+            kl_coef = kl_ctl.coef  # this iteration's: the controller moves it once the iteration's KL is known
+            rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_coef, r.device)
             r.global_step += T * E * W  # num_steps per env, also when an episodic rollout stopped sooner
-            compute_advantages(rollout, agent, args.gamma, args.gae_lambda, args.bootstrap_truncated, args.advantages)
+            compute_advantages(rollout, agent, kl_coef, args.gamma, args.gae_lambda, args.bootstrap_truncated, mode)
             stats = update(agent, optimizer, rollout, args, clip, dist)
 
             # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
             sps = (r.global_step - start_step) / (time.time() - start_time)
             stats = _iteration_stats(r, rollout, stats, iteration, {"charts/clip_coef": clip, "charts/SPS": sps})
-            hook_logs += _log(r.writer, stats, hooks if dist.is_main else None, iteration, r.global_step, rollout)
+            hook_logs += log_iteration(r.writer, stats, hooks if dist.is_main else None, iteration, r.global_step,
+                                       rollout, kl_coef)
             if dist.is_main and args.log_every and (iteration % args.log_every == 0 or iteration == r.n_iterations):
-                print(_progress_line(iteration, r.n_iterations, r.global_step, stats), flush=True)
+                print(progress_line(iteration, r.n_iterations, r.global_step, stats), flush=True)
             interrupted = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all
             last = iteration == r.n_iterations or args.save_every and iteration % args.save_every == 0
             if dist.is_main and (interrupted or last):
-                _save(r, hooks, iteration)
+                save_run(r, hooks, iteration)
             if interrupted:
                 dist.is_main and print(f"saved {r.ckpt_path} at iteration {iteration}; continue with --resume "
                                        f"--run-dir {r.ckpt_path.parent}")
@@ -266,28 +259,8 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
             "hook_logs": hook_logs}
 
 
-@dataclass
-class _Run:
-    """What one `train` call works with: the run's settings and pieces, and its counters."""
-
-    args: Args
-    dist: distributed.Dist
-    device: torch.device
-    envs: gym.vector.VectorEnv
-    agent: nn.Module
-    optimizer: torch.optim.Optimizer
-    kl_ctl: object
-    writer: object
-    ckpt_path: Path
-    n_iterations: int
-    global_step: int
-    episode_returns: list
-    carry: Carry
-    saved_at: int | None  # the iteration of the newest checkpoint (None: none yet)
-
-
 def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Module | None,
-           dist: distributed.Dist, hooks: object | None = None) -> _Run:
+           dist: distributed.Dist, hooks: object | None = None) -> Run:
     """Check the settings, build the envs, seed, build the agent, Adam and the KL controller, resume from the run's
     checkpoint (and the hooks' state, when they have `load_state_dict`) when asked, open rank 0's TensorBoard
     writer and start the envs."""
@@ -296,7 +269,7 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     if envs.num_envs != args.num_envs:  # Args is the run's record: its batch, its checkpoint, its resume check
         raise UsageError(f"num_envs = {args.num_envs} but the envs passed to train hold {envs.num_envs}; set "
                          f"num_envs={envs.num_envs} (it sets the batch, num_envs * num_steps, and what --resume checks)")
-    check_groups(envs, args.advantages, dist.seed(args.seed))  # before anything is written
+    check_groups(envs, args.advantage_mode, dist.seed(args.seed))  # before anything is written
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{env_name(envs)}__{args.seed}__{int(time.time())}")
     ckpt_path = run_dir / "checkpoint.pt"
     if dist.is_main:
@@ -304,7 +277,8 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
     ckpt = distributed.broadcast_object(ckpt, dist)  # rank 0 reads it (one file system or many)
 
-    seed_everything(dist.seed(args.seed), args.torch_deterministic, args.torch_threads)  # each rank its own stream
+    seed_everything(dist.seed(args.seed), args.torch_deterministic)  # each rank its own stream
+    set_torch_threads(args.torch_threads)
     device = resolve_device(distributed.rank_device(args.device, dist))
     agent = (MLPAgent(envs.single_observation_space, envs.single_action_space) if agent is None else agent).to(device)
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
@@ -312,157 +286,25 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
     kl_ctl = make_kl_controller(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
-    global_step, episode_returns, env_seed = _resume(ckpt, agent, optimizer, kl_ctl, args, dist, ckpt_path)
+    global_step, episode_returns, env_seed = resume_run(ckpt, agent, optimizer, kl_ctl, args, dist, ckpt_path)
     if ckpt is not None and "hooks" in ckpt and hasattr(hooks, "load_state_dict"):
         hooks.load_state_dict(ckpt["hooks"])  # e.g. the RLHF logger's history: the report covers the whole run
     saved_at = ckpt["iteration"] if ckpt is not None else None
-    return _Run(args, dist, device, envs, agent, optimizer, kl_ctl, _writer(run_dir, args, dist), ckpt_path,
+    return Run(args, dist, device, envs, agent, optimizer, kl_ctl, open_writer(run_dir, args, dist), ckpt_path,
                 num_iterations(args, dist.world_size), global_step, episode_returns, Carry.start(envs, env_seed),
                 saved_at)
 
 
-def _save(r: _Run, hooks: object | None, iteration: int) -> None:
-    """Rank 0's atomic checkpoint of the run at `iteration`, with the hooks' `state_dict()` when they have one."""
-    state = run_state(r.agent, r.optimizer, iteration, r.global_step, r.kl_ctl, r.episode_returns, r.args,
-                      r.dist.world_size)
-    if hasattr(hooks, "state_dict"):
-        state["hooks"] = hooks.state_dict()
-    save_checkpoint(r.ckpt_path, state)
-    r.saved_at = iteration
-
-
-@contextlib.contextmanager
-def _note_last_checkpoint(r: _Run):
-    """An error that stops training (a reward model that raised, a NaN loss) leaves with a note on rank 0 saying
-    which checkpoint is kept and how to continue from it once the cause is fixed."""
-    try:
-        yield
-    except Exception as e:
-        if r.dist.is_main:
-            run_dir = r.ckpt_path.parent
-            e.add_note(f"training stopped; no checkpoint was written yet (--save-every {r.args.save_every})"
-                       if r.saved_at is None else
-                       f"training stopped; the last good checkpoint, {r.ckpt_path} (iteration {r.saved_at}), is "
-                       f"kept: fix the cause, then continue with --resume --run-dir {run_dir} (agents.rlhf: "
-                       f"--ppo.resume --ppo.run-dir {run_dir})")
-        raise
-
-
-def _iteration_stats(r: _Run, rollout: Rollout, stats: dict, iteration: int, extra: dict) -> dict:
+def _iteration_stats(r: Run, rollout: Rollout, stats: dict, iteration: int, extra: dict) -> dict:
     """The update's `stats` with the episodes that finished on all ranks (their returns join the run's), the
     learning rate and `extra`; the KL controller sees this iteration's mean KL per episode."""
-    new_returns, kls, stats = episode_stats(rollout, stats, r.dist)
+    new_returns, kls, stats = episode_stats(rollout, stats, r.kl_ctl.coef, r.dist)
     r.episode_returns += new_returns
     stats.update({"charts/learning_rate": r.optimizer.param_groups[0]["lr"], **extra})
     if kls:  # nats per response, over all ranks' episodes
         warn_if_negative_kl(kls, iteration)
         r.kl_ctl.update(float(np.mean(kls)), len(kls))
     return stats
-
-
-def _resume(ckpt: dict | None, agent: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: object, args: Args,
-            dist: distributed.Dist, path: Path) -> tuple[int, list, int]:
-    """(global_step, episode_returns, the envs' seed) of a new run, or of the checkpoint `ckpt` once its weights,
-    Adam, RNG and KL-controller states are restored."""
-    if ckpt is None:
-        return 0, [], dist.seed(args.seed)
-    global_step, episode_returns = restore(ckpt, agent, optimizer, kl_ctl)
-    # episodes in progress at the kill are lost: restart the envs, seeded so a resumed run is reproducible
-    iteration = global_step // (args.num_steps * args.num_envs * dist.world_size)
-    env_seed = dist.seed(args.seed + 7919 * iteration)
-    if dist.enabled:  # rank 0's saved RNG state on every rank would repeat its samples
-        torch.manual_seed(env_seed)
-    dist.is_main and print(f"resumed {path} at iteration {iteration}, global_step {global_step}")
-    return global_step, episode_returns, env_seed
-
-
-def _writer(run_dir: Path, args: Args, dist: distributed.Dist):
-    """Rank 0's TensorBoard writer with the hyperparameters as a text table (other ranks write nothing)."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-
-    if not dist.is_main:
-        return distributed.NullWriter()
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-    return writer
-
-
-def _log(writer, stats: dict, hooks: object | None, iteration: int, global_step: int, rollout: Rollout) -> list:
-    """Write `stats` and what `hooks.on_iteration` returns (rank 0, its own rollout: 1/W of the batch) to
-    TensorBoard; returns the hook's logs as a list of 0 or 1 dicts."""
-    for k, v in stats.items():
-        writer.add_scalar(k, v, global_step)
-    logs = hooks.on_iteration(iteration, global_step, rollout, writer) if hasattr(hooks, "on_iteration") else None
-    for k, v in (logs or {}).items():
-        if isinstance(v, (int, float)):
-            writer.add_scalar(k, v, global_step)
-    return [{"iteration": iteration, "global_step": global_step, **logs}] if logs else []
-
-
-def _progress_line(iteration: int, n_iterations: int, global_step: int, stats: dict) -> str:
-    ret = stats.get("charts/episodic_return")
-    ret = "     n/a" if ret is None else f"{ret:8.2f}"  # no episode finished in this iteration
-    return (f"iter {iteration}/{n_iterations} step {global_step} return {ret} "
-            f"pi {stats['losses/policy_loss']:+.4f} v {stats['losses/value_loss']:.4f} "
-            f"ent {stats['losses/entropy']:.3f} kl {stats['losses/approx_kl']:.4f} "
-            f"clipfrac {stats['losses/clipfrac']:.3f} | {stats['charts/SPS']:.0f} SPS")
-
-
-def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, args: Args, clip: float,
-           dist: distributed.Dist = distributed.SINGLE) -> dict:
-    """`update_epochs` passes of minibatch SGD on `ppo_loss` over `rollout` (with advantages); returns the loss
-    statistics of the last epoch run, each a mean over its steps. Then drops the agent's caches (`reset_cache`).
-
-    Under torchrun every rank runs the same number of minibatches on its own rollout; a minibatch's loss is the
-    mean over its steps on all ranks and each step uses the sum of the ranks' gradients (a rank without steps
-    adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
-    by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
-    vf_coef = args.vf_coef if args.advantages == "gae" else 0.0  # group-relative: no value head to train
-    # bf16 autocast (GPTAgent's dtype): the rollout's cached decode and the update's full forward may round apart
-    ratio_tol = 2e-2 if getattr(agent, "autocast_dtype", None) is not None else 1e-4
-    b = {"actions": rollout.actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1),
-         "values": rollout.values.reshape(-1), "advantages": rollout.advantages.reshape(-1),
-         "returns": rollout.returns.reshape(-1)}
-    first_dev, sums, epochs = float("nan"), torch.zeros(len(LOSS_STATS) + 1), 0
-    for epoch in range(args.update_epochs):
-        epochs = epoch + 1
-        sums = torch.zeros(len(LOSS_STATS) + 1)  # the statistics' sums over the epoch's steps, then their count
-        for mb_i, idx in enumerate(minibatches(rollout.valid, args)):
-            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env)
-            count, mu, std = advantage_moments(sel["advantages"], mask, dist)
-            adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
-            loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), clip,
-                                     args.clip_coef if args.clip_vloss else None, args.ent_coef, vf_coef)
-            if epoch == 0 and mb_i == 0 and logprob.numel():  # before any step the policy is the rollout's
-                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask, ratio_tol)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"PPO loss is {loss.item()} (policy {mb_sums[0]}, value {mb_sums[1]}): training stopped; the last "
-                    "good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # False: no step of this minibatch on this rank
-                loss.backward()
-            distributed.all_reduce_grads(trainable, dist)  # the sum over ranks, before clipping
-            nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            count_steps = mask.sum().cpu() if mask is not None else torch.tensor(logprob.numel())  # mb_sums: CPU
-            sums += torch.cat([mb_sums, count_steps[None]])
-        sums = distributed.all_reduce_sum(sums, dist)
-        if args.target_kl is not None and sums[4] / sums[-1].clamp(min=1) > args.target_kl:
-            break
-    out = {f"losses/{k}": v for k, v in zip(LOSS_STATS, (sums[:-1] / sums[-1].clamp(min=1)).tolist(), strict=True)}
-    out.update({"debug/first_ratio_max_dev": first_dev, "debug/epochs": epochs})
-    if hasattr(agent, "reset_cache"):
-        agent.reset_cache()  # caches computed with the old weights must not be reused
-    return out
-
-
-def minibatches(valid: torch.Tensor, args: Args) -> list[torch.Tensor]:
-    """One epoch's minibatch indices: sets of env columns (`minibatch_by_env`) or flat indices of valid steps."""
-    if args.minibatch_by_env:
-        return env_minibatches(valid.shape[1], args.num_minibatches)
-    return flat_minibatches(valid.reshape(-1), args.num_minibatches)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

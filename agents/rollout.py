@@ -1,5 +1,6 @@
-"""One PPO iteration's data and the phases that make it: `collect_rollout` (the env steps), `compute_advantages`
-(KL shaping and GAE), plus the small arithmetic they and the update use (autoreset mask, minibatch indices, ...).
+"""One PPO iteration's data and the phase that collects it, `collect_rollout` (the env steps), plus the small
+arithmetic it, the logging and the update use (autoreset mask, minibatch indices, ...); `agents.advantages` fills
+in the advantages.
 
 Layout: every array is (T, E) = (num_steps, num_envs), step t of env e, in Gymnasium 1.x's next-step autoreset
 order: when step t ends an episode (terminated or truncated), the observation returned by that step is the
@@ -63,16 +64,15 @@ class Rollout:
     """(E, *obs_shape) the observation after the last step (its value bootstraps the last step)"""
     episodes: list[Episode]
     """the episodes that ended during this rollout, in order of their end"""
-    kl_coef: float
-    """the KL penalty coefficient the rewards are shaped with (0 = no shaping)"""
     action_masks: torch.Tensor | None = None
     """(T, E, n_actions) bool: the actions allowed at each step, from `infos["action_mask"]` (None: no masks)"""
     shaped_rewards: torch.Tensor | None = None
-    """rewards - kl_coef * (logprobs - ref_logprobs) on valid steps (= rewards when KL is off); compute_advantages"""
+    """rewards - kl_coef * (logprobs - ref_logprobs) on valid steps (= rewards when KL is off); filled by
+    `agents.advantages.compute_advantages`, as are the next two"""
     advantages: torch.Tensor | None = None
-    """GAE advantages (0 at reset steps); filled by compute_advantages"""
+    """the advantages of the steps (0 at reset steps)"""
     returns: torch.Tensor | None = None
-    """advantages + values, the value targets; filled by compute_advantages"""
+    """advantages + values, the value targets"""
     groups: np.ndarray | None = None
     """(E,) the group of each env's episode (episodic rollouts of an env that reports `infos["group"]`)"""
 
@@ -187,7 +187,7 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: torch.nn.Module, carry: C
                    rewards=as_tensor(rewards), ref_logprobs=as_tensor(ref_logprobs) if has_ref else None,
                    valid=torch.from_numpy(valid).to(device), terminated=as_tensor(terminated),
                    truncated=as_tensor(truncated), next_obs=torch.as_tensor(c.next_obs, dtype=obs_type).to(device),
-                   episodes=episodes, kl_coef=kl_coef, action_masks=None if masks is None else masks[:T],
+                   episodes=episodes, action_masks=None if masks is None else masks[:T],
                    groups=c.groups)
 
 
@@ -201,50 +201,6 @@ def step_ref_logprob(infos: dict, live: np.ndarray, kl_coef: float) -> tuple[np.
     if "ref_logprob" not in infos:
         return None, has_it
     return np.where(has_it, infos["ref_logprob"], 0.0), has_it  # `where`: a NaN at an ignored step stays out
-
-
-def compute_advantages(rollout: Rollout, agent: torch.nn.Module, gamma: float, gae_lambda: float,
-                       bootstrap_truncated: bool = True, method: str = "gae") -> None:
-    """Fill `rollout.shaped_rewards` (the per-token KL penalty), `advantages` and `returns`: GAE, or with `method`
-    "rloo" / "grpo" each episode's return against its group's (`group_advantages`) on every one of its steps."""
-    r = rollout
-    r.shaped_rewards = (kl_penalty_rewards(r.rewards, r.logprobs, r.ref_logprobs, r.valid, r.kl_coef)
-                        if r.kl_coef > 0 else r.rewards)
-    if method != "gae":  # an episodic rollout: each env column holds one whole episode
-        if r.groups is None:
-            raise ValueError(f"advantages={method!r} compares episodes within groups, but the env reports no "
-                             "infos['group'] at reset; use an env that hands prompts out in groups "
-                             "(TextVectorEnv(group_size=k), gymnasium.make_vec('TextEnv-v0', group_size=k)) or 'gae'")
-        episode_returns = torch.where(r.valid, r.shaped_rewards, 0.0).sum(0)  # (E,)
-        adv = torch.as_tensor(group_advantages(episode_returns.double().cpu().numpy(), r.groups, method),
-                              dtype=r.values.dtype, device=r.values.device)
-        r.advantages = torch.where(r.valid, adv[None, :], 0.0)  # (T, E): the episode's advantage on its steps
-        r.returns = r.advantages + r.values  # no value head is trained in these modes
-        return
-    # the last step's successor counts only where that step is a transition whose episode goes on (or is truncated
-    # and bootstrapped): otherwise skip the forward (an LM re-encodes a whole batch of new prompts there)
-    goes_on = r.valid[-1] & ~(r.terminated[-1] | (r.truncated[-1] & (not bootstrap_truncated)))
-    with torch.no_grad():
-        next_value = agent.get_value(r.next_obs).flatten() if bool(goes_on.any()) else torch.zeros_like(r.values[-1])
-    r.advantages, r.returns = compute_gae(r.shaped_rewards, r.values, next_value, r.terminated, r.truncated, r.valid,
-                                          gamma, gae_lambda, bootstrap_truncated)
-
-
-def group_advantages(returns: np.ndarray, groups: np.ndarray, method: str) -> np.ndarray:
-    """Each episode's return against the other episodes of its group (k episodes answering one prompt).
-
-    "rloo" (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): the return minus the mean of the group's
-    other k - 1 returns, a baseline the episode itself does not bias. "grpo" (Shao et al. 2024,
-    https://arxiv.org/abs/2402.03300): the return minus the group's mean, over the group's std. A group of one
-    has no baseline: an error."""
-    out = np.zeros(len(returns))
-    for g in np.unique(groups):
-        idx = groups == g
-        r, k = returns[idx], int(idx.sum())
-        if k < 2:
-            raise ValueError(f"group {g} holds {k} episode: a group-relative baseline needs >= 2 per group")
-        out[idx] = r - (r.sum() - r) / (k - 1) if method == "rloo" else (r - r.mean()) / (r.std() + 1e-8)
-    return out
 
 
 def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tensor, by_env: bool) -> tuple:
@@ -275,9 +231,11 @@ def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tens
     return logprob, entropy, value, None, {k: v[idx] for k, v in b.items()}
 
 
-def episode_stats(rollout: Rollout, stats: dict, dist: distributed.Dist) -> tuple[list, list[float], dict]:
+def episode_stats(rollout: Rollout, stats: dict, kl_coef: float,
+                  dist: distributed.Dist) -> tuple[list, list[float], dict]:
     """The episodes that finished on all ranks: ([(global_step, return)], their KLs to the reference (empty without
-    one)) and `stats` with their means, the rollout's KL coefficient and the value function's explained variance."""
+    one)) and `stats` with their means, `kl_coef` (the rollout's KL coefficient) and the value function's explained
+    variance."""
     eps = [(e.global_step, e.ret, e.length, e.kl) for e in rollout.episodes]
     eps = [x for rank in distributed.gather(eps, dist) for x in rank]
     stats = {**stats, "losses/explained_variance": explained_variance(rollout.values[rollout.valid],
@@ -287,7 +245,7 @@ def episode_stats(rollout: Rollout, stats: dict, dist: distributed.Dist) -> tupl
         stats["charts/episodic_length"] = float(np.mean([x[2] for x in eps]))
     kls = [x[3] for x in eps if x[3] is not None]
     if kls:
-        stats["charts/kl"], stats["charts/kl_coef"] = float(np.mean(kls)), rollout.kl_coef
+        stats["charts/kl"], stats["charts/kl_coef"] = float(np.mean(kls)), kl_coef
     return [(x[0], x[1]) for x in eps], kls, stats
 
 
@@ -297,49 +255,6 @@ def autoreset_valid(dones: np.ndarray, prev_done: np.ndarray) -> np.ndarray:
     dones: (T, E) terminated | truncated of each step; prev_done: (E,) dones of the step before this rollout."""
     before = np.concatenate([prev_done[None], dones[:-1]], axis=0)  # (T, E): done flag of step t - 1
     return ~before
-
-
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    next_value: torch.Tensor,
-    terminated: torch.Tensor,
-    truncated: torch.Tensor,
-    valid: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-    bootstrap_truncated: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438).
-
-    rewards, values, terminated, truncated, valid: (T, E); next_value: (E,) the value of the observation returned
-    by the last step. The successor of step t is obs[t + 1] (next_value for t = T - 1), which after an episode end
-    is that episode's final observation, so a truncated episode bootstraps from it: the time limit is not part
-    of the task. With `bootstrap_truncated=False` a truncation counts as a termination (RLHF: the score is given
-    at the length limit, nothing follows). Masked (reset) steps get advantage 0. Returns (advantages, returns).
-    """
-    # the loop runs in numpy: T small steps cost microseconds there, tens of microseconds as torch ops
-    r, v, nv, term, trunc, ok = (x.detach().cpu().double().numpy() for x in
-                                  (rewards, values, next_value, terminated, truncated, valid))
-    done = np.maximum(term, trunc)
-    no_future = term if bootstrap_truncated else done  # steps whose successor has no value
-    advantages = np.zeros_like(v)
-    lastgaelam = np.zeros_like(nv)
-    for t in reversed(range(r.shape[0])):
-        nextvalues = nv if t == r.shape[0] - 1 else v[t + 1]
-        delta = r[t] + gamma * nextvalues * (1.0 - no_future[t]) - v[t]
-        lastgaelam = np.where(ok[t], delta + gamma * gae_lambda * (1.0 - done[t]) * lastgaelam, 0.0)
-        advantages[t] = lastgaelam
-    adv = torch.from_numpy(advantages).to(device=values.device, dtype=values.dtype)
-    return adv, adv + values
-
-
-def kl_penalty_rewards(
-    rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
-    """r_t - kl_coef * (log pi_old(a_t|s_t) - log p_ref(a_t|s_t)) on valid steps (Ziegler et al. 2019,
-    https://arxiv.org/abs/1909.08593): the per-token KL penalty to a frozen reference model. All (T, E)."""
-    return rewards - kl_coef * torch.where(valid, logprobs - ref_logprobs, 0.0)
 
 
 def warn_if_negative_kl(episode_kls: list[float], iteration: int) -> None:

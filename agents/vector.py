@@ -1,15 +1,22 @@
-"""Vector-env plumbing for `agents.ppo`: build or wrap the env, check what PPO supports, devices and dtypes.
+"""Vector-env plumbing for `agents.ppo`: build or wrap the env, check what PPO supports, devices, CPU threads and
+dtypes.
 
 An env PPO cannot train on (an unknown id, continuous actions, same-step autoreset, no prompt groups for a
 group-relative baseline) or a device this machine lacks is a `UsageError`: one `error:` line from the CLI."""
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import gymnasium as gym
 import numpy as np
 import torch
 
 from agents.cli import UsageError
+
+if TYPE_CHECKING:
+    from agents.advantages import AdvantageMode
 
 
 def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -32,11 +39,12 @@ def vector_env(envs: gym.Env | gym.vector.VectorEnv | None, env_id: str, num_env
     return envs
 
 
-def check_groups(envs: gym.vector.VectorEnv, advantages: str, seed: int | None) -> None:
-    """A group-relative `advantages` mode ("rloo", "grpo") compares the episodes that answer one prompt: refuse
-    an env whose reset reports no `infos["group"]`, or a group of one episode (no baseline). Resets `envs`."""
-    if advantages == "gae":
+def check_groups(envs: gym.vector.VectorEnv, mode: AdvantageMode, seed: int | None) -> None:
+    """A group-relative advantages `mode` (rloo, grpo) compares the episodes that answer one prompt: refuse an
+    env whose reset reports no `infos["group"]`, or a group of one episode (no baseline). Resets `envs`."""
+    if not mode.grouped:
         return
+    advantages = mode.name
     _, infos = envs.reset(seed=seed)
     if "group" not in infos:
         raise UsageError(f"advantages={advantages!r} compares the episodes that answer one prompt, but "
@@ -82,6 +90,27 @@ def autoreset_mode(envs: gym.vector.VectorEnv) -> gym.vector.AutoresetMode:
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda if available, else cpu; anything else as torch.device."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+_AUTO_THREADS: int | None = None  # the automatic thread count, decided once per process
+
+
+def set_torch_threads(threads: int) -> int:
+    """Apply `--torch-threads` (one rule for `agents.ppo` and `agents.rlhf`); returns the torch thread count in use.
+
+    `threads` > 0: that many. 0, automatic: torch's count as the first call finds it (every core unless set
+    earlier), or 1 when the machine is already busy (load average >= cores), where more threads fighting for
+    shared cores run several times slower; decided once per process, as later calls would count the process's
+    own work (after a long model build the load average is the build's)."""
+    global _AUTO_THREADS
+    if threads == 0:
+        if _AUTO_THREADS is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+            _AUTO_THREADS = 1 if busy else torch.get_num_threads()
+        threads = _AUTO_THREADS
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def obs_dtype(space: gym.Space) -> torch.dtype:

@@ -57,10 +57,12 @@ from rollout import PRESETS, sync, tokenizer  # benchmarks/rollout.py's model sh
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents import distributed, ppo
+from agents.advantages import compute_advantages
 from agents.gpt_policy import GPTAgent
 from agents.kl_control import make_kl_controller
+from agents.progress import log_iteration
 from agents.rlhf.config import rlhf_ppo
-from agents.rollout import Carry, collect_rollout, compute_advantages, episode_stats
+from agents.rollout import Carry, collect_rollout, episode_stats
 from textenv import KeywordReward, RefLogprob, TextVectorEnv
 
 PHASES = ["rollout: policy", "rollout: env", "rollout: reference", "rollout: reward", "rollout: other",
@@ -231,21 +233,22 @@ def run_iteration(case: Case) -> dict[str, float]:
     case.iteration += 1
     sync(device)
     t0 = time.perf_counter()
+    kl_coef = case.kl_ctl.coef
     rollout = collect_rollout(case.envs, case.agent, case.carry, a.num_steps, case.global_step, a.num_envs,
-                              case.kl_ctl.coef, device)  # fmt: skip
+                              kl_coef, device)  # fmt: skip
     case.global_step += a.num_steps * a.num_envs
     sync(device)
     t1 = time.perf_counter()
-    compute_advantages(rollout, case.agent, a.gamma, a.gae_lambda, a.bootstrap_truncated)
+    compute_advantages(rollout, case.agent, kl_coef, a.gamma, a.gae_lambda, a.bootstrap_truncated, a.advantage_mode)
     sync(device)
     t2 = time.perf_counter()
     stats = ppo.update(case.agent, case.optimizer, rollout, a, a.clip_coef, distributed.SINGLE)
     sync(device)
     t3 = time.perf_counter()
-    new_returns, kls, stats = episode_stats(rollout, stats, distributed.SINGLE)
+    new_returns, kls, stats = episode_stats(rollout, stats, kl_coef, distributed.SINGLE)
     if kls:
         case.kl_ctl.update(float(np.mean(kls)), len(kls))
-    ppo._log(case.writer, stats, None, case.iteration, case.global_step, rollout)  # train()'s TensorBoard logging
+    log_iteration(case.writer, stats, None, case.iteration, case.global_step, rollout)  # train()'s TensorBoard logging
     sync(device)
     t4 = time.perf_counter()
     out = {k: c.seconds - before[k] for k, c in case.clocks.items()}

@@ -12,6 +12,7 @@ import gymnasium
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
 from textenv.episode import EpisodeSpec
+from textenv.interaction import Turns
 from textenv.kl import RefLogprob, RefLogprobEnv
 from textenv.rewards import EndsWithReward, HFRewardModel, KeywordReward, LengthReward, RewardModel
 from textenv.turns import TurnEnv
@@ -20,6 +21,7 @@ from textenv.vector import TextVectorEnv
 __all__ = [
     "TextEnv",
     "EpisodeSpec",
+    "Turns",
     "TextVectorEnv",
     "TurnEnv",
     "RefLogprob",
@@ -37,6 +39,5 @@ if "TextEnv-v0" not in gymnasium.registry:
         "TextEnv-v0",
         entry_point="textenv.env:TextEnv",
         vector_entry_point="textenv.vector:TextVectorEnv",
-        # JSON-able defaults only: registered kwargs are deep-copied on every make().
-        kwargs={"max_prompt_tokens": 8, "max_new_tokens": 16, "min_new_tokens": 0},
+        # no registered kwargs: TextEnv's defaults are EpisodeSpec's, and `episode=` must not meet its own fields
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +68,24 @@ def cut_query(tokenizer: Any, text: str, n: int) -> list[int]:
     return list(ids[:n])
 
 
+def episode_and_turns(episode: EpisodeSpec | None, turns: multiturn.Turns | None,
+                      fields: dict[str, Any]) -> tuple[EpisodeSpec, multiturn.Turns]:
+    """`TextEnv`'s `episode` and `turns`, each given whole or by its fields (`fields`, the keywords passed by name),
+    or a TypeError naming an unknown keyword or a spec given both ways."""
+    specs = []
+    for name, given, cls in (("episode", episode, EpisodeSpec), ("turns", turns, multiturn.Turns)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: fields.pop(k) for k in list(fields) if k in names}
+        if given is not None and not isinstance(given, cls):
+            raise TypeError(f"{name}={given!r} must be of type {cls.__name__} (or pass its fields by name: {sorted(names)}).")
+        if given is not None and mine:
+            raise TypeError(f"pass {name}={cls.__name__}(...) or its fields ({', '.join(sorted(mine))}), not both.")
+        specs.append(given if given is not None else cls(**mine))
+    if fields:
+        raise TypeError(f"TextEnv() got an unexpected keyword argument {next(iter(fields))!r}.")
+    return specs[0], specs[1]
+
+
 class TextEnv(gym.Env[np.ndarray, np.int64]):
     """
     ## Description
@@ -121,6 +140,7 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     | `tokenizer`         | transformers tokenizer | -       | needs EOS and pad tokens                      |
     | `reward_model`      | callable               | -       | `list[str] -> sequence of float`              |
     | `prompts`           | list of str            | -       | whole prompts, or texts to cut queries from   |
+    | `episode`           | `EpisodeSpec` or None  | None    | the episode's shape (the next four fields)    |
     | `max_prompt_tokens` | int                    | 8       | prompt part of the observation window         |
     | `max_new_tokens`    | int or (lo, hi)        | 16      | completion budget (per episode if a range)    |
     | `min_new_tokens`    | int                    | 0       | EOS ends the episode only after this many     |
@@ -128,9 +148,14 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
     | `render_mode`       | "ansi" or None         | None    | `render()` returns "prompt|completion"        |
     | `action_mask`       | callable or None       | None    | `(prefix_ids, turn_ids) -> allowed` (masks)   |
     | `token_rewards`     | callable or None       | None    | `(texts, action_ids) -> per-token rewards`    |
+    | `turns`             | `Turns` or None        | None    | multi-turn settings (the next three fields)   |
     | `interaction`       | callable or None       | None    | `conversation -> (next_text, done)` per turn  |
     | `stop_strings`      | list of str            | ()      | also end a turn (with `interaction`)          |
     | `max_context_tokens`| int or None            | None    | window; default prompt + new tokens           |
+
+    The fields of `episode` (`textenv.EpisodeSpec`) and of `turns` (`textenv.interaction.Turns`) may also be
+    passed by name, as in the example below: `TextEnv(..., max_new_tokens=3)` is
+    `TextEnv(..., episode=EpisodeSpec(max_new_tokens=3))`.
 
     Multi-turn and tool episodes (see `textenv.interaction`): a turn's end (EOS or a stop string) calls
     `interaction`, whose text joins the observation in the same step ("turn_ended", "inserted" in info).
@@ -163,16 +188,12 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
         tokenizer: Any,
         reward_model: Callable[[list[str]], Sequence[float]],
         prompts: Sequence[str],
-        max_prompt_tokens: int = 8,
-        max_new_tokens: int | Sequence[int] = 16,
-        min_new_tokens: int = 0,
-        query_tokens: Sequence[int] | None = None,
+        episode: EpisodeSpec | None = None,
         render_mode: str | None = None,
         action_mask: ActionMask | None = None,
         token_rewards: Callable[[list[str], list[list[int]]], Sequence] | None = None,
-        interaction: multiturn.Interaction | None = None,
-        stop_strings: Sequence[str] = (),
-        max_context_tokens: int | None = None,
+        turns: multiturn.Turns | None = None,
+        **fields: Any,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id, self.pad_token_id, self.vocab_size = check_tokenizer(tokenizer)
@@ -182,10 +203,10 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
                 "mapping list[str] -> list[float], e.g. textenv.HFRewardModel.from_pretrained(path)."
             )
         self.reward_model = reward_model
-        self.episode = EpisodeSpec(max_prompt_tokens, max_new_tokens, min_new_tokens, query_tokens)
+        self.episode, turns = episode_and_turns(episode, turns, fields)
         self.new_tokens, self.query_tokens = self.episode.check()  # the budget's and the query length's ranges
-        self.max_prompt_tokens, self.max_new_tokens = int(max_prompt_tokens), self.new_tokens[1]
-        self.min_new_tokens = int(min_new_tokens)
+        self.max_prompt_tokens, self.max_new_tokens = int(self.episode.max_prompt_tokens), self.new_tokens[1]
+        self.min_new_tokens = int(self.episode.min_new_tokens)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r} is not supported; use 'ansi' or None.")
         self.render_mode = render_mode
@@ -193,11 +214,11 @@ class TextEnv(gym.Env[np.ndarray, np.int64]):
             "action_mask", action_mask, "(prefix_ids, turn_ids) -> allowed ids or bool mask, e.g. textenv.masks.BannedTokens")
         self.token_rewards = multiturn.check_callable(
             "token_rewards", token_rewards, "(texts, action_ids) -> one reward per token, e.g. textenv.rewards.TokenReward")
-        self.interaction, self.stop_strings = multiturn.check_interaction(interaction, stop_strings)
+        self.interaction, self.stop_strings = multiturn.check_interaction(turns.interaction, turns.stop_strings)
         # whole prompts as token ids, or (with query_tokens) the texts queries are cut from; their decoded texts
         self._prompt_sources, self._prompt_texts = self._encode_prompts(prompts)
 
-        self.window = multiturn.context_window(max_context_tokens, self.max_prompt_tokens, self.max_new_tokens)
+        self.window = multiturn.context_window(turns.max_context_tokens, self.max_prompt_tokens, self.max_new_tokens)
         self.observation_space = spaces.Box(0, self.vocab_size - 1, (self.window,), np.int64)
         self.action_space = spaces.Discrete(self.vocab_size)
         self._obs = np.full(self.window, self.pad_token_id, dtype=np.int64)

@@ -18,8 +18,8 @@ def token_range(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    """The prompt part of the observation window and the response's token budget (`TextEnv`'s arguments of the
-    same names; `check()` validates them)."""
+    """The prompt part of the observation window and the response's token budget: `TextEnv(episode=...)` (or its
+    fields by name); `check()` validates them."""
 
     max_prompt_tokens: int = 8
     """prompt part of the observation window"""
@@ -54,8 +54,3 @@ class EpisodeSpec:
     def window(self) -> int:
         """Prompt + response tokens at most: the observation window of a single-turn episode."""
         return int(self.max_prompt_tokens) + token_range("max_new_tokens", self.max_new_tokens)[1]
-
-    def env_kwargs(self) -> dict:
-        """The spec as `TextEnv` / `gymnasium.make` keyword arguments."""
-        return {"max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens,
-                "min_new_tokens": self.min_new_tokens, "query_tokens": self.query_tokens}

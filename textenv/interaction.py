@@ -20,11 +20,25 @@ Worked examples (a calculator tool, a guessing game): `textenv.tasks`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 Interaction = Callable[[str], tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class Turns:
+    """How a TextEnv conversation goes on (`TextEnv`'s arguments of the same names; all default: single-turn
+    episodes in a window of prompt + response)."""
+
+    interaction: Interaction | None = None
+    """`conversation -> (next_text, done)`, called when the policy ends a turn (None: the turn ends the episode)"""
+    stop_strings: Sequence[str] = ()
+    """a turn whose text ends with one of these ends too (with `interaction`)"""
+    max_context_tokens: int | None = None
+    """the observation window, which holds the whole conversation (None: max_prompt_tokens + max_new_tokens)"""
 
 
 def check_reply(reply: Any, fn: object) -> tuple[str, bool]:

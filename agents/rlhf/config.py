@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from agents.advantages import ADVANTAGE_MODES
 from agents.cli import UsageError
 from agents.ppo import Args, check_args
 from textenv.episode import EpisodeSpec
@@ -106,9 +107,8 @@ EMBEDDED_ITERATIONS = 120
 
 def embedded() -> RLHFConfig:
     """No arguments, no network: the embedded corpus and small models, minutes on 2 CPU cores."""
-    # RLOO over 4 episodes per prompt, reward normalised: against GAE's 40 iterations of 34 steps, the same judge
-    # score and a larger reward gain at a lower reference perplexity, in about 1.5x the time (benchmarks/README.md,
-    # "RLHF on the embedded corpus")
+    # RLOO over 4 episodes per prompt, reward normalised; what it measures: benchmarks/README.md, "RLHF on the
+    # embedded corpus"
     return RLHFConfig(group_size=4, normalize_reward=True,
                       ppo=rlhf_ppo(advantages="rloo", num_steps=16, total_timesteps=EMBEDDED_ITERATIONS * 64 * 16))
 
@@ -159,11 +159,12 @@ def check_config(cfg: RLHFConfig) -> None:
         raise UsageError("--warm-start fine-tunes SmolLM2 on the data first: it needs --policy smollm2")
     if cfg.group_size < 1 or cfg.ppo.num_envs % cfg.group_size:
         raise UsageError(f"--group-size {cfg.group_size} must divide --ppo.num-envs {cfg.ppo.num_envs}")
-    if cfg.ppo.advantages != "gae" and cfg.group_size < 2:
+    grouped = cfg.ppo.advantages in ADVANTAGE_MODES and cfg.ppo.advantage_mode.grouped  # unknown: check_args says
+    if grouped and cfg.group_size < 2:
         raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} compares the episodes of a prompt: set --group-size "
                          ">= 2 (e.g. 4)")
     budget = cfg.episode.window - cfg.episode.max_prompt_tokens
-    if cfg.ppo.advantages != "gae" and cfg.ppo.num_steps < budget:
+    if grouped and cfg.ppo.num_steps < budget:
         raise UsageError(f"--ppo.advantages {cfg.ppo.advantages} collects whole episodes: --ppo.num-steps "
                          f"{cfg.ppo.num_steps} must be >= --max-new-tokens ({budget})")
     if cfg.best_of_n_prompts < 0 or (cfg.best_of_n_prompts and not cfg.best_of_n) or min(cfg.best_of_n, default=1) < 1:

@@ -22,7 +22,7 @@ from agents.rollout import Rollout
 
 
 class RLHFLogger:
-    """`on_iteration(iteration, global_step, rollout, writer) -> dict` for `agents.ppo.train(hooks=...)`.
+    """`on_iteration(iteration, global_step, rollout, writer, kl_coef) -> dict` for `agents.ppo.train(hooks=...)`.
 
     `history` keeps one dict per iteration (for the report's plots); `warnings` every over-optimisation warning
     printed (each kind once per run). `judge_fn` (texts -> P(positive)) scores the same texts as the reward model.
@@ -41,7 +41,9 @@ class RLHFLogger:
         self._warned: set[str] = set()
         self.start = self.last = time.time()
 
-    def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None) -> dict:
+    def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None,
+                     kl_coef: float = 0.0) -> dict:
+        """The iteration's text statistics (`kl_coef`: the KL coefficient PPO shaped the rollout's rewards with)."""
         now = time.time()
         valid = rollout.valid.bool()  # (T, E)
         tokens = int(valid.sum()) * self.world_size  # rank 0's rollout x ranks (each runs as many steps)
@@ -59,7 +61,7 @@ class RLHFLogger:
         episode_kls = [e.kl for e in rollout.episodes if e.kl is not None]
         if episode_kls:  # PPO's per-episode sums of log pi - log p_ref (the episodes that finished)
             stats["rlhf/kl"] = float(np.mean(episode_kls))  # nats per response
-        stats["rlhf/kl_coef"] = float(rollout.kl_coef)
+        stats["rlhf/kl_coef"] = float(kl_coef)
         if scores:
             stats["rlhf/score_mean"] = float(np.mean(scores))
             stats["rlhf/score_std"] = float(np.std(scores))

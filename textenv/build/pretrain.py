@@ -240,7 +240,8 @@ def pretrain(cfg: PretrainConfig, train_texts: list[str], heldout_texts: list[st
             log(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
             break
     run = {"step": step, "history": history, "tokens_seen": tokens_seen, "t_train": t_train, "t0": t0}
-    return _finish(model, tokenizer, cfg, out, train_ids, held, heldout_texts, sample_prompts, run, writer, log)
+    data = _Data(train_ids, held, heldout_texts, sample_prompts)
+    return _finish(model, tokenizer, cfg, out, data, run, writer, log)
 
 
 def _tensorboard(folder: Path):
@@ -291,11 +292,24 @@ def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimi
                 "history": json.dumps(history)}, ckpt / "state.pt")
 
 
-def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig, out: Path,
-            train_ids: torch.Tensor, held: torch.Tensor, heldout_texts: list[str], sample_prompts: list[str] | None,
+@dataclass
+class _Data:
+    """What `pretrain` trained and evaluated on, and the texts its samples start from."""
+
+    train_ids: torch.Tensor
+    """(N,) the training token stream"""
+    held: torch.Tensor
+    """(W, block) the held-out windows"""
+    heldout_texts: list[str]
+    sample_prompts: list[str] | None
+    """the samples' prompts (None: the openings of the held-out texts)"""
+
+
+def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig, out: Path, data: _Data,
             run: dict, writer, log: Callable[[str], None]) -> dict:
     """Samples and metrics of the trained model; save model, tokenizer and `metrics.json`, drop the checkpoint."""
     device, history, step = next(model.parameters()).device, run["history"], run["step"]
+    train_ids, held, heldout_texts, sample_prompts = data.train_ids, data.held, data.heldout_texts, data.sample_prompts
     held_loss = history[-1]["heldout_loss"] if history else heldout_loss(model, held, cfg.batch_size * 2, device)
     prompts = (sample_prompts or [t[:20] for t in heldout_texts])[: cfg.n_samples]
     samples = sample_texts(model, tokenizer, prompts, device=device, seed=cfg.seed)
