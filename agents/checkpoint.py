@@ -48,14 +48,12 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(gpu_state, i)
 
 
-def seed_everything(seed: int, deterministic: bool = True, threads: int = 0) -> None:
-    """Seed python, numpy and torch; cuDNN deterministic or not; `threads` torch CPU threads (0 = leave as is)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; cuDNN deterministic or not."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
@@ -79,6 +77,20 @@ def writable_dir(path: str | Path, what: str = "run folder") -> Path:
         raise UsageError(f"cannot write the {what} {path} ({e.strerror or e}); point it at a folder you can write "
                          "to (e.g. --run-dir runs/mine)") from None
     return path
+
+
+def check_creatable(path: str | Path, what: str = "run folder") -> None:
+    """A UsageError naming `path` when it could not be made or written, checked without writing anything (for
+    a check made before slow work starts): it is a file, or its nearest existing ancestor is a file or a folder
+    this process may not write. `writable_dir` probes for real once the folder is wanted."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = ("is a file" if not existing.is_dir() else
+               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        at = "" if existing == path else f": {existing} {problem}"
+        raise UsageError(f"cannot write the {what} {path}{at or ' (' + problem + ')'}; point it at a folder you can "
+                         "write to (e.g. --run-dir runs/mine)")
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -122,8 +134,15 @@ def load_checkpoint(path: str | Path) -> dict:
 def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, kl_control: object) -> tuple[int, list]:
     """Load a checkpoint's weights, optimizer, RNG and KL-controller states (and drop the agent's caches, computed
     with other weights); returns (global_step, episode_returns)."""
-    agent.load_state_dict(ckpt["agent"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # torch's mismatch errors: a network of another shape
+        first = str(e).strip().splitlines()[-1].strip()[:300]
+        env_id = (ckpt.get("args") or {}).get("env_id")
+        trained_on = f", trained on {env_id}" if env_id else ""
+        raise UsageError(f"the checkpoint holds another network's weights ({first}){trained_on}; resume with the "
+                         "settings it was trained with (env, model) or point --run-dir at another run") from None
     set_rng_state(ckpt["rng"])
     if hasattr(agent, "reset_cache"):
         agent.reset_cache()

@@ -4,9 +4,12 @@
     python -m agents.ppo --advantages bogus    ->  error: invalid choice 'bogus' for argument '--advantages'. ...
 
 An exception is a user error when it carries a true `user_error` class attribute: `UsageError` here, and the
-data/model errors of `textenv` (which cannot import `agents`, so they carry the same marker themselves). A flag
-that tyro rejects becomes one too when the CLI parses with `parse_cli`; `check_fields` refuses a config field
-whose value does not have its annotated type or `Literal` choice (`Args(total_timesteps=1e6)`).
+data/model errors of `textenv` (whose library modules do not import `agents`, so they carry the same marker
+themselves). A flag that tyro rejects becomes one too when the CLI parses with `parse_cli`; `check_fields`
+refuses a config field whose value does not have its annotated type or `Literal` choice (`Args(total_timesteps=1e6)`).
+
+This module imports the standard library alone, so the third CLI, `python -m textenv.build`, uses `run_cli` and
+`parse_cli` too without pulling in the learning side.
 """
 
 from __future__ import annotations

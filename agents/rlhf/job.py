@@ -42,12 +42,12 @@ from typing import Any
 import torch
 
 from agents import distributed
-from agents.checkpoint import writable_dir
+from agents.checkpoint import check_creatable, writable_dir
 from agents.cli import UsageError, parse_cli, run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
 from agents.rlhf.pieces import Pieces, check_pieces, guarded, load_pieces
-from agents.vector import resolve_device  # one device rule for PPO and the job
+from agents.vector import resolve_device, set_torch_threads  # one device, one thread rule for PPO and job
 
 BUILD_TIMEOUT_S = 3 * 3600.0  # torchrun: how long the other ranks wait while rank 0 builds the models
 
@@ -63,7 +63,7 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
     groups = {"group_size": cfg.group_size} if cfg.group_size > 1 else {}
     envs = gym.make_vec("TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
                         tokenizer=pieces.tokenizer, reward_model=reward_fn, prompts=pieces.train_prompts,
-                        **cfg.episode.env_kwargs(), **groups)
+                        episode=cfg.episode, **groups)
     return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device,
                       temperature=cfg.temperature)
 
@@ -96,14 +96,15 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     from agents.gpt_policy import GPTAgent
     from agents.ppo import num_iterations, train
     from agents.rlhf.logger import RLHFLogger
-    from agents.rlhf.report import evaluate_held_out
-    from textenv.build.pipeline import set_threads
+    from agents.rlhf.report import evaluate_held_out, written
 
     dist, t0 = distributed.given(dist), time.time()
     cfg = _smoke(cfg, dist.world_size) if cfg.quick else cfg
     check_config(cfg)
+    if cfg.ppo.run_dir and dist.is_main:
+        check_creatable(cfg.ppo.run_dir)  # before the models are built: an unwritable folder costs nothing
     device = resolve_device(distributed.rank_device(cfg.ppo.device, dist))  # torchrun + CUDA: one GPU per rank
-    set_threads(cfg.ppo.torch_threads or None)  # 0: all cores, or 1 when the machine is already busy
+    set_torch_threads(cfg.ppo.torch_threads)  # 0: all cores, or 1 when the machine is already busy (as agents.ppo)
     if pieces is None:
         with distributed.rank_zero_first(dist):  # rank 0 builds the cache (no lock), the others then reuse it
             pieces = load_pieces(cfg, device)
@@ -141,9 +142,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     after = evaluate_held_out(agent, reference, evaluation)  # the trained agent as it samples in training
     # the saved policy samples as it was trained: `generate` reads its temperature from the generation config
     agent.lm.generation_config.update(do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None)
-    with _results_written(run_dir):
-        agent.lm.save_pretrained(run_dir / "policy")
-        pieces.tokenizer.save_pretrained(run_dir / "policy")
+    with _results_written(run_dir):  # the model and its tokenizer in a temporary folder, moved into place whole
+        written(run_dir / "policy", lambda tmp: (agent.lm.save_pretrained(tmp), pieces.tokenizer.save_pretrained(tmp)))
     timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,
               "total_s": time.time() - t0, "ppo_tokens": result["global_step"], "ppo_sps": result["sps"],
               "final_kl_coef": result["kl_coef"], "device": str(device), "dtype": dtype,

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def sample_episodes(policy: GPTAgent | nn.Module, reference: nn.Module, held_out
         torch.manual_seed(h.seed)
         episode = dataclasses.replace(h.episode, query_tokens=None)  # the prompts are whole
         envs = RefLogprob(
-            TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, **episode.env_kwargs()),
+            TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, episode=episode),
             agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device,
             temperature=h.temperature)  # a top-k
         # agent's reference runs only its top blocks over the agent's frozen trunk (the same log-probs)
@@ -300,15 +301,39 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
 
 
 def written(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a failure or a kill half way
-    (a full disk) leaves the old `path`, or none, never half a file; the temporary file is removed on failure."""
-    tmp = path.with_name(path.name + ".tmp")
+    """`write(tmp)` into a temporary file or folder beside `path`, then moved over `path`: a failure or a kill half
+    way (a full disk) leaves the old `path`, or none, never half of one; the temporary one is removed on failure.
+
+    A file is replaced in one `os.replace`. A folder (`save_pretrained`) cannot be renamed over another, so the
+    old one is moved aside first and removed after: a kill between the two renames leaves the old folder whole
+    under `<name>.old` and none at `path`, never a mixed one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():  # a run killed between the two renames: the old folder goes back
+        os.replace(old, path)
+    for leftover in (tmp, old):
+        _remove(leftover)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        aside = tmp.is_dir() and path.exists()
+        if aside:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if aside:
+                os.replace(old, path)
+            raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def report_table(record: dict) -> str:

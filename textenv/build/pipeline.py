@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from agents.cli import parse_cli, run_cli  # stdlib only: the three CLIs fail alike
 from textenv.build.data import Texts, load_texts, source_fingerprint, writable_cache
 from textenv.build.judge import Judge, JudgeConfig
 from textenv.build.minilm import NAME as MINILM
@@ -336,13 +336,14 @@ class _Command:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Step, BuildArgs]:
     """CLI arguments -> (step, settings): `STEP [PRESET] [--flags]`, e.g. `reward imdb --reward.epochs 1`."""
     # CascadeSubcommandArgs: flags without a preset name apply to the default preset (`--out-dir x`)
-    cmd = tyro.cli(_Command, args=argv, prog="python -m textenv.build", description=__doc__,
-                   config=(tyro.conf.CascadeSubcommandArgs, tyro.conf.OmitSubcommandPrefixes))
+    cmd = parse_cli(_Command, args=argv, prog="python -m textenv.build", description=__doc__,
+                    config=(tyro.conf.CascadeSubcommandArgs, tyro.conf.OmitSubcommandPrefixes))
     return cmd.step, cmd.settings
 
 
 def main(argv: Sequence[str] | None = None) -> Artifacts:
-    """`python -m textenv.build`; bad data prints one `error:` line and exits 2 (see `run_cli`)."""
+    """`python -m textenv.build`; a bad flag or bad data prints one `error:` line and exits 2
+    (`agents.cli.run_cli`)."""
     return run_cli(lambda: _main(argv))
 
 
@@ -353,15 +354,3 @@ def _main(argv: Sequence[str] | None) -> Artifacts:
         if v is not None:
             print(f"{k}: {v}")
     return paths
-
-
-def run_cli(main: Callable[[], Artifacts]) -> Artifacts:
-    """`agents.cli.run_cli` for textenv (which cannot import agents): an exception marked `user_error = True`
-    (e.g. `DataError`) prints `error: <message>` and exits 2 without a traceback; any other propagates."""
-    try:
-        return main()
-    except Exception as exc:
-        if not getattr(exc, "user_error", False):
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
