@@ -1,14 +1,15 @@
-"""benchmarks/ppo_iteration.py and rollout.py at a tiny size: the phase split adds up to the iteration it times, and
-the rollout benchmark times every method in both scenarios."""
+"""benchmarks/ppo_iteration.py and rollout.py at a tiny size: the phase split clocks every rollout call it names,
+and the rollout benchmark times every method in both scenarios."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from tiny import tiny_llama
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,7 +25,7 @@ def ppo_iteration():
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_ppo_iteration_split_adds_up(ppo_iteration, tmp_path):
+def test_ppo_iteration_clocks_every_rollout_phase(ppo_iteration, tmp_path):
     args = ppo_iteration.Args(preset="tiny", batch=4, prompt_tokens=2, new_tokens=4, min_tokens=2, epochs=1,
                               warmup=1, rounds=2, texts=200, threads=1, out=str(tmp_path / "ppo_iteration.json"))
     ppo_iteration.main(args)
@@ -32,10 +33,12 @@ def test_ppo_iteration_split_adds_up(ppo_iteration, tmp_path):
     for case in ("fixed", "realistic"):
         rec = results[case]
         for r in rec["per_round"]:
-            parts = [r[k] for k in ppo_iteration.PHASES]
-            assert math.isclose(sum(parts), r["total"], rel_tol=1e-9, abs_tol=1e-12)
-            assert min(parts) > -1e-3  # `rollout: other` is a remainder: timer noise only
-        assert math.isclose(sum(rec["mean_split_s"].values()), rec["mean_s"], rel_tol=1e-9)
+            # each clocked call ran inside the rollout: a call the rollout stopped making (a renamed method, a
+            # bypassed wrapper) reads 0 and its time would hide in `rollout: other`
+            clocked = {k: r[k] for k in ppo_iteration.PHASES[:4]}
+            assert min(clocked.values()) > 0, clocked
+            # `rollout: other` is the rollout less the clocked calls: below timer noise, two clocks overlapped
+            assert r["rollout: other"] > -1e-3, r
         positions = rec["update_positions"]
         assert 0 < positions["real"] <= positions["padded"]
     # fixed: 4 episodes x 4 tokens, the reset step is not one; the update reads each episode once, from its last
@@ -48,14 +51,10 @@ def test_ppo_iteration_split_adds_up(ppo_iteration, tmp_path):
 
 def test_ppo_iteration_times_full_and_top_k_training(ppo_iteration, tmp_path, monkeypatch):
     # the `--model smollm2` path (cases `all` and `top-k`, each with its own floor) on a tiny Llama in its place
-    import torch
     from rollout import tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok, texts, source, _ = tokenizer(300, 200)
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    lm = tiny_llama(len(tok), 3, tie_word_embeddings=True)
     monkeypatch.setattr(ppo_iteration, "load_model", lambda args, device: (tok, lm.eval(), texts, source, 0))
     args = ppo_iteration.Args(model="smollm2", trainable_layers=1, batch=4, prompt_tokens=2, new_tokens=4, epochs=1,
                               warmup=1, rounds=2, threads=1, out=str(tmp_path / "smollm2.json"))

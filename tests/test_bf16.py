@@ -25,8 +25,6 @@ import math
 import pytest
 import torch
 import torch.distributed as tdist
-from test_models import tiny_llama as llama_of
-from test_rlhf import PROMPTS, tiny_gpt, toy_config
 from torch.distributed.distributed_c10d import Backend, BackendConfig
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
@@ -35,6 +33,7 @@ from agents import distributed
 from agents.rlhf import Pieces, run
 from textenv import KeywordReward, char_tokenizer
 from textenv.lm import CachedLM, forward_full
+from tiny import PROMPTS, tiny_gpt, tiny_llama, toy_config
 
 # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3). Rounding every activation (bf16 against
 # float32) moves these models' log-probs by up to ~7e-3 nats (measured). The rollout's one-token steps and the
@@ -53,15 +52,15 @@ FEW_EPISODES = pytest.mark.filterwarnings(
     r"ignore:iteration \d+. measured KL to the reference is negative:UserWarning")
 
 
-def tiny_gpt2(vocab: int) -> GPT2LMHeadModel:
-    """One 16-wide GPT-2 block (absolute positions, LayerNorm, tied head), seeded."""
+def peaked_gpt2(vocab: int) -> GPT2LMHeadModel:
+    """`tiny_gpt` (one 16-wide GPT-2 block: absolute positions, LayerNorm, tied head) initialised at INIT_STD."""
     return tiny_gpt(vocab, initializer_range=INIT_STD)
 
 
-def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    """Two 32-wide Llama blocks (grouped-query attention, rotary positions, RMSNorm), seeded."""
-    return llama_of(vocab, 2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                    initializer_range=INIT_STD)
+def peaked_llama(vocab: int) -> LlamaForCausalLM:
+    """`tiny_llama` (two 32-wide blocks: grouped-query attention, rotary positions, RMSNorm) at INIT_STD."""
+    return tiny_llama(vocab, 2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                      initializer_range=INIT_STD)
 
 
 class UpdateProbe:
@@ -135,7 +134,7 @@ def check_report(rec: dict, run_dir) -> None:
 
 @FEW_EPISODES
 def test_rlhf_job_in_bf16_with_a_gpt2_policy(tmp_path, monkeypatch):
-    policy = tiny_gpt2(len(char_tokenizer("ab ")))
+    policy = peaked_gpt2(len(char_tokenizer("ab ")))
     start = copy.deepcopy(policy.state_dict())
     rec, probe = bf16_run(tmp_path, monkeypatch, policy, trainable_layers=None)
     check_updates(probe)
@@ -148,7 +147,7 @@ def test_rlhf_job_in_bf16_with_a_gpt2_policy(tmp_path, monkeypatch):
 
 @FEW_EPISODES
 def test_rlhf_job_in_bf16_with_a_llama_policy_over_a_frozen_trunk(tmp_path, monkeypatch):
-    policy = tiny_llama(len(char_tokenizer("ab ")))
+    policy = peaked_llama(len(char_tokenizer("ab ")))
     start = copy.deepcopy(policy.state_dict())
     rec, probe = bf16_run(tmp_path, monkeypatch, policy, trainable_layers=1)
     check_updates(probe)
@@ -157,7 +156,7 @@ def test_rlhf_job_in_bf16_with_a_llama_policy_over_a_frozen_trunk(tmp_path, monk
     assert moved and all(k.startswith(("model.layers.1.", "model.norm.")) for k in moved), moved
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("make", [peaked_llama, peaked_gpt2])
 def test_kv_cache_under_autocast_keeps_each_tensor_in_its_dtype_and_equals_a_full_forward(make):
     model = make(12).eval()
     obs = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8], [0, 9, 10, 11]])
@@ -172,7 +171,7 @@ def test_kv_cache_under_autocast_keeps_each_tensor_in_its_dtype_and_equals_a_ful
     assert logits.dtype == torch.float32
     assert cache.values[0].dtype == torch.bfloat16  # a linear layer's output
     # Llama's rotary embedding multiplies the bf16 keys by float32 cos/sin: float32 keys beside bf16 values
-    assert cache.keys[0].dtype == (torch.float32 if make is tiny_llama else torch.bfloat16)
+    assert cache.keys[0].dtype == (torch.float32 if make is peaked_llama else torch.bfloat16)
 
 
 @pytest.mark.parametrize("device, cuda_backend", [("cuda", "nccl"), ("cpu", "gloo")])

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,14 +101,10 @@ def test_empty_split_and_bad_labels(tmp_path: Path) -> None:
         load_texts(tmp_path, "validation")
 
 
-def test_hf_source_without_datasets_is_a_clear_error() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="pip install datasets"):
-            load_texts("hf:imdb", "train")
-    else:
-        pytest.skip("`datasets` is installed; loading it needs a network")
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: `import datasets` raises ImportError
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_texts("hf:imdb", "train")
 
 
 def test_fingerprint_names_the_data_not_the_path(jsonl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -1,14 +1,14 @@
 """agents.ppo under torchrun (CPU, gloo, 2 processes): averaged gradients, learning, rank-0 files, failures.
 
 Each test launches `torchrun --nproc-per-node 2` on this file (the `__main__` block at the bottom holds the
-rank-side code) or on `-m agents.ppo`, with a deadline so a hang fails instead of blocking the suite.
+rank-side code) or on `-m agents.ppo` through conftest's `torchrun` fixture, with a deadline so a hang fails
+instead of blocking the suite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,14 +17,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-
-
-def torchrun(*argv: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(TORCHRUN + list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def cartpole_args(run_dir: Path, **kw):
@@ -70,10 +62,28 @@ def update_on(cols: slice, dist, valid: str = "all", by_env: bool = False) -> tu
     zeros = torch.zeros_like(b["values"])
     rollout = Rollout(obs=b["obs"], actions=b["actions"], logprobs=b["logprobs"], values=b["values"], rewards=zeros,
                       ref_logprobs=None, valid=b["valid"], terminated=zeros.bool(), truncated=zeros.bool(),
-                      next_obs=b["obs"][-1], episodes=[], kl_coef=0.0, shaped_rewards=zeros,
+                      next_obs=b["obs"][-1], episodes=[], shaped_rewards=zeros,
                       advantages=b["advantages"], returns=b["returns"])
     stats = update(agent, opt, rollout, args, 0.2, dist)
     return agent.state_dict(), stats
+
+
+class HangsOnRank1(gym.Wrapper):
+    """CartPole whose 5th step never returns on rank 1, as when a rank waits on a dead file system or device."""
+
+    def __init__(self):
+        super().__init__(gym.make("CartPole-v1"))
+        self.n = 0
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 5 and os.environ.get("RANK") == "1":
+            time.sleep(3600)
+        return super().step(action)
+
+
+# `python -m agents.ppo --env-id tests.test_distributed:HangsOnRank1-v0`: gymnasium imports this module first
+gym.register("HangsOnRank1-v0", entry_point=HangsOnRank1)
 
 
 def _rank_main(case: str, out: Path) -> None:
@@ -117,7 +127,8 @@ if __name__ == "__main__":
 @pytest.mark.filterwarnings("ignore:PPO ratio at the first minibatch")  # logprobs made up: ratios != 1, clipped
 @pytest.mark.parametrize("valid, minibatches", [("all", "flat"), ("uneven", "flat"), ("uneven", "env"),
                                                 ("one rank empty", "flat")])
-def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_it(tmp_path, valid, minibatches):
+def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_it(tmp_path, valid, minibatches,
+                                                                                     torchrun):
     # every step weighs the same whichever rank holds it: each rank's loss is its share of the mean over all
     # ranks' steps, and the advantages are normalised over all of them
     from agents.distributed import Dist
@@ -143,7 +154,7 @@ def test_two_ranks_with_half_the_batch_each_update_like_one_process_with_all_of_
 
 
 @pytest.mark.slow
-def test_only_rank_0_writes_files_and_checkpoints_resume_across_world_sizes(tmp_path):
+def test_only_rank_0_writes_files_and_checkpoints_resume_across_world_sizes(tmp_path, torchrun):
     from agents.checkpoint import load_checkpoint
     from agents.ppo import train
 
@@ -180,7 +191,7 @@ def test_only_rank_0_writes_files_and_checkpoints_resume_across_world_sizes(tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["raise", "exit"])
-def test_a_failing_rank_stops_the_whole_job_quickly_with_a_clear_error(tmp_path, case):
+def test_a_failing_rank_stops_the_whole_job_quickly_with_a_clear_error(tmp_path, case, torchrun):
     t0 = time.time()
     run = torchrun(__file__, case, str(tmp_path), cwd=tmp_path, timeout=90)  # a hang fails with TimeoutExpired
     assert run.returncode != 0
@@ -195,7 +206,19 @@ def test_a_failing_rank_stops_the_whole_job_quickly_with_a_clear_error(tmp_path,
 
 
 @pytest.mark.slow
-def test_two_rank_cartpole_learns(tmp_path):
+def test_a_hung_rank_is_stopped_by_dist_timeout(tmp_path, torchrun):
+    t0 = time.time()
+    run = torchrun("-m", "agents.ppo", "--env-id", "tests.test_distributed:HangsOnRank1-v0", "--dist-timeout", "5",
+                   "--num-envs", "2", "--total-timesteps", "100000", "--run-dir", "h", "--eval-episodes", "0",
+                   cwd=tmp_path, timeout=90)  # without the timeout rank 0 would wait in the all-reduce for 600 s
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and time.time() - t0 < 60, out[-3000:]
+    assert "rank    : 0" in out or "rank: 0" in out, out[-3000:]  # rank 0 gave up waiting, and torchrun says so
+    assert "Timed out waiting 5000ms" in out, out[-3000:]  # gloo's words for --dist-timeout 5
+
+
+@pytest.mark.slow
+def test_two_rank_cartpole_learns(tmp_path, torchrun):
     from agents.checkpoint import load_checkpoint
 
     # the zoo preset's batch (8 envs x 32 steps) as 2 ranks x 4 envs

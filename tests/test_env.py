@@ -68,6 +68,27 @@ def test_registration_make_and_make_vec():
     assert gym.spec("TextEnv-v0").to_json()  # registered kwargs stay JSON-able
 
 
+def test_an_episode_spec_is_handed_through_whole_or_by_its_fields():
+    spec = textenv.EpisodeSpec(max_prompt_tokens=5, max_new_tokens=(2, 3), min_new_tokens=1)
+    whole = TextEnv(TOK, LengthReward(), PROMPTS, episode=spec)
+    assert whole.episode is spec  # the very spec, not rebuilt from keywords
+    fields = TextEnv(TOK, LengthReward(), PROMPTS, max_prompt_tokens=5, max_new_tokens=(2, 3), min_new_tokens=1)
+    assert fields.episode == spec and fields.window == whole.window == 8
+    assert gym.make("TextEnv-v0", tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS,
+                    episode=spec).unwrapped.episode is spec
+    vec = gym.make_vec("TextEnv-v0", num_envs=2, tokenizer=TOK, reward_model=LengthReward(), prompts=PROMPTS,
+                       episode=spec)
+    assert vec.env.episode is spec and vec.reset(seed=0)[0].shape == (2, 8)
+    turns = textenv.Turns(interaction=lambda conv: ("", True), max_context_tokens=12)
+    assert TextEnv(TOK, LengthReward(), PROMPTS, episode=spec, turns=turns).window == 12
+    with pytest.raises(TypeError, match="not both"):
+        TextEnv(TOK, LengthReward(), PROMPTS, episode=spec, max_new_tokens=4)
+    with pytest.raises(TypeError, match="must be of type EpisodeSpec"):
+        TextEnv(TOK, LengthReward(), PROMPTS, episode={"max_new_tokens": 4})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):
+        TextEnv(TOK, LengthReward(), PROMPTS, max_tokens=4)
+
+
 def test_reward_zero_until_last_step_and_truncation():
     env = make(reward_model=LengthReward(), max_new_tokens=4)
     obs, info = env.reset(seed=3)

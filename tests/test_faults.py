@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_rlhf import PROMPTS, tiny_gpt, toy_config, without_clocks
 
 from agents.checkpoint import load_checkpoint
 from agents.rlhf import Pieces, run
 from textenv import KeywordReward, char_tokenizer
+from tiny import PROMPTS, tiny_gpt, toy_config, without_clocks
 
 TOK = char_tokenizer("ab ")
 ITERATIONS, SAVE_EVERY = 4, 2  # the fault strikes in iteration 3, after the checkpoint of iteration 2
@@ -158,25 +158,31 @@ def test_bad_timeout_and_resume_without_a_run_dir_are_refused(tmp_path):
         run(cfg, pieces())
 
 
-def test_a_full_disk_while_the_report_is_written_keeps_the_checkpoint_and_resume_writes_it(tmp_path, clean,
+def test_a_full_disk_while_the_policy_is_written_keeps_the_checkpoint_and_resume_writes_it(tmp_path, clean,
                                                                                          monkeypatch):
+    """The real policy writer (`save_pretrained`) fails half way through the weights file: no policy folder, whole
+    or half, and no temporary one is left; the checkpoint is kept and `--ppo.resume` writes policy and report."""
     import errno
 
-    import agents.rlhf.report
+    import transformers.modeling_utils
+
     from agents.cli import UsageError
 
-    write = agents.rlhf.report.write_report
+    real_save = transformers.modeling_utils.safe_save_file
 
-    def disk_full(run_dir, *args, **kw):
-        (run_dir / "report.md").write_text("half a rep")
+    def disk_full(tensors, filename, *args, **kw):
+        Path(filename).write_bytes(b"half a safetensors file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(agents.rlhf.report, "write_report", disk_full)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
     with pytest.raises(UsageError, match=r"could not write the results to .* \(No space left on device\); the "
                                          r"trained run's checkpoint .* is kept: .* with --ppo.resume"):
         run(config(run_dir), pieces())
     assert load_checkpoint(run_dir / "checkpoint.pt")["iteration"] == ITERATIONS
-    monkeypatch.setattr(agents.rlhf.report, "write_report", write)
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("policy")) == []  # nothing half written
+    assert not (run_dir / "report.md").exists()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
     assert numbers(run(config(run_dir, resume=True), pieces())) == clean
-    assert "half a rep" not in (run_dir / "report.md").read_text()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("policy")) == ["policy"]
+    assert (run_dir / "policy" / "model.safetensors").read_bytes() != b"half a safetensors file"

@@ -31,7 +31,7 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from textenv import (
     EndsWithReward,
@@ -44,6 +44,7 @@ from textenv import (
 )
 from textenv.kl import RefLogprob
 from textenv.rewards import TokenReward
+from tiny import tiny_gpt
 
 MAX_CHARS = 8
 OUTSIDE = "~"  # never in an alphabet: encodes to <unk>
@@ -429,10 +430,7 @@ def test_masked_action_raises_and_changes_nothing(profile, examples):
 @functools.cache
 def reference_model() -> GPT2LMHeadModel:
     """A tiny random GPT-2 (seeded), its vocabulary padded beyond every generated tokenizer's."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=3 + MAX_CHARS + 2, n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                        bos_token_id=1, eos_token_id=1)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt(3 + MAX_CHARS + 2, positions=32).eval()
 
 
 @torch.no_grad()

@@ -4,21 +4,18 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent, length_groups, sample_categorical
+from tiny import tiny_gpt
 
 PAD, VOCAB, MAX_PROMPT, MAX_NEW = 0, 50, 5, 7
 WINDOW = MAX_PROMPT + MAX_NEW
 
 
 def tiny_lm(seed: int = 0, dropout: float = 0.0, vocab: int = VOCAB) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1,
-        attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg)
+    return tiny_gpt(vocab, seed=seed, width=32, layers=2, positions=64, attn_pdrop=dropout, resid_pdrop=dropout,
+                    embd_pdrop=dropout)
 
 
 def prompt(g: torch.Generator, window: int = WINDOW) -> torch.Tensor:
@@ -248,9 +245,8 @@ def keyword_envs(num_envs: int = 16, **kw):
         reward_model=textenv.KeywordReward("a"), prompts=["b", "bb", "ba", "ab"], max_prompt_tokens=2,
         max_new_tokens=4, min_new_tokens=4, **kw,
     )  # fmt: skip
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=2, n_head=2, embd_pdrop=0.3)
-    return envs, GPTAgent(GPT2LMHeadModel(cfg), tok.pad_token_id, vocab_size=len(tok))
+    lm = tiny_gpt(len(tok), width=32, layers=2, embd_pdrop=0.3)
+    return envs, GPTAgent(lm, tok.pad_token_id, vocab_size=len(tok))
 
 
 def ppo_args(tmp_path, iterations: int, **kw):

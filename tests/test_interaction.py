@@ -7,11 +7,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from textenv import RefLogprob, TextEnv, TextVectorEnv, TurnEnv, char_tokenizer
 from textenv.lm import forward_full
 from textenv.tasks import Calculator, calculate, calculator_task, guessing_task
+from tiny import tiny_gpt
 
 GUESS = guessing_task()
 TOK = GUESS["tokenizer"]
@@ -88,19 +88,14 @@ def test_stop_strings_window_and_bad_interactions():
         TextVectorEnv(2, **GUESS)
 
 
-def tiny_gpt(seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_positions=32, n_embd=16, n_layer=2, n_head=2))
-
-
+@pytest.mark.usefixtures("one_thread")  # tiny models: 2 threads on busy cores can be 10x slower
 def test_cached_logprobs_and_reference_kl_are_exact_across_inserted_turns():
     from agents.gpt_policy import GPTAgent
     from agents.rollout import Carry, collect_rollout, score_minibatch
 
-    torch.set_num_threads(1)  # tiny models: 2 threads on busy cores can be 10x slower
-    ref = tiny_gpt(1)
+    ref = tiny_gpt(len(TOK), seed=1, layers=2, positions=32)
     envs = RefLogprob(gym.vector.SyncVectorEnv([lambda: TextEnv(**GUESS) for _ in range(4)]), ref)
-    agent = GPTAgent(tiny_gpt(0), TOK.pad_token_id, vocab_size=len(TOK))
+    agent = GPTAgent(tiny_gpt(len(TOK), layers=2, positions=32), TOK.pad_token_id, vocab_size=len(TOK))
     r = collect_rollout(envs, agent, Carry.start(envs, 0), 16, 0, 4, 0.0, torch.device("cpu"))
     logprob, _, _, valid, _ = score_minibatch(agent, r, {"actions": r.actions.reshape(-1)}, torch.arange(4), True)
     assert torch.allclose(logprob[valid], r.logprobs.reshape(-1)[valid], atol=1e-5)  # one forward per episode piece

@@ -6,10 +6,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from textenv import LengthReward, TextEnv, TextVectorEnv, char_tokenizer
 from textenv.kl import RefLogprob, RefLogprobEnv
+from tiny import tiny_gpt
 
 TOK = char_tokenizer("abcd ")
 N = len(TOK)
@@ -17,11 +18,9 @@ KW = dict(tokenizer=TOK, reward_model=LengthReward(), prompts=["a", "ab c", "dd"
           max_new_tokens=(1, 5), min_new_tokens=1)  # fmt: skip
 
 
-def tiny_gpt(vocab: int = N + 3) -> GPT2LMHeadModel:
+def padded_gpt(vocab: int = N + 3) -> GPT2LMHeadModel:
     """A random tiny GPT-2 whose vocabulary is padded beyond the tokenizer's (log-probs renormalise over N)."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5)
-    return GPT2LMHeadModel(config)
+    return tiny_gpt(vocab, width=32, layers=2, positions=32, resid_pdrop=0.5)
 
 
 def recompute(model, obs_row: np.ndarray, length: int, action: int, temperature: float = 1.0) -> float:
@@ -35,7 +34,7 @@ def recompute(model, obs_row: np.ndarray, length: int, action: int, temperature:
 @pytest.mark.parametrize("vector,temperature", [("batched", 1.0), ("sync", 1.0), ("batched", 0.6)])
 def test_ref_logprob_equals_full_recompute(vector, temperature):
     E = 4
-    model = tiny_gpt()
+    model = padded_gpt()
     base = (
         TextVectorEnv(E, **KW)
         if vector == "batched"
@@ -65,7 +64,7 @@ def test_ref_logprob_equals_full_recompute(vector, temperature):
 
 
 def test_single_env_wrapper_matches_recompute():
-    model = tiny_gpt()
+    model = padded_gpt()
     env = RefLogprobEnv(TextEnv(**KW), model, temperature=1.5)
     obs, info = env.reset(seed=1)
     length = info["length"]
@@ -81,10 +80,10 @@ def test_single_env_wrapper_matches_recompute():
 def test_vocab_mismatch_and_bad_env():
     smaller = f"vocabulary of {N - 1} tokens, smaller than its tokenizer's {N}.*same or padded"
     with pytest.raises(ValueError, match=smaller):
-        RefLogprob(TextVectorEnv(2, **KW), tiny_gpt(vocab=N - 1))
+        RefLogprob(TextVectorEnv(2, **KW), padded_gpt(vocab=N - 1))
     with pytest.raises(ValueError, match="reference model of RefLogprobEnv"):
-        RefLogprobEnv(TextEnv(**KW), tiny_gpt(vocab=N - 1))
+        RefLogprobEnv(TextEnv(**KW), padded_gpt(vocab=N - 1))
     with pytest.raises(ValueError, match="not a transformers causal LM"):
         RefLogprob(TextVectorEnv(2, **KW), torch.nn.Linear(3, 3))
     with pytest.raises(TypeError, match="Discrete"):
-        RefLogprobEnv(gym.make("Pendulum-v1"), tiny_gpt(), pad_token_id=0)
+        RefLogprobEnv(gym.make("Pendulum-v1"), padded_gpt(), pad_token_id=0)

@@ -2,17 +2,16 @@
 
 import pytest
 import torch
-from transformers import CacheLayerMixin, GPT2Config, GPT2LMHeadModel
+from transformers import CacheLayerMixin, GPT2LMHeadModel
 
 from textenv.lm import BufferLayer, CachedLM, LMError, check_lm_vocab, forward_full
+from tiny import tiny_gpt
 
 PAD = 0
 
 
 def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt(50, seed=seed, width=32, layers=2, positions=64).eval()
 
 
 def random_prompt(length: int, max_prompt: int, g: torch.Generator) -> torch.Tensor:

@@ -7,11 +7,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.policies import MLPAgent, categorical
 from textenv import EndsWithReward, RefLogprob, TextEnv, TextVectorEnv, char_tokenizer
 from textenv.masks import AllowedTokens, BannedTokens, RegexMask, check_mask, pack, unpack
+from tiny import tiny_gpt
 
 TOK = char_tokenizer("abcd")
 A, B, C, D = (TOK.convert_tokens_to_ids(c) for c in "abcd")
@@ -104,19 +104,14 @@ def test_masked_categorical_renormalises_without_nan():
     assert torch.isfinite(logits.grad).all() and (logits.grad[:, C] == 0).all()
 
 
-def tiny_gpt(vocab: int = V) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-
-
 def test_gpt_rollout_and_update_score_masked_actions_alike():
     """Cached, masked rollout log-probs == the episode-grouped update's; the reference is masked the same way."""
     from agents.gpt_policy import GPTAgent
     from agents.rollout import Carry, collect_rollout, score_minibatch
 
-    ref_model = tiny_gpt()
+    ref_model = tiny_gpt(V)
     envs = RefLogprob(TextVectorEnv(4, **KW, action_mask=AB), ref_model)
-    agent = GPTAgent(tiny_gpt(), TOK.pad_token_id, vocab_size=V)
+    agent = GPTAgent(tiny_gpt(V), TOK.pad_token_id, vocab_size=V)
     r = collect_rollout(envs, agent, Carry.start(envs, 0), 10, 0, 4, 0.0, torch.device("cpu"))
     assert r.action_masks.shape == (10, 4, V) and set(r.actions[r.valid].tolist()) <= {A, B}
     b = {"actions": r.actions.reshape(-1)}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +17,10 @@ from textenv.build.judge import Judge, JudgeConfig, train_judge
 from textenv.build.pipeline import Artifacts, TokenizerConfig, build, build_all, main, parse_args, preset
 from textenv.build.pretrain import PretrainConfig, lr_at, pretrain
 from textenv.build.reward_train import RewardConfig, encode, train_reward
+from textenv.rewards import HFRewardModel
+from tiny import tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on shared, busy cores more threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # on shared, busy cores more threads are several times slower
 
 TRAIN = corpus_split("train")
 TEST = corpus_split("test")
@@ -142,10 +134,6 @@ def test_reward_model_separates_and_round_trips(tmp_path: Path) -> None:
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     with torch.no_grad():
         assert torch.equal(again(**tok(texts, return_tensors="pt", padding=True)).logits, logits)
-    try:
-        from textenv.rewards import HFRewardModel
-    except ImportError:
-        pytest.skip("textenv.rewards.HFRewardModel not available")
     scores = HFRewardModel.from_pretrained(str(tmp_path / "rm"))(texts)
     assert scores == pytest.approx(logits[:, 1].tolist(), abs=1e-5)
     # "by name": the same folder fine-tuned through the from_pretrained path with the seed-recipe settings
@@ -223,13 +211,14 @@ def test_cli_parses_presets_and_builds_a_step(tmp_path: Path) -> None:
         preset("nope")
 
 
-def test_cli_user_error_prints_one_line(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "textenv.build", "tokenizer", "--data-dir", str(tmp_path / "nowhere"),
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "nowhere does not exist" in errors[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+def test_cli_user_error_prints_one_line(tmp_path: Path, capsys) -> None:
+    # `python -m textenv.build ...` in this process, through its `main`
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_.value.code == 2 and len(errors) == 1 and "nowhere does not exist" in errors[0], err[-2000:]
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
 def test_auto_threads_are_decided_once_per_process(monkeypatch):
@@ -248,18 +237,7 @@ def test_auto_threads_are_decided_once_per_process(monkeypatch):
     assert pipeline.set_threads(None) == 1
 
 
-def tiny_llama(vocab: int, layers: int, **config):
-    """A seeded Llama of `layers` 32-wide blocks (grouped-query attention, rotary positions, RMSNorm);
-    `config` overrides LlamaConfig fields."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        **config))
-
-
-def _tiny_llama(tok, folder: Path, layers: int, **config):
+def saved_llama(tok, folder: Path, layers: int, **config):
     """`tiny_llama` over `tok`'s vocabulary, saved with `tok` into `folder`."""
     model = tiny_llama(len(tok), layers, **config)
     model.save_pretrained(folder)
@@ -274,7 +252,7 @@ def test_warm_start_trains_only_the_top_blocks_and_lowers_the_held_out_loss(tmp_
     from textenv.build.warm_start import WarmStartConfig, warm_start
 
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
-    base = _tiny_llama(tok, tmp_path / "base", layers=3, tie_word_embeddings=True)
+    base = saved_llama(tok, tmp_path / "base", layers=3, tie_word_embeddings=True)
     texts = [f"the film was {w} and the cast was {w}. " * 3 for w in ("good", "bad", "fine", "dull")] * 20
     cfg = WarmStartConfig(trainable_layers=1, window=24, max_texts=80, eval_texts=8, batch_size=8, lr=1e-2,
                           epochs=3.0, max_minutes=None)
@@ -291,7 +269,7 @@ def test_warm_start_is_fixed_by_work_and_its_time_guard_cuts_loudly(tmp_path: Pa
 
     assert WarmStartConfig().max_minutes is None  # by default the steps alone decide: same seed, same model
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
-    _tiny_llama(tok, tmp_path / "base", layers=2)
+    saved_llama(tok, tmp_path / "base", layers=2)
     texts = [f"the film was {w} and the cast was {w}. " * 3 for w in ("good", "bad")] * 20
     logs: list[str] = []
     cfg = WarmStartConfig(trainable_layers=1, window=24, max_texts=40, eval_texts=4, batch_size=8, max_minutes=0.0)
@@ -312,7 +290,7 @@ def test_warm_start_step_is_built_once_and_reused(tmp_path: Path) -> None:
     from textenv.build.warm_start import WarmStartConfig
 
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .,'!")
-    _tiny_llama(tok, tmp_path / FOLDER, layers=2)
+    saved_llama(tok, tmp_path / FOLDER, layers=2)
     (tmp_path / FOLDER / MARKER).write_text(json.dumps({"version": VERSION}))
     args = preset("embedded", out_dir=str(tmp_path), train_limit=200, test_limit=40,
                   warm_start=WarmStartConfig(trainable_layers=1, window=16, max_texts=64, eval_texts=8, batch_size=8))

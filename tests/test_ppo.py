@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import os
@@ -15,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from agents.advantages import compute_gae
 from agents.checkpoint import load_checkpoint, save_checkpoint
 from agents.cli import UsageError
 from agents.distributed import Dist
 from agents.policies import MLPAgent
 from agents.ppo import Args, num_iterations, parse_args, train, zoo
-from agents.rollout import Rollout, autoreset_valid, compute_gae
+from agents.rollout import Rollout, autoreset_valid
+from tiny import FixedLength
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,11 +41,12 @@ class Hook:
     """Records what PPO passes to `hooks.on_iteration`; optionally runs `action(iteration)`."""
 
     def __init__(self, action=None):
-        self.rollouts, self.action = [], action
+        self.rollouts, self.kl_coefs, self.action = [], [], action
 
-    def on_iteration(self, iteration, global_step, rollout, writer):
+    def on_iteration(self, iteration, global_step, rollout, writer, kl_coef):
         assert isinstance(rollout, Rollout) and rollout.advantages is not None
         self.rollouts.append(rollout)  # each iteration's tensors are its own (no buffer reused)
+        self.kl_coefs.append(kl_coef)  # the coefficient the rollout's rewards were shaped with
         if self.action:
             self.action(iteration)
         return {"test/iteration": iteration}
@@ -70,7 +74,7 @@ def test_gae_hand_computed_termination_and_truncation():
     torch.testing.assert_close(adv[4:, 1], f([2.26, 2.8]))
     torch.testing.assert_close(ret, adv + values)
     # without bootstrapping truncations (RLHF), t4 = 4 - 0.9 = 3.1 and t3 = 3.01 + 0.45 * 3.1 = 4.405
-    adv2, _ = compute_gae(rewards, values, next_value, terminated, truncated, valid, 0.9, 0.5, bootstrap_truncated=False)
+    adv2, _ = compute_gae(rewards, values, next_value, terminated | truncated, truncated, valid, 0.9, 0.5)
     torch.testing.assert_close(adv2[:, 0], f([1.67, 1.4, 0.0, 4.405, 3.1, 0.0]))
 
 
@@ -83,7 +87,49 @@ def test_autoreset_valid_masks_the_step_after_each_episode_end():
 # ---- the training loop -----------------------------------------------------------------------------------
 
 
+def project_source(module: str) -> Path | None:
+    """The file of `module` if it is one of this project's (agents, textenv), else None."""
+    path = ROOT / Path(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    return path if module.split(".")[0] in ("agents", "textenv") and path.is_file() else None
+
+
+def imported_by(name: str) -> set[str]:
+    """The modules `import name` runs, read from the source: import statements outside function bodies (which run
+    only when called) and outside `if TYPE_CHECKING:`, followed through this project's packages and their parents."""
+    seen, todo = set(), [name]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo += [mod.rsplit(".", i)[0] for i in range(1, mod.count(".") + 1)]  # parent packages run first
+        if (path := project_source(mod)) is None:
+            continue
+        nodes = list(ast.parse(path.read_text()).body)
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from package import module` imports it too
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names
+                                         if project_source(f"{node.module}.{a.name}")]
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                nodes += node.orelse
+            elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                nodes += ast.iter_child_nodes(node)
+    return seen
+
+
 def test_importing_ppo_imports_neither_transformers_nor_textenv():
+    # CartPole PPO stands alone; the slow test below checks the same in a fresh interpreter
+    assert {"agents", "torch", "gymnasium"} <= imported_by("agents.ppo")  # it reads the imports
+    bad = sorted(m for m in imported_by("agents.ppo") if m.split(".")[0] in ("transformers", "textenv"))
+    assert not bad, bad
+
+
+@pytest.mark.slow  # a fresh interpreter, the one place to see what an import pulls in: a subprocess
+def test_importing_ppo_in_a_fresh_interpreter_imports_neither_transformers_nor_textenv():
     code = ("import sys, agents.ppo; bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'textenv')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -101,15 +147,18 @@ def test_cli_help_and_presets(capsys):
     assert num_iterations(zoo()) == 100_000 // 256 and num_iterations(zoo(), world_size=2) == 100_000 // 512
 
 
-def test_cli_user_errors_are_one_line_without_traceback(tmp_path, capsys):
-    out = subprocess.run([sys.executable, "-m", "agents.ppo", "--num-envs", "0"], cwd=tmp_path, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # as a user runs it
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "num_envs (0)" in lines[0], out.stderr
-    from agents.ppo import main  # the same entry point in this process: a missing checkpoint
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):
+    # `python -m agents.ppo ...` in this process, through its `main` (tests/test_user_errors.py runs the real command)
+    from agents.ppo import main
 
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
+        main(["--num-envs", "0"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "num_envs (0)" in lines[0] and list(tmp_path.iterdir()) == [], err  # nothing written
+    with pytest.raises(SystemExit) as exit_:  # a missing checkpoint
         main(["--run-dir", str(tmp_path / "none"), "--resume"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and "no checkpoint" in lines[0], lines
@@ -182,7 +231,7 @@ def test_resume_continues_a_killed_run_from_its_checkpoint(tmp_path):
     hook = Hook()
     resumed = train(dataclasses.replace(args, resume=True), hooks=hook)
     again = train(dataclasses.replace(args, resume=True, run_dir=str(tmp_path / "r2")))
-    assert [r.kl_coef for r in hook.rollouts] == [0.0] * 4  # iterations 5..8 only
+    assert hook.kl_coefs == [0.0] * 4  # iterations 5..8 only
     assert resumed["global_step"] == full["global_step"] == 1024
     # the returns before the checkpoint are those of the uninterrupted run; the resumed part is reproducible
     before = [x for x in full["episode_returns"] if x[0] <= 512]
@@ -239,12 +288,15 @@ def test_bad_args_and_spaces_give_clear_errors(tmp_path):
         train(small(tmp_path), envs=disabled)
 
 
-def test_an_unwritable_run_folder_is_one_error_line(tmp_path):
+def test_an_unwritable_run_folder_is_one_error_line(tmp_path, capsys):
+    from agents.ppo import main
+
     (tmp_path / "a_file").write_text("")  # a folder under a file cannot be made, even by root
-    out = subprocess.run([sys.executable, "-m", "agents.ppo", "--run-dir", str(tmp_path / "a_file" / "run")],
-                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run-dir", str(tmp_path / "a_file" / "run")])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: cannot write the run folder {tmp_path / 'a_file' / 'run'}"), lines
 
 
@@ -280,7 +332,7 @@ class NaNReward(gym.vector.VectorWrapper):
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     envs = NaNReward(gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4), after=3 * 32 + 5)
-    with pytest.raises(FloatingPointError, match="checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"PPO loss is nan \(policy .+, value .+\).*last good checkpoint is kept"):
         train(small(tmp_path, "nan", save_every=1), envs=envs)
     ckpt = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
     assert ckpt["iteration"] == 3
@@ -294,26 +346,6 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
 
 
 # ---- what the text policies need: KL penalty, minibatches by env column, ratio check ---------------------
-
-
-class FixedLength(gym.Env):
-    """Episodes of exactly `length` steps (truncated), reward 1 at the end, `ref_logprob` = log(0.5) - offset."""
-
-    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, length=4, offset=0.5):
-        self.length, self.offset, self.t = length, offset, 0
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        obs = self.np_random.uniform(-1, 1, 3).astype(np.float32)
-        return obs, float(self.t == self.length), False, self.t == self.length, {"ref_logprob": math.log(0.5) - self.offset}
 
 
 def fixed_envs(n=4, mode=gym.vector.AutoresetMode.NEXT_STEP, **kw):
@@ -357,7 +389,7 @@ def test_adaptive_kl_coef_follows_the_measured_kl(tmp_path):
     # KL per episode ~ 4 tokens x 0.5 nats = 2 > target 0.5: the coefficient grows each iteration by 1 + 0.2 n / H
     train(small(tmp_path, "akl", kl_coef=0.1, kl_target=0.5, kl_horizon=100, num_steps=10, total_timesteps=120,
                 num_minibatches=2), envs=fixed_envs(), hooks=hook)
-    coefs = [r.kl_coef for r in hook.rollouts]
+    coefs = hook.kl_coefs
     n_eps = [len(r.episodes) for r in hook.rollouts]
     assert coefs[0] == 0.1
     for k in range(1, len(coefs)):
@@ -407,7 +439,7 @@ def test_first_minibatch_ratio_check_catches_dropout(tmp_path):
 
 
 def test_ppo_loss_hand_computed():
-    from agents.ppo import ppo_loss
+    from agents.loss import LossCoefs, ppo_loss
 
     f, nan = torch.tensor, float("nan")
     old = {"logprobs": f([0.0, 0.0, 0.0, 0.0]), "values": f([0.0, 2.5, 0.0, 0.0]), "returns": f([2.0, 2.0, 1.0, 0.0])}
@@ -415,8 +447,8 @@ def test_ppo_loss_hand_computed():
     value = f([1.0, 2.0, 0.0, 100.0], requires_grad=True)
     entropy = f([1.0, 2.0, 3.0, nan])
     adv, mask = f([1.0, -1.0, 2.0, -2.0]), f([True, True, True, False])
-    loss, sums = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0, clip_coef=0.2, vf_clip=0.2, ent_coef=0.01,
-                          vf_coef=0.5)
+    loss, sums = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0,
+                          LossCoefs(clip_coef=0.2, vf_clip=0.2, ent_coef=0.01, vf_coef=0.5))
     # ratios 1.5, 0.5, 1: policy terms max(-A r, -A clip(r)) = -1.2, 0.8, -2 -> mean -0.8
     # values: clipped to 0.2 and 2.3: max((1-2)^2, (0.2-2)^2) = 3.24, max(0, 0.09) = 0.09, 1 -> 0.5 * 4.33 / 3
     v_loss = 0.5 * (3.24 + 0.09 + 1.0) / 3
@@ -428,7 +460,7 @@ def test_ppo_loss_hand_computed():
     assert value.grad[0] == 0.0 and value.grad[1] == 0.0  # past the value clip: no gradient
     assert value.grad[2] == pytest.approx(0.5 * 0.5 * 2 * (0.0 - 1.0) / 3)  # vf_coef * 0.5 * d(v - R)^2 / 3
     assert value.grad[3] == 0.0 and logprob.grad[3] == 0.0  # masked
-    unclipped, _ = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0, 0.2, None, 0.0, 1.0)
+    unclipped, _ = ppo_loss(logprob, entropy, value, old, adv, mask, 3.0, LossCoefs(0.2, None, 0.0, 1.0))
     assert unclipped.item() == pytest.approx(-0.8 + 0.5 * (1.0 + 0.0 + 1.0) / 3, abs=1e-6)
 
 
@@ -441,7 +473,7 @@ def fixed_rollout(agent, valid, advantages=None, returns=None, T: int = 8, E: in
     values, zeros = values.reshape(T, E), torch.zeros(T, E)
     return Rollout(obs=obs, actions=actions, logprobs=logprobs.reshape(T, E), values=values, rewards=zeros,
                    ref_logprobs=None, valid=valid, terminated=zeros.bool(), truncated=zeros.bool(), next_obs=obs[-1],
-                   episodes=[], kl_coef=0.0, shaped_rewards=zeros,
+                   episodes=[], shaped_rewards=zeros,
                    advantages=torch.randn(T, E, generator=g) if advantages is None else advantages,
                    returns=values if returns is None else returns)
 
@@ -482,3 +514,34 @@ def test_a_minibatch_of_one_valid_step_trains_without_nan():
 def test_settings_that_would_train_silently_wrong_are_refused(tmp_path, bad, message):
     with pytest.raises(UsageError, match=message):
         train(small(tmp_path, **bad), envs=fixed_envs())
+
+
+def test_torch_threads_0_is_one_rule_in_ppo_and_rlhf(tmp_path, monkeypatch):
+    """`--torch-threads 0` (agents.ppo) and `--ppo.torch-threads 0` (agents.rlhf) both mean automatic: torch's own
+    thread count, or 1 when the machine is already busy (load average >= cores)."""
+    import agents.vector
+    from agents.rlhf import Pieces, RLHFConfig, run
+    from agents.rlhf.config import rlhf_ppo
+    from textenv import KeywordReward, char_tokenizer
+
+    def rlhf_run(threads: int) -> None:  # stops right after the threads are set: the tokenizer has no EOS
+        tok = char_tokenizer("ab")
+        tok.eos_token = None
+        cfg = RLHFConfig(ppo=rlhf_ppo(torch_threads=threads, run_dir=str(tmp_path / "rlhf")))
+        with pytest.raises(UsageError, match="no EOS"):
+            run(cfg, Pieces(tok, None, KeywordReward("a"), ["a"], ["a"]))
+
+    before = torch.get_num_threads()
+    try:
+        for busy, expected in ((False, 2), (True, 1)):
+            monkeypatch.setattr("os.getloadavg", lambda busy=busy: (64.0 if busy else 0.0,) * 3)
+            for start in (lambda b=busy: train(small(tmp_path, f"ppo{b}", torch_threads=0, total_timesteps=128)),
+                          lambda: rlhf_run(0)):
+                monkeypatch.setattr(agents.vector, "_AUTO_THREADS", None)  # a fresh process
+                torch.set_num_threads(2)
+                start()
+                assert torch.get_num_threads() == expected
+        rlhf_run(3)  # a count is applied as given
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -2,14 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from agents.gpt_policy import GPTAgent
 from agents.rlhf.report import (
@@ -23,17 +21,12 @@ from agents.rlhf.report import (
 from textenv import EpisodeSpec
 from textenv.char_tokenizer import char_tokenizer
 from textenv.env import TextEnv
+from tiny import tiny_gpt
 
 PROMPTS = ["ab", "ba a", "b", "aab", "bb b", "a"] * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 16-wide models gain nothing from threads; on a busy 2-core machine spinning threads make them ~30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 16-wide models: spinning threads make them ~30x slower
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +35,7 @@ def tok():
 
 
 def tiny_lm(vocab: int, seed: int = 0, uniform: bool = False, scale: float = 1.0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, eos_token_id=1,
-                     bos_token_id=1, pad_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt(vocab, seed=seed, positions=32).eval()
     with torch.no_grad():
         if uniform:  # tied embeddings: zero word embeddings -> zero logits -> uniform next-token distribution
             model.transformer.wte.weight.zero_()
@@ -191,16 +181,22 @@ def test_write_report_files(tok, tmp_path):
                                                 max_new_tokens=2)[:2])
 
 
-def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
-    # a Jupyter session's backend (here: svg) must survive the report; the old matplotlib.use("Agg") switched it
-    code = ("import sys, matplotlib; from pathlib import Path; from agents.rlhf.report import plot_history; "
-            f"p = plot_history([{{'global_step': 1, 'score_mean': 0.5, 'kl': 0.1}}], Path({str(tmp_path)!r}) / 'p.png'); "
-            "print(matplotlib.rcParams['backend'], 'matplotlib.pyplot' in sys.modules, p.stat().st_size)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "MPLBACKEND": "svg"})
-    assert out.returncode == 0, out.stderr
-    backend, pyplot, size = out.stdout.split()
-    assert backend == "svg" and pyplot == "False" and int(size) > 500, out.stdout
+def test_plot_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
+    # a Jupyter session's backend must survive the report (the old matplotlib.use("Agg") switched it): the plot
+    # draws on a bare Figure, so it works with pyplot unimportable and matplotlib.use refused
+    import matplotlib
+
+    from agents.rlhf.report import plot_history
+
+    def use(*args, **kw):
+        raise AssertionError(f"plot_history called matplotlib.use{args}")
+
+    monkeypatch.setattr(matplotlib, "use", use)
+    monkeypatch.delattr(matplotlib, "pyplot", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # `import matplotlib.pyplot` raises ImportError
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")  # as set; reading rcParams["backend"] may resolve it
+    p = plot_history([{"global_step": 1, "score_mean": 0.5, "kl": 0.1}], tmp_path / "p.png")
+    assert p.stat().st_size > 500 and dict.__getitem__(matplotlib.rcParams, "backend") == backend
 
 
 def test_perplexity_under_the_reference_is_the_reports_reference_perplexity(tok):

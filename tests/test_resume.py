@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_rlhf import without_clocks
+
+from tiny import without_clocks
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import DistilBertConfig, DistilBertForSequenceClassification
+from transformers import DistilBertForSequenceClassification
 
 from textenv import (
     EndsWithReward,
@@ -17,18 +17,16 @@ from textenv import (
     char_tokenizer,
 )
 from textenv.rewards import check_scores
+from tiny import tiny_classifier
 
 TOK = char_tokenizer("abcdefghijklmnopqrstuvwxyz !.")
 
 
-def tiny_classifier(num_labels: int = 2, vocab: int = len(TOK)) -> DistilBertForSequenceClassification:
-    torch.manual_seed(0)
-    config = DistilBertConfig(
-        vocab_size=vocab, dim=32, hidden_dim=64, n_layers=1, n_heads=2, max_position_embeddings=64,
-        num_labels=num_labels, pad_token_id=TOK.pad_token_id, id2label={i: f"L{i}" for i in range(num_labels)},
-        label2id={f"L{i}": i for i in range(num_labels)}, dropout=0.5,
-    )  # fmt: skip
-    return DistilBertForSequenceClassification(config)
+def classifier(num_labels: int = 2, vocab: int = len(TOK)) -> DistilBertForSequenceClassification:
+    """`tiny_classifier` 32 wide, labels L0, L1, ... and dropout 0.5, which a frozen reward model must turn off."""
+    return tiny_classifier(vocab, num_labels, width=32, pad_token_id=TOK.pad_token_id, dropout=0.5,
+                           id2label={i: f"L{i}" for i in range(num_labels)},
+                           label2id={f"L{i}": i for i in range(num_labels)})
 
 
 def manual_logits(model, texts: list[str]) -> torch.Tensor:
@@ -37,7 +35,7 @@ def manual_logits(model, texts: list[str]) -> torch.Tensor:
 
 
 def test_hf_reward_model_from_pretrained(tmp_path):
-    model = tiny_classifier()
+    model = classifier()
     model.save_pretrained(tmp_path)
     TOK.save_pretrained(tmp_path)
     rm = HFRewardModel.from_pretrained(str(tmp_path), batch_size=2, max_length=64)
@@ -56,22 +54,22 @@ def test_hf_reward_model_from_pretrained(tmp_path):
 
 
 def test_hf_reward_model_single_output_and_errors():
-    model = tiny_classifier(num_labels=1)
+    model = classifier(num_labels=1)
     texts = ["abc", "zz top"]
     probs = HFRewardModel(model, TOK, output="prob")(texts)
     np.testing.assert_allclose(probs, torch.sigmoid(manual_logits(model, texts)[:, 0]).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="'logit' or 'prob'"):
-        HFRewardModel(tiny_classifier(), TOK, output="softmax")
+        HFRewardModel(classifier(), TOK, output="softmax")
     with pytest.raises(ValueError, match="not one of the classifier's labels"):
-        HFRewardModel(tiny_classifier(), TOK, label="POSITIVE")
+        HFRewardModel(classifier(), TOK, label="POSITIVE")
     with pytest.raises(ValueError, match="out of range"):
-        HFRewardModel(tiny_classifier(), TOK, label=5)
+        HFRewardModel(classifier(), TOK, label=5)
     with pytest.raises(ValueError, match="embeds only 10.*tokenizer the classifier was trained with"):
-        HFRewardModel(tiny_classifier(vocab=10), TOK)
+        HFRewardModel(classifier(vocab=10), TOK)
 
 
 def test_hf_reward_model_in_env():
-    rm = HFRewardModel(tiny_classifier(), TOK)
+    rm = HFRewardModel(classifier(), TOK)
     env = TextEnv(TOK, rm, prompts=["the film was"], max_prompt_tokens=12, max_new_tokens=2)
     env.reset(seed=0)
     env.step(TOK.convert_tokens_to_ids(" "))

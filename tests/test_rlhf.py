@@ -11,36 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from agents.cli import UsageError
 from agents.rlhf import Pieces, RLHFConfig, embedded, imdb, parse_args, prepare, run, smollm2
 from agents.rlhf.baselines import best_of_n, pick_best
 from agents.rlhf.config import EMBEDDED_ITERATIONS, check_config, rlhf_ppo
 from textenv import EpisodeSpec, KeywordReward, char_tokenizer
-
-PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]
-
-
-def tiny_gpt(vocab: int, n_positions: int = 16, seed: int = 0, **config) -> GPT2LMHeadModel:
-    """One 16-wide GPT-2 block, seeded; `config` overrides GPT2Config fields (e.g. initializer_range)."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2, eos_token_id=1,
-                     bos_token_id=1, pad_token_id=0, **config)
-    return GPT2LMHeadModel(cfg)
-
-
-def without_clocks(history: list[dict]) -> list[dict]:
-    """A report's per-iteration history less what depends on the clock: what two runs of one seed share."""
-    return [{k: v for k, v in h.items() if k not in ("time_s", "tokens_per_second")} for h in history]
-
-
-def toy_config(tmp_path, ppo: dict | None = None, **kw) -> RLHFConfig:
-    """A 10-iteration run of 16 envs x 18 steps; `ppo` overrides PPO settings, `kw` the job's."""
-    ppo = dict(run_dir=str(tmp_path / "run"), num_envs=16, num_steps=18, total_timesteps=16 * 18 * 10,
-               learning_rate=3e-3, num_minibatches=2, kl_coef=0.01, kl_target=None, torch_threads=1) | (ppo or {})
-    base = dict(episode=EpisodeSpec(max_prompt_tokens=4, max_new_tokens=8), eval_prompts=48)
-    return RLHFConfig(**base | kw, ppo=rlhf_ppo(**ppo))
+from tiny import PROMPTS, tiny_classifier, tiny_gpt, toy_config, without_clocks
 
 
 @pytest.mark.slow
@@ -67,12 +44,10 @@ def folders(tmp_path):
     """A saved tiny policy (+ char tokenizer), a tiny classifier reward model, and a small data folder."""
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .")
     policy = tmp_path / "policy"
-    tiny_gpt(len(tok), n_positions=32).save_pretrained(policy)
+    tiny_gpt(len(tok), positions=32).save_pretrained(policy)
     tok.save_pretrained(policy)
     rm = tmp_path / "rm"
-    cfg = DistilBertConfig(vocab_size=len(tok), dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=2,
-                           max_position_embeddings=64, pad_token_id=0)
-    DistilBertForSequenceClassification(cfg).save_pretrained(rm)
+    tiny_classifier(len(tok)).save_pretrained(rm)
     tok.save_pretrained(rm)
     data = tmp_path / "data"
     data.mkdir()
@@ -100,7 +75,7 @@ def test_given_folders_prepare_without_building(folders):
 
 def test_policy_vocabulary_smaller_than_tokenizer(folders):
     small = folders["tmp"] / "small"
-    tiny_gpt(8, n_positions=32).save_pretrained(small)
+    tiny_gpt(8, positions=32).save_pretrained(small)
     with pytest.raises(ValueError, match="vocabulary of 8 tokens, smaller than its tokenizer's"):
         prepare(given(folders, policy=str(small), tokenizer=folders["policy"]), torch.device("cpu"))
     tok = char_tokenizer("ab")
@@ -186,9 +161,10 @@ def test_cli_help_and_presets(capsys):
     (["--ppo.num-envs", "4", "--ppo.num-minibatches", "3"], "num_minibatches"),
     (["--data-dir", "/nonexistent", "--quick"], "/nonexistent"),
     (["--quick", "--artifacts-dir", "{tmp}/a_file/cache"], "cannot write the artefact cache {tmp}/a_file/cache/"),
+    (["--quick", "--ppo.run-dir", "{tmp}/a_file/run"], "cannot write the run folder {tmp}/a_file/run: {tmp}/a_file is"),
 ])
 def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, capsys):
-    # `python -m agents.rlhf ...` in this process (agents.ppo's and textenv.build's tests run theirs as subprocesses)
+    # `python -m agents.rlhf ...` in this process, through its `main` (the slow set runs the real command)
     from agents.rlhf.job import main
 
     monkeypatch.chdir(tmp_path)
@@ -204,9 +180,7 @@ def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, ca
 
 
 @pytest.mark.slow  # a torchrun launch
-def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders):
-    from test_distributed import torchrun  # the same launcher the PPO distributed tests use
-
+def test_torchrun_two_ranks_train_together_and_only_rank_0_reports(folders, torchrun):
     tmp = folders["tmp"]
     # 2 ranks x 4 envs x 9 steps = 72 tokens per iteration; 3 iterations
     run = torchrun("-m", "agents.rlhf", "--policy", folders["policy"], "--reward-model", folders["rm"],
@@ -258,10 +232,9 @@ def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
                 Episode(8, 0.0, 3, 3.0, {"score": 0.0, "completion": "ab ", "length": 4, "prompt_length": 1})]
     rollout = Rollout(obs=zeros, actions=zeros.long(), logprobs=logp, values=zeros, rewards=zeros,
                       ref_logprobs=logp - 0.5, valid=torch.ones(4, 2, dtype=torch.bool),
-                      terminated=zeros.bool(), truncated=zeros.bool(), next_obs=zeros[0], episodes=episodes,
-                      kl_coef=0.2)
+                      terminated=zeros.bool(), truncated=zeros.bool(), next_obs=zeros[0], episodes=episodes)
     logger = RLHFLogger(tok, total_iterations=1, print_every=0)
-    stats = logger.on_iteration(1, 8, rollout)
+    stats = logger.on_iteration(1, 8, rollout, kl_coef=0.2)
     assert stats["rlhf/kl"] == pytest.approx(1.55) and stats["rlhf/kl_per_token"] == pytest.approx(0.5)
     assert logger.history[0]["kl"] == pytest.approx(1.55)
     no_ref = dataclasses.replace(rollout, ref_logprobs=None,  # no reference model: no KL per response

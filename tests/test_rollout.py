@@ -1,4 +1,5 @@
-"""agents.rollout's phases on their own: collect_rollout across rollout boundaries, compute_advantages."""
+"""The phases on their own: collect_rollout across rollout boundaries (agents.rollout), compute_advantages
+(agents.advantages)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_ppo import FixedLength  # episodes of a fixed length with a known ref_logprob
 
+from agents.advantages import RLOO, compute_advantages
 from agents.policies import MLPAgent
-from agents.rollout import Carry, collect_rollout, compute_advantages
+from agents.rollout import Carry, collect_rollout
+from tiny import FixedLength  # episodes of a fixed length with a known ref_logprob
 
 
 def setup(seed: int = 0):
@@ -44,16 +46,15 @@ def test_compute_advantages_shapes_rewards_only_with_a_kl_coefficient():
     envs, agent, carry = setup()
     cpu = torch.device("cpu")
     plain = collect_rollout(envs, agent, carry, 4, 0, 2, kl_coef=0.0, device=cpu)
-    compute_advantages(plain, agent, gamma=1.0, gae_lambda=1.0, bootstrap_truncated=False)
+    compute_advantages(plain, agent, kl_coef=0.0, gamma=1.0, gae_lambda=1.0, bootstrap_truncated=False)
     assert plain.shaped_rewards is plain.rewards
     # gamma = lambda = 1, no bootstrap: the return of steps 0..2 is the episode's reward 1; reset step 3: advantage 0
     torch.testing.assert_close(plain.returns[:3], torch.ones(3, 2))
     assert bool((plain.advantages[3] == 0).all())
     shaped = collect_rollout(envs, agent, carry, 4, 8, 2, kl_coef=0.1, device=cpu)
-    compute_advantages(shaped, agent, 1.0, 1.0, False)
+    compute_advantages(shaped, agent, 0.1, 1.0, 1.0, False)
     expected = shaped.rewards - 0.1 * (shaped.logprobs - shaped.ref_logprobs) * shaped.valid
     torch.testing.assert_close(shaped.shaped_rewards, expected)
-    assert shaped.kl_coef == 0.1
 
 
 def test_kl_coef_needs_the_reference_log_probs():
@@ -80,7 +81,7 @@ def test_garbage_at_ignored_steps_stays_out_of_episodes_and_advantages():
     carry = Carry.start(envs, 0)
     for _ in range(2):  # the second rollout starts with the autoreset steps of the first one's episodes
         r = collect_rollout(envs, agent, carry, 5, 0, 2, kl_coef=0.1, device=torch.device("cpu"))
-        compute_advantages(r, agent, gamma=1.0, gae_lambda=0.95, bootstrap_truncated=False)
+        compute_advantages(r, agent, kl_coef=0.1, gamma=1.0, gae_lambda=0.95, bootstrap_truncated=False)
         assert bool(torch.isfinite(r.advantages).all()) and bool(torch.isfinite(r.shaped_rewards).all())
         assert r.episodes and all(math.isfinite(e.kl) for e in r.episodes)
 
@@ -102,17 +103,17 @@ def test_episode_kl_counts_only_steps_with_a_reference():
 
 
 def test_group_advantages_by_hand():
-    from agents.rollout import group_advantages
+    from agents.advantages import group_advantages, grpo, rloo
 
     returns, groups = np.array([1.0, 2.0, 3.0, 6.0]), np.array([0, 0, 1, 1])
     # RLOO: the return minus the mean of the group's other returns
-    np.testing.assert_allclose(group_advantages(returns, groups, "rloo"), [1 - 2, 2 - 1, 3 - 6, 6 - 3])
+    np.testing.assert_allclose(group_advantages(returns, groups, rloo), [1 - 2, 2 - 1, 3 - 6, 6 - 3])
     # GRPO: (return - group mean) / group std; means 1.5 and 4.5, stds 0.5 and 1.5
-    np.testing.assert_allclose(group_advantages(returns, groups, "grpo"), [-1, 1, -1, 1], rtol=1e-6)
-    three = group_advantages(np.array([0.0, 3.0, 6.0]), np.zeros(3, int), "rloo")
+    np.testing.assert_allclose(group_advantages(returns, groups, grpo), [-1, 1, -1, 1], rtol=1e-6)
+    three = group_advantages(np.array([0.0, 3.0, 6.0]), np.zeros(3, int), rloo)
     np.testing.assert_allclose(three, [0 - 4.5, 3 - 3, 6 - 1.5])
     with pytest.raises(ValueError, match="needs >= 2 per group"):
-        group_advantages(returns, np.array([0, 0, 1, 2]), "rloo")
+        group_advantages(returns, np.array([0, 0, 1, 2]), rloo)
 
 
 def test_episodic_collection_stops_when_every_episode_ended_and_ignores_what_follows():
@@ -125,7 +126,7 @@ def test_episodic_collection_stops_when_every_episode_ended_and_ignores_what_fol
     # (stepped on with the others: it autoresets and starts another) counts for nothing
     assert r.valid.shape == (4, 3) and sorted(e.length for e in r.episodes) == [2, 3, 4]
     assert r.valid.T.tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
-    compute_advantages(r, agent, 1.0, 1.0, False)
+    compute_advantages(r, agent, 0.0, 1.0, 1.0, False)
     assert bool((r.advantages[~r.valid] == 0).all())
     with pytest.raises(ValueError, match="did not end within num_steps=3"):
         collect_rollout(envs, agent, Carry.start(envs, 0, episodic=True), 3, 0, 3, kl_coef=0.0, device=cpu)
@@ -136,4 +137,4 @@ def test_group_advantages_need_an_env_that_reports_groups():
     r = collect_rollout(envs, agent, Carry.start(envs, 0, episodic=True), 5, 0, 2, kl_coef=0.0,
                         device=torch.device("cpu"))
     with pytest.raises(ValueError, match="reports no infos\\['group'\\]"):
-        compute_advantages(r, agent, 1.0, 1.0, False, method="rloo")
+        compute_advantages(r, agent, 0.0, 1.0, 1.0, False, RLOO)

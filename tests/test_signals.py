@@ -90,7 +90,7 @@ def test_the_rlhf_logger_logs_the_signals_and_warns_once_on_a_collapsed_batch(ca
                for c, s in zip(completions, scores, strict=True)]
         return Rollout(obs=zeros, actions=zeros.long(), logprobs=zeros - 1, values=zeros, rewards=zeros,
                        ref_logprobs=zeros - 1, valid=torch.ones(4, 2, dtype=torch.bool), terminated=zeros.bool(),
-                       truncated=zeros.bool(), next_obs=zeros[0], episodes=eps, kl_coef=0.2)
+                       truncated=zeros.bool(), next_obs=zeros[0], episodes=eps)
 
     judged = []
     logger = RLHFLogger(tok, total_iterations=3, print_every=0,

