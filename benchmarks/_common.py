@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def bench_texts(limit: int) -> tuple[list[str], str]:
 
 
 def machine_info() -> dict:
-    """What ran the benchmark: CPU model, usable cores, GPU (if any), torch version, date."""
+    """What ran the benchmark: CPU model, usable cores, GPU (if any), torch version, date, commit."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -46,7 +47,19 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit (`git describe --always --dirty`: `-dirty` when files had uncommitted changes), or None
+    outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=RESULTS_DIR.parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def target(name: str, value: float, target: str, met: bool) -> dict:

@@ -8,7 +8,7 @@ belongs. The best setpoint by the judge is saved in the JSON.
 
     python benchmarks/overoptimisation.py            # setpoints 1, 2, 4, 8 + coef 0, 2 seeds; JSON + PNG in results/
     python benchmarks/overoptimisation.py --quick    # 2 setpoints, 1 seed, 8 iterations: a smoke run
-    python benchmarks/overoptimisation.py --preset smollm2 --quick   # the same on SmolLM2 (~18 min per full run)
+    python benchmarks/overoptimisation.py --preset smollm2 --quick   # the same on SmolLM2
 
 Runs train in parallel processes (`--workers`, default one per core), each with its share of the threads. Beside
 the runs, the best-of-n baseline of the initial policy (`agents.rlhf.baselines`; n = 1, 4, 16 against its KL
@@ -46,8 +46,9 @@ class Args:
     """seeds per setpoint (each point of the plot is their mean)"""
     iterations: int | None = None
     """PPO iterations per run (default: the embedded preset's)"""
-    eval_prompts: int = 128
-    """held-out prompts per evaluation"""
+    eval_prompts: int = 256
+    """held-out prompts per evaluation (cut once, when the models are prepared; the best-of-n baseline samples the
+    first --best-of-n-prompts of them)"""
     best_of_n: list[int] = field(default_factory=lambda: [1, 4, 16])
     """n of the best-of-n baseline (sampled once, from the initial policy, on the first --best-of-n-prompts)"""
     best_of_n_prompts: int = 64
@@ -71,7 +72,7 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
                               run_dir=f"runs/bench-overopt-{a.preset}-{setpoint or 0:g}-{seed}-{int(time.time())}")
     if a.iterations:
         ppo.total_timesteps = a.iterations * ppo.num_envs * ppo.num_steps
-    cfg = dataclasses.replace(base, ppo=ppo, eval_prompts=a.eval_prompts, best_of_n_prompts=0)  # main() samples it
+    cfg = dataclasses.replace(base, ppo=ppo, best_of_n_prompts=0)  # main() samples the baseline once
     rec = run(cfg, dataclasses.replace(pieces, policy=copy.deepcopy(pieces.policy)))
     af = rec["after"]
     return {"setpoint": setpoint, "seed": seed, "kl": af["kl_mean"], "proxy": af["reward_mean"],
@@ -84,12 +85,17 @@ def one_run(base, pieces, setpoint: float | None, seed: int, a: Args) -> tuple[d
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int, preset: str) -> None:
+def preset_config(a: Args):
+    """The preset's config with this benchmark's held-out prompt count (`prepare` cuts the prompts from it)."""
+    return dataclasses.replace(PRESETS[a.preset](), eval_prompts=a.eval_prompts)
+
+
+def _init_worker(threads: int, a: Args) -> None:
     """A worker process: its share of the threads, and the preset's models loaded once (cached in artifacts/)."""
     import torch
 
     torch.set_num_threads(threads)
-    base = PRESETS[preset]()
+    base = preset_config(a)
     _WORKER.update(base=base, pieces=prepare(base, resolve_device(base.ppo.device)))
 
 
@@ -106,9 +112,8 @@ def baseline(base, pieces, a: Args) -> dict | None:
     from agents.rlhf.baselines import best_of_n
     from agents.rlhf.job import held_out
 
-    cfg = dataclasses.replace(base, eval_prompts=a.eval_prompts)
     policy = pieces.policy.eval()
-    return best_of_n(policy, policy, held_out(cfg, pieces), a.best_of_n, a.best_of_n_prompts)
+    return best_of_n(policy, policy, held_out(base, pieces), a.best_of_n, a.best_of_n_prompts)
 
 
 def plot(points: list[dict], before: dict, path, bon: dict | None = None) -> None:
@@ -155,7 +160,7 @@ def main(a: Args) -> None:
     if a.quick:
         a = dataclasses.replace(a, setpoints=a.setpoints[:2], seeds=a.seeds[:1], iterations=8, eval_prompts=32)
     t0 = time.time()
-    base = PRESETS[a.preset]()
+    base = preset_config(a)
     device = resolve_device(base.ppo.device)
     pieces = prepare(base, device)  # build the models once, before any worker loads them
     runs = [(sp, seed) for sp in a.setpoints for seed in a.seeds] + [(None, s) for s in a.seeds if a.no_penalty]
@@ -172,7 +177,7 @@ def main(a: Args) -> None:
         _WORKER.update(base=base, pieces=pieces)
         done = [_work(job) for job in jobs]
     else:  # spawn: no forked torch thread pools
-        with mp.get_context("spawn").Pool(workers, _init_worker, (threads, a.preset)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (threads, a)) as pool:
             done = list(pool.imap_unordered(_work, jobs))
     done.sort(key=lambda d: d[0])
     points, before = [d[1] for d in done], done[-1][2]

@@ -189,7 +189,7 @@ ROWS: dict[str, tuple[list[str], Callable, list[str]]] = {
     "the batched env's cost next to a tiny GPT's decode step": (["env_overhead.json"], env_overhead, []),
     "IMDb reward model": (["reward_models.json"], reward_models, ["20-word"]),
     "RLHF, embedded corpus (RLOO)": (["rlhf_embedded.json", "rlhf_embedded_seed2.json"], rlhf_embedded,
-                                     ["2 seeds", "2 cores"]),
+                                     ["2 seeds"]),
     "RLHF, IMDb (the seed recipe's shapes, the earlier reward model from scratch)": (
         ["rlhf_imdb.json"], rlhf_imdb, ["seed: +1.53"]),
     "RLHF, SmolLM2-135M-Instruct": (["rlhf_smollm2.json", "rlhf_smollm2_seed2.json"], rlhf_smollm2,
@@ -432,3 +432,21 @@ def test_overoptimisation_eval_prompts_reach_the_prompts_it_cuts():
     module = benchmark("overoptimisation")
     assert module.preset_config(module.Args(eval_prompts=32)).eval_prompts == 32
     assert module.Args().eval_prompts == load("overoptimisation")["before"]["n"] == 256
+
+
+# --- the tests the docs name ---------------------------------------------------------------------------------------
+
+
+def test_every_test_the_docs_name_exists_and_slow_ones_say_so():
+    """`test_x.py::test_name` in a doc names a test function of that file; one the doc calls slow is marked slow."""
+    named = 0
+    for doc in DOCS:
+        for line in doc.read_text().splitlines():
+            for file, name in re.findall(r"`(test_\w+\.py)::(test_\w+)`", line):
+                source = (ROOT / "tests" / file).read_text()
+                match = re.search(rf"((?:@pytest\.mark\.\w+.*\n)*)def {name}\(", source)
+                assert match, f"{doc.name} names {file}::{name}, which does not exist"
+                if f"{file}::{name}` (slow" in line:
+                    assert "@pytest.mark.slow" in match.group(1), f"{doc.name} calls {file}::{name} slow; it is not"
+                named += 1
+    assert named >= 20  # docs/reliability.md alone names more

@@ -224,16 +224,17 @@ def test_cli_user_error_prints_one_line(tmp_path: Path, capsys) -> None:
 def test_auto_threads_are_decided_once_per_process(monkeypatch):
     """A busy machine gets 1 thread; the decision is not revisited when the process's own build has raised the load
     average (which used to drop the RLHF phase after a build to 1 thread on a free machine)."""
+    import agents.vector
     from textenv.build import pipeline
 
-    monkeypatch.setattr(pipeline, "_AUTO_THREADS", None)
+    monkeypatch.setattr(agents.vector, "_AUTO_THREADS", None)
     monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
     torch.set_num_threads(2)
     assert pipeline.set_threads(None) == 2
     monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))  # our own build's load, later
     assert pipeline.set_threads(None) == 2
     assert pipeline.set_threads(1) == 1 and pipeline.set_threads(None) == 2  # explicit counts still apply
-    monkeypatch.setattr(pipeline, "_AUTO_THREADS", None)  # a fresh process that starts on a busy machine
+    monkeypatch.setattr(agents.vector, "_AUTO_THREADS", None)  # a fresh process that starts on a busy machine
     assert pipeline.set_threads(None) == 1
 
 

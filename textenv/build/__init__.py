@@ -1,7 +1,8 @@
 """The offline model factory: data, the embedded corpus, BPE, GPT pretraining, reward model, judge, fetched LMs.
 
 This subpackage builds the models an RLHF run needs (`python -m textenv.build all`); the environment itself
-(`textenv.env`, `vector`, `rewards`, `kl`, `lm`) never imports it.
+(`textenv.env`, `vector`, `rewards`, `kl`, `lm`) never imports it. Its CLI is one of the project's three and
+shares their rules from `agents`: one-line errors (`agents.cli`) and the automatic thread count (`agents.vector`).
 
     data.py, texts.py, corpus.py   IMDb loading (JSONL, aclImdb/, HF datasets) and the embedded corpus
     bpe.py                         byte-level BPE tokenizers

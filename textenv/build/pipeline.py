@@ -80,7 +80,7 @@ class BuildArgs:
     force: bool = False
     """rebuild even when a cached artefact exists"""
     threads: int | None = None
-    """torch CPU threads; None: torch's default, or 1 when the machine is already busy (load >= cores), where
+    """torch CPU threads; None or 0: automatic, torch's count or 1 when the machine is already busy (load >= cores), where
     more threads fighting for shared cores run several times slower"""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     gpt: PretrainConfig = field(default_factory=PretrainConfig)
@@ -271,27 +271,14 @@ class _Builder:
         return self.paths.warm_start
 
 
-_AUTO_THREADS: int | None = None
-
 
 def set_threads(threads: int | None) -> int:
-    """Apply `BuildArgs.threads`; returns the torch thread count in use. None: torch's count as the first call finds
-    it (every core unless set earlier), or 1 when the machine is already busy (load average >= cores), decided once
-    per process: later calls would count the process's own work (after a 10-minute build at 2 threads the load
-    average is 2) and fall back to 1 thread."""
-    import os
+    """Apply `BuildArgs.threads`; returns the torch thread count in use. None: automatic, by the rule of every
+    CLI's thread flag (`agents.vector.set_torch_threads`): torch's count, or 1 when the machine is already busy,
+    decided once per process."""
+    from agents.vector import set_torch_threads
 
-    import torch
-
-    global _AUTO_THREADS
-    if threads is None:
-        if _AUTO_THREADS is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
-            _AUTO_THREADS = 1 if busy else torch.get_num_threads()
-        threads = _AUTO_THREADS
-    torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    return set_torch_threads(threads or 0)
 
 
 def build(args: BuildArgs, step: Step = "all", log: Callable[[str], None] = print) -> Artifacts:
