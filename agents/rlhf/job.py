@@ -112,10 +112,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
         check_pieces(pieces, cfg)
     pieces = guarded(pieces, cfg.reward_timeout)  # a hung, NaN or miscounting scorer stops the run by name
     t_built = time.time()
-    run_dir = Path(distributed.broadcast_object(  # one folder for all ranks (their clocks may differ)
-        cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))
-    if dist.is_main:
-        writable_dir(run_dir)
+    run_dir = _run_dir(cfg, dist)
 
     dtype = ("bf16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     policy = pieces.policy.to(device)
@@ -150,6 +147,15 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "torch_threads": torch.get_num_threads()}
     with _results_written(run_dir):
         return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+
+
+def _run_dir(cfg: RLHFConfig, dist: Dist) -> Path:
+    """The run's folder, one for all ranks (their clocks may differ), made and checked writable by rank 0."""
+    run_dir = Path(distributed.broadcast_object(
+        cfg.ppo.run_dir or f"runs/{cfg.ppo.exp_name}-{cfg.models}-{cfg.ppo.seed}-{int(time.time())}", dist))
+    if dist.is_main:
+        writable_dir(run_dir)
+    return run_dir
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,6 +231,23 @@ def training_texts(cfg: RewardConfig, train: Texts) -> Texts:
     return Texts(whole.texts + cut.texts, whole.labels + cut.labels)
 
 
+def evaluate(model: torch.nn.Module, tok: Any, test: Texts, cfg: RewardConfig, log: Callable[[str], None]) -> dict:
+    """The trained model on the first `cfg.eval_texts` test reviews: whole-review accuracy, and (with
+    `eval_window_words`) its rates on their openings of that many words, what an RL episode looks like to it."""
+    t_eval = time.time()
+    test = test.head(cfg.eval_texts)
+    metrics = {"test_texts": len(test), "test_accuracy": accuracy(model, tok, test, cfg)}
+    if cfg.eval_window_words:
+        probs = predict(model, tok, openings(test.texts, cfg.eval_window_words), cfg.max_length, cfg.head_fraction,
+                        cfg.eval_batch_size)
+        rates = opening_rates(probs.tolist(), test.labels)
+        log(f"reward model on test openings of {cfg.eval_window_words} words: accuracy {rates['accuracy']:.3f}, "
+            f"positive {rates['positive_rate_of_positive']:.3f} of positive and "
+            f"{rates['positive_rate_of_negative']:.3f} of negative reviews")
+        metrics[f"openings_{cfg.eval_window_words}_words"] = rates
+    return {**metrics, "eval_seconds": time.time() - t_eval}
+
+
 def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Path,
                  log: Callable[[str], None] = print) -> dict:
     """Train a sentiment classifier on `train`, report accuracy on `test`, save model+tokenizer to `out_dir`."""
@@ -276,24 +294,13 @@ def train_reward(cfg: RewardConfig, train: Texts, test: Texts, out_dir: str | Pa
                 log(f"step {step}/{total} | loss {sum(losses[-50:]) / len(losses[-50:]):.3f} | lr {lr:.2e} | "
                     f"{seen / (time.time() - t_start):.1f} texts/s | {time.time() - t_start:.0f}s")
     train_seconds = time.time() - t_start
-    t_eval = time.time()
-    test = test.head(cfg.eval_texts)
-    acc = accuracy(model, tok, test, cfg)
-    if cfg.eval_window_words:  # what an RL episode of that length looks like to it
-        probs = predict(model, tok, openings(test.texts, cfg.eval_window_words), cfg.max_length, cfg.head_fraction,
-                        cfg.eval_batch_size)
-        rates = opening_rates(probs.tolist(), test.labels)
-        log(f"reward model on test openings of {cfg.eval_window_words} words: accuracy {rates['accuracy']:.3f}, "
-            f"positive {rates['positive_rate_of_positive']:.3f} of positive and "
-            f"{rates['positive_rate_of_negative']:.3f} of negative reviews")
     metrics = {"model": cfg.model, "params": sum(p.numel() for p in model.parameters()), "steps": step,
-               "epochs_done": seen / len(rows), "train_texts": len(rows), "test_texts": len(test),
-               "test_accuracy": acc, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-               "train_seconds": train_seconds, "eval_seconds": time.time() - t_eval,
-               "wall_seconds": time.time() - t0, "config": asdict(cfg), "device": str(device)}
-    if cfg.eval_window_words:
-        metrics[f"openings_{cfg.eval_window_words}_words"] = rates
-    log(f"reward model test accuracy {acc:.4f} ({len(test)} texts) after {train_seconds:.0f}s of training")
+               "epochs_done": seen / len(rows), "train_texts": len(rows),
+               "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "train_seconds": train_seconds,
+               **evaluate(model, tok, test, cfg, log), "wall_seconds": time.time() - t0, "config": asdict(cfg),
+               "device": str(device)}
+    log(f"reward model test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_texts']} texts) after "
+        f"{train_seconds:.0f}s of training")
     out = Path(out_dir)
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
