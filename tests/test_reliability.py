@@ -118,9 +118,10 @@ class ReadOnly:
     def hook(cls, event: str, args: tuple) -> None:
         if cls.root is None or not (event in cls._writes or event == "open" and cls._writing(args)):
             return
-        path = Path(os.fsdecode(args[0])) if isinstance(args[0], str | bytes | os.PathLike) else None
-        if path is not None and path.absolute().is_relative_to(cls.root):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        for arg in args[:2] if event == "os.rename" else args[:1]:  # a rename's source and destination
+            path = Path(os.fsdecode(arg)) if isinstance(arg, str | bytes | os.PathLike) else None  # not an fd
+            if path is not None and path.absolute().is_relative_to(cls.root):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     @staticmethod
     def _writing(args: tuple) -> bool:
