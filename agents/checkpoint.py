@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,18 +95,53 @@ def check_creatable(path: str | Path, what: str = "run folder") -> None:
                          "write to (e.g. --run-dir runs/mine)")
 
 
+def written(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary file or folder beside `path`, then moved over `path`: a failure or a kill half
+    way (a full disk) leaves the old `path`, or none, never half of one; the temporary one is removed on failure.
+    Every result of a run goes through it: checkpoints, the report's files, the saved policy.
+
+    A file is replaced in one `os.replace`. A folder (`save_pretrained`) cannot be renamed over another, so the
+    old one is moved aside first and removed after: a kill between the two renames leaves the old folder whole
+    under `<name>.old` and none at `path`, never a mixed one; the next write puts it back first."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if old.is_dir() and not path.exists():  # a write killed between the two renames: the old folder goes back
+        os.replace(old, path)
+    for leftover in (tmp, old) if old.is_dir() else (tmp,):
+        _remove(leftover)
+    try:
+        write(tmp)
+        aside = tmp.is_dir() and path.exists()
+        if aside:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if aside:
+                os.replace(old, path)
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` atomically: a temporary file, then `os.replace` (a kill never leaves half a file).
     A failed write (a full disk, a folder gone read-only) removes the temporary file, keeps the previous
     checkpoint as it was and raises a UsageError that says so."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        written(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as a RuntimeError
-        tmp.unlink(missing_ok=True)
         kept = "the previous checkpoint is kept as it was" if path.is_file() else "no earlier checkpoint exists"
         raise UsageError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}. "
                          "Free disk space or fix the folder's permissions, then continue with --resume") from None

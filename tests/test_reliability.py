@@ -13,10 +13,9 @@ import gymnasium as gym
 import pytest
 import torch
 
-from agents.checkpoint import load_checkpoint
+from agents.checkpoint import load_checkpoint, written
 from agents.cli import UsageError
 from agents.ppo import Args, train
-from agents.rlhf.report import written
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from agents import distributed
-from agents.checkpoint import check_creatable, writable_dir
+from agents.checkpoint import check_creatable, writable_dir, written
 from agents.cli import UsageError, parse_cli, run_cli
 from agents.distributed import Dist
 from agents.rlhf.config import PRESETS, RLHFConfig, check_config
@@ -96,7 +96,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     from agents.gpt_policy import GPTAgent
     from agents.ppo import num_iterations, train
     from agents.rlhf.logger import RLHFLogger
-    from agents.rlhf.report import evaluate_held_out, written
+    from agents.rlhf.report import evaluate_held_out
 
     dist, t0 = distributed.given(dist), time.time()
     cfg = _smoke(cfg, dist.world_size) if cfg.quick else cfg

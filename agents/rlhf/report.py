@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agents.checkpoint import written
 from agents.gpt_policy import GPTAgent
 from agents.rlhf.signals import batch_signals, compare, on_topic_rate
 from textenv.build.texts import Texts
@@ -298,42 +297,6 @@ def plot_history(history: Sequence[dict], path: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     written(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a Figure without a canvas saves through Agg
     return path
-
-
-def written(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` into a temporary file or folder beside `path`, then moved over `path`: a failure or a kill half
-    way (a full disk) leaves the old `path`, or none, never half of one; the temporary one is removed on failure.
-
-    A file is replaced in one `os.replace`. A folder (`save_pretrained`) cannot be renamed over another, so the
-    old one is moved aside first and removed after: a kill between the two renames leaves the old folder whole
-    under `<name>.old` and none at `path`, never a mixed one."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if old.exists() and not path.exists():  # a run killed between the two renames: the old folder goes back
-        os.replace(old, path)
-    for leftover in (tmp, old):
-        _remove(leftover)
-    try:
-        write(tmp)
-        aside = tmp.is_dir() and path.exists()
-        if aside:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if aside:
-                os.replace(old, path)
-            raise
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def report_table(record: dict) -> str:
