@@ -58,12 +58,28 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def run_state(agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-              kl_control: object, episode_returns: list, args: object, world_size: int) -> dict:
-    """What a PPO checkpoint holds: weights, Adam, RNG states, counters, the returns so far and the run's args."""
-    return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-            "global_step": global_step, "kl_coef": kl_control.coef, "kl_control": kl_control.state_dict(),
-            "rng": rng_state(), "num_envs": args.num_envs, "num_steps": args.num_steps, "world_size": world_size,
+WHOLE, SHARDED = "checkpoint.pt", "checkpoint.dcp"  # a run's checkpoint: one file, or a sharded run's folder
+
+
+def checkpoint_path(run_dir: str | Path, sharded: bool) -> Path:
+    """Where a run in `run_dir` writes its checkpoint: `checkpoint.pt`, or with a sharded agent the folder
+    `checkpoint.dcp` (`agents.sharding.save_sharded`)."""
+    return Path(run_dir) / (SHARDED if sharded else WHOLE)
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's newest checkpoint, whole or sharded (a run resumed the other way wrote the other kind), or None."""
+    found = [p for p in (Path(run_dir) / WHOLE, Path(run_dir) / SHARDED) if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def run_state(iteration: int, global_step: int, kl_control: object, episode_returns: list, args: object,
+              world_size: int) -> dict:
+    """What a PPO checkpoint holds besides the weights and Adam's state: RNG states, counters, the returns so far
+    and the run's args."""
+    return {"iteration": iteration, "global_step": global_step, "kl_coef": kl_control.coef,
+            "kl_control": kl_control.state_dict(), "rng": rng_state(), "num_envs": args.num_envs,
+            "num_steps": args.num_steps, "world_size": world_size,
             "episode_returns": [list(x) for x in episode_returns], "args": dataclasses.asdict(args)}
 
 
@@ -107,7 +123,7 @@ def written(path: Path, write: Callable[[Path], object]) -> None:
     if old.is_dir() and not path.exists():  # a write killed between the two renames: the old folder goes back
         os.replace(old, path)
     for leftover in (tmp, old) if old.is_dir() else (tmp,):
-        _remove(leftover)
+        remove(leftover)
     try:
         write(tmp)
         aside = tmp.is_dir() and path.exists()
@@ -120,13 +136,14 @@ def written(path: Path, write: Callable[[Path], object]) -> None:
                 os.replace(old, path)
             raise
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     if old.is_dir():
         shutil.rmtree(old)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Remove the file or folder `path` (nothing there: nothing to do)."""
     if path.is_dir():
         shutil.rmtree(path)
     else:
@@ -148,21 +165,29 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by `save_checkpoint`, with a clear error when it is missing or unreadable."""
+    """Load a checkpoint written by `save_checkpoint` (a file) or `agents.sharding.save_sharded` (a folder: its
+    counters and settings, and `"sharded"`, the folder whose shards `restore` reads), with a clear error when it is
+    missing or unreadable."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(
             f"no checkpoint at {path}: --resume continues the run in --run-dir; point --run-dir at a run "
             "that saved a checkpoint (save_every > 0) or drop --resume to start a new run"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir():
+            from agents.sharding import read_meta
+
+            state = {**read_meta(path), "sharded": str(path)}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(
             f"checkpoint {path} is corrupt or not a PPO checkpoint ({type(e).__name__}: {e}); "
             "delete it or point --run-dir at another run"
         ) from e
-    missing = {"agent", "optimizer", "global_step", "iteration", "rng"} - set(state if isinstance(state, dict) else ())
+    weights = {"sharded"} if isinstance(state, dict) and "sharded" in state else {"agent", "optimizer"}
+    missing = {*weights, "global_step", "iteration", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise UsageError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by agents.ppo")
     return state
@@ -171,10 +196,13 @@ def load_checkpoint(path: str | Path) -> dict:
 def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, kl_control: object) -> tuple[int, list]:
     """Load a checkpoint's weights, optimizer, RNG and KL-controller states (and drop the agent's caches, computed
     with other weights); returns (global_step, episode_returns)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from agents.sharding import load_weights
+
     try:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # torch's mismatch errors: a network of another shape
+        load_weights(ckpt, agent, optimizer)  # whole or sharded, into an agent sharded or not
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:  # a network of another shape
         first = str(e).strip().splitlines()[-1].strip()[:300]
         env_id = (ckpt.get("args") or {}).get("env_id")
         trained_on = f", trained on {env_id}" if env_id else ""
@@ -188,14 +216,16 @@ def restore(ckpt: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def open_run(path: str | Path, resume: bool, num_envs: int, num_steps: int) -> dict | None:
-    """The checkpoint at `path` to resume (None for a new run), or a clear error: `--resume` with no or a corrupt
-    checkpoint, a new run over an existing one, or other rollout shapes (num_envs per process, num_steps)."""
+    """The checkpoint to resume in `path`'s folder (None for a new run), or a clear error: `--resume` with no or a
+    corrupt checkpoint, a new run over an existing one, or other rollout shapes (num_envs per process, num_steps).
+    `path` is where this run writes; it resumes from the folder's newest checkpoint, whole or sharded."""
     path = Path(path)
+    found = find_checkpoint(path.parent)
     if not resume:
-        if path.exists():
-            raise UsageError(f"{path} exists: pass --resume to continue that run, or another --run-dir")
+        if found is not None:
+            raise UsageError(f"{found} exists: pass --resume to continue that run, or another --run-dir")
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(found or path)
     if (ckpt["num_envs"], ckpt["num_steps"]) != (num_envs, num_steps):
         raise UsageError(f"checkpoint has num_envs, num_steps = {ckpt['num_envs'], ckpt['num_steps']}, the args "
                          f"{num_envs, num_steps}: resume with the run's settings")

@@ -32,6 +32,7 @@ from torch import nn
 from agents.policies import check_action_mask, entropy_of, masked_log_softmax
 from textenv.lm import (
     CachedLM,
+    LMError,
     TrunkSplit,
     attention_mask,
     check_lm_vocab,
@@ -39,6 +40,7 @@ from textenv.lm import (
     position_ids,
     split_lm,
 )
+from textenv.lm.trunk import decoder_blocks
 
 VALUE_INIT_STD = 0.01  # the value head's initial weights: small, so the values start near 0
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -128,6 +130,7 @@ class GPTAgent(nn.Module):
         disable_dropout(model)
         self.lm = model.eval()
         self.group_lengths, self.positions = group_lengths, {"real": 0, "padded": 0}
+        self.sharded = False  # set by agents.sharding: the update then runs each minibatch in one forward
         self.split = None if trainable_layers is None else TrunkSplit(model, trainable_layers, pad_token_id,
                                                                       group_lengths=group_lengths)
         if self.split is not None:
@@ -167,6 +170,14 @@ class GPTAgent(nn.Module):
         agent's LM before training): `model` itself, or with `trainable_layers` its split over this agent's
         frozen trunk, so the reference runs only its top blocks."""
         return model if self.split is None else self.split.sharing(model)
+
+    def shard_units(self) -> list[nn.Module]:
+        """What `agents.sharding` shards one by one: the trainable decoder blocks (the agent itself takes the rest)."""
+        try:
+            blocks = decoder_blocks(self.lm)[1]
+        except LMError:
+            return []
+        return [b for b in blocks if any(p.requires_grad for p in b.parameters())]
 
     def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
         """Make every `optimizer.step()` drop the caches (for training loops that do not call `reset_cache`)."""
@@ -302,8 +313,9 @@ class GPTAgent(nn.Module):
         steps = v.nonzero().squeeze(1)  # (S,) flat index of every valid step
         zeros = torch.zeros(T * E, device=self.device)
         if steps.numel() == 0:  # nothing to score; keep a graph so the caller's backward() still works
-            zeros = zeros + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
-            return zeros.view(E, T).T, zeros.view(E, T).T, zeros.view(E, T).T
+            zeros = zeros + (self._zero_graph(ids[0, :1]) if self.sharded else
+                             0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad))
+            return tuple(zeros.view(E, T).T.clone() for _ in range(3))  # not views: FSDP warns of those
         segment = (torch.cumsum(starts.long(), 0) - 1)[steps]  # (S,) segment of each valid step
         seg_end = ends.nonzero().squeeze(1)  # (N,) flat index of each segment's last step
         back = seg_end[segment] - steps  # (S,) steps between a step and its segment's end
@@ -316,8 +328,14 @@ class GPTAgent(nn.Module):
         for x in (logprob, entropy, value):
             full = zeros.clone()
             full[steps] = x
-            outs.append(full.view(E, T).T)  # (T, E)
+            outs.append(full.view(E, T).T.clone())  # (T, E), not a view (FSDP hooks a module's outputs)
         return outs[0], outs[1], outs[2]
+
+    def _zero_graph(self, ids: torch.Tensor) -> torch.Tensor:
+        """0, computed through every trainable weight as a minibatch is (one row `ids` (1, L)): a sharded agent's
+        rank without steps still runs each FSDP unit, and gives each weight a gradient, as the other ranks do."""
+        hidden = self._trunk(ids)[0][:, -1]
+        return 0.0 * (self._logits(hidden).sum() + self._value(hidden).sum())
 
     def _segment_hidden(self, rows: torch.Tensor, segment: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Hidden state (S, C) at each step's last observed token, from the segments' last observations `rows`
@@ -325,7 +343,8 @@ class GPTAgent(nn.Module):
         segments (episodes cut by EOS or by the rollout's end) do not pay for the longest one's padding."""
         lengths = attention_mask(rows, self.pad_token_id).sum(dim=1)  # (N,)
         hidden_parts, step_parts = [], []
-        groups = length_groups(lengths) if self.group_lengths else [torch.arange(len(rows), device=rows.device)]
+        one = not self.group_lengths or self.sharded  # sharded: every rank runs each block once per minibatch
+        groups = [torch.arange(len(rows), device=rows.device)] if one else length_groups(lengths)
         for group in groups:
             hidden, width = self._trunk(rows[group])  # (n, W, C)
             self.positions["real"] += int(lengths[group].sum())

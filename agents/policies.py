@@ -12,6 +12,8 @@ reports `infos["action_mask"]`.
 
 from __future__ import annotations
 
+import math
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -89,7 +91,7 @@ class MLPAgent(nn.Module):
 
     @staticmethod
     def _flat(obs: torch.Tensor) -> torch.Tensor:
-        return obs.reshape(obs.shape[0], -1).float()  # (B, n_in)
+        return obs.reshape(obs.shape[0], math.prod(obs.shape[1:])).float()  # (B, n_in), also for B = 0
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s): (B,)."""

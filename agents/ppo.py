@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents import distributed
+from agents import distributed, sharding
 from agents.advantages import ADVANTAGE_MODES, AdvantageMode, compute_advantages
-from agents.checkpoint import StopOnCtrlC, open_run, seed_everything, writable_dir
+from agents.checkpoint import StopOnCtrlC, checkpoint_path, open_run, seed_everything, writable_dir
 from agents.cli import UsageError, check_fields, parse_cli, run_cli
 from agents.evaluate import final_evaluation
 from agents.kl_control import make_kl_controller
@@ -123,6 +123,9 @@ class Args:
     """print a progress line every N iterations (0 = never)"""
     dist_timeout: float = 600.0
     """torchrun only: seconds a collective waits for a silent rank before the job fails"""
+    shard: bool = False
+    """torchrun only: shard the agent's trainable weights, gradients and Adam state over the ranks with FSDP2
+    (agents.sharding; checkpoints become folders that resume on any number of ranks); one process: ignored"""
 
     @property
     def advantage_mode(self) -> AdvantageMode:
@@ -224,9 +227,10 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
 
             r.carry = mode.next_carry(r.envs, r.carry, dist.seed(args.seed + 7919 * iteration))  # grouped: fresh
             kl_coef = kl_ctl.coef  # this iteration's: the controller moves it once the iteration's KL is known
-            rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_coef, r.device)
+            with sharding.gathered(agent):  # sharded: whole weights for the rollout, one all-gather per unit
+                rollout = collect_rollout(r.envs, agent, r.carry, T, r.global_step, E * W, kl_coef, r.device)
+                compute_advantages(rollout, agent, kl_coef, args.gamma, args.gae_lambda, args.bootstrap_truncated, mode)
             r.global_step += T * E * W  # num_steps per env, also when an episodic rollout stopped sooner
-            compute_advantages(rollout, agent, kl_coef, args.gamma, args.gae_lambda, args.bootstrap_truncated, mode)
             stats = update(agent, optimizer, rollout, args, clip, dist)
 
             # ---- episode statistics of all ranks, KL controller, logging, hooks, checkpoint
@@ -238,17 +242,18 @@ def train(args: Args, envs: gym.Env | gym.vector.VectorEnv | None = None, agent:
                 print(progress_line(iteration, r.n_iterations, r.global_step, stats), flush=True)
             interrupted = distributed.any_rank(ctrl_c.requested, dist)  # Ctrl-C on any rank stops them all
             last = iteration == r.n_iterations or args.save_every and iteration % args.save_every == 0
-            if dist.is_main and (interrupted or last):
-                save_run(r, hooks, iteration)
+            if interrupted or last:
+                save_run(r, hooks, iteration)  # rank 0, or every rank's shards
             if interrupted:
                 dist.is_main and print(f"saved {r.ckpt_path} at iteration {iteration}; continue with --resume "
                                        f"--run-dir {r.ckpt_path.parent}")
                 break
 
     sps = (r.global_step - start_step) / max(time.time() - start_time, 1e-9)
-    run_eval = args.eval_episodes > 0 and not interrupted and dist.is_main
-    eval_returns = final_evaluation(agent, None if own_envs else r.envs, args, r.device, r.writer,
-                                    r.global_step) if run_eval else []
+    run_eval = args.eval_episodes > 0 and not interrupted
+    with sharding.gathered(agent, enabled=run_eval):  # every rank gathers, rank 0 evaluates
+        eval_returns = final_evaluation(agent, None if own_envs else r.envs, args, r.device, r.writer,
+                                        r.global_step) if run_eval and dist.is_main else []
     r.writer.close()
     if own_envs:
         r.envs.close()
@@ -271,7 +276,10 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
                          f"num_envs={envs.num_envs} (it sets the batch, num_envs * num_steps, and what --resume checks)")
     check_groups(envs, args.advantage_mode, dist.seed(args.seed))  # before anything is written
     run_dir = Path(args.run_dir or f"runs/{args.exp_name}__{env_name(envs)}__{args.seed}__{int(time.time())}")
-    ckpt_path = run_dir / "checkpoint.pt"
+    shard = args.shard and dist.enabled
+    if args.shard and not dist.enabled and not args.resume:
+        print("--shard: one process, nothing to shard; training unsharded")
+    ckpt_path = checkpoint_path(run_dir, sharded=shard)
     if dist.is_main:
         writable_dir(run_dir)
     ckpt = open_run(ckpt_path, args.resume, args.num_envs, args.num_steps) if dist.is_main else None
@@ -282,6 +290,8 @@ def _setup(args: Args, envs: gym.Env | gym.vector.VectorEnv | None, agent: nn.Mo
     device = resolve_device(distributed.rank_device(args.device, dist))
     agent = (MLPAgent(envs.single_observation_space, envs.single_action_space) if agent is None else agent).to(device)
     distributed.broadcast_module(agent, dist)  # every rank starts from rank 0's weights
+    if shard:
+        sharding.shard_agent(agent, dist)  # each rank keeps 1/N of the trainable weights (and so of Adam's state)
     trainable = [p for p in agent.parameters() if p.requires_grad]  # e.g. GPTAgent's top blocks only
     optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
@@ -313,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     With `--resume --run-dir X` the run's saved settings are the defaults instead (explicit flags still win)."""
     import tyro
 
-    from agents.checkpoint import load_checkpoint
+    from agents.checkpoint import WHOLE, find_checkpoint, load_checkpoint
 
     def parse(defaults: dict[str, Args]) -> Args:
         descriptions = {name: (PRESETS[name].__doc__ or "").split("\n")[0] for name in defaults}
@@ -324,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args = parse({name: make() for name, make in PRESETS.items()})
     if not (args.resume and args.run_dir):
         return args
-    saved = load_checkpoint(Path(args.run_dir) / "checkpoint.pt").get("args", {})
+    saved = load_checkpoint(find_checkpoint(args.run_dir) or Path(args.run_dir) / WHOLE).get("args", {})
     fields = {f.name for f in dataclasses.fields(Args)}
     run = dataclasses.replace(Args(), **{k: v for k, v in saved.items() if k in fields})  # continue with its settings
     return parse({name: run for name in PRESETS})

@@ -1,5 +1,5 @@
 """What one `agents.ppo.train` call works with (`Run`: the run's settings, pieces and counters) and its checkpoints:
-rank 0 saves them atomically (`save_run`), a new run starts from one (`resume_run`), and an error that stops
+they are saved atomically (`save_run`), a new run starts from one (`resume_run`), and an error that stops
 training says which one is kept (`note_last_checkpoint`)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from agents import distributed
-from agents.checkpoint import restore, run_state, save_checkpoint
+from agents import distributed, sharding
+from agents.checkpoint import checkpoint_path, remove, restore, run_state, save_checkpoint
 from agents.rollout import Carry
 
 if TYPE_CHECKING:
@@ -42,12 +42,23 @@ class Run:
 
 
 def save_run(r: Run, hooks: object | None, iteration: int) -> None:
-    """Rank 0's atomic checkpoint of the run at `iteration`, with the hooks' `state_dict()` when they have one."""
-    state = run_state(r.agent, r.optimizer, iteration, r.global_step, r.kl_ctl, r.episode_returns, r.args,
-                      r.dist.world_size)
+    """The run's atomic checkpoint at `iteration`, with the hooks' `state_dict()` when they have one: rank 0's file,
+    or with a sharded agent every rank's shards in one folder (every rank calls it). The other kind of checkpoint,
+    left by a run resumed the other way, is removed once this one is written."""
+    sharded = sharding.is_sharded(r.agent)
+    if not (sharded or r.dist.is_main):
+        r.saved_at = iteration
+        return
+    state = run_state(iteration, r.global_step, r.kl_ctl, r.episode_returns, r.args, r.dist.world_size)
     if hasattr(hooks, "state_dict"):
         state["hooks"] = hooks.state_dict()
-    save_checkpoint(r.ckpt_path, state)
+    if sharded:
+        sharding.save_sharded(r.ckpt_path, r.agent, r.optimizer, state if r.dist.is_main else None, r.dist)
+    else:
+        save_checkpoint(r.ckpt_path, {"agent": r.agent.state_dict(), "optimizer": r.optimizer.state_dict(), **state})
+    other = checkpoint_path(r.ckpt_path.parent, not sharded)
+    if r.dist.is_main and other.exists():
+        remove(other)
     r.saved_at = iteration
 
 

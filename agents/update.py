@@ -1,5 +1,6 @@
 """The update phase of a PPO iteration: `update_epochs` passes of minibatch SGD on `agents.loss.ppo_loss` over the
-rollout, with gradients summed over ranks under torchrun (`agents.distributed`)."""
+rollout, with gradients summed over ranks under torchrun (`agents.distributed`, or FSDP's reduce-scatter when the agent is
+sharded: `agents.sharding`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from agents import distributed
+from agents import distributed, sharding
 from agents.loss import LOSS_STATS, LossCoefs, advantage_moments, ppo_loss
 from agents.rollout import Rollout, env_minibatches, first_ratio_deviation, flat_minibatches, score_minibatch
 
@@ -25,6 +26,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
     mean over its steps on all ranks and each step uses the sum of the ranks' gradients (a rank without steps
     adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
     by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
+    sharded = sharding.is_sharded(agent)  # FSDP sums the gradients itself, and every rank must run every minibatch
     coefs = LossCoefs(clip, args.clip_coef if args.clip_vloss else None, args.ent_coef,
                       args.advantage_mode.value_coef(args.vf_coef))  # group-relative: no value head to train
     # bf16 autocast (GPTAgent's dtype): the rollout's cached decode and the update's full forward may round apart
@@ -37,7 +39,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
         epochs = epoch + 1
         sums = torch.zeros(len(LOSS_STATS) + 1)  # the statistics' sums over the epoch's steps, then their count
         for mb_i, idx in enumerate(minibatches(rollout.valid, args)):
-            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env)
+            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env, sharded)
             count, mu, std = advantage_moments(sel["advantages"], mask, dist)
             adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
             loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), coefs)
@@ -48,9 +50,10 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
                     f"PPO loss is {loss.item()} (policy {mb_sums[0]}, value {mb_sums[1]}): training stopped; the last "
                     "good checkpoint is kept. Check rewards/observations for NaN or inf, lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # False: no step of this minibatch on this rank
-                loss.backward()
-            distributed.all_reduce_grads(trainable, dist)  # the sum over ranks, before clipping
+            if loss.requires_grad:  # False: no step of this minibatch on this rank (never when sharded)
+                loss.backward()  # sharded: each unit's gradient summed over ranks and cut to this rank's shard
+            if not sharded:
+                distributed.all_reduce_grads(trainable, dist)  # the sum over ranks, before clipping
             nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
             count_steps = mask.sum().cpu() if mask is not None else torch.tensor(logprob.numel())  # mb_sums: CPU

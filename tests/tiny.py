@@ -78,6 +78,51 @@ class FixedLength(gym.Env):
         return obs, float(self.t == self.length), False, self.t == self.length, {"ref_logprob": math.log(0.5) - self.offset}
 
 
+# ---- a fixed PPO batch ---------------------------------------------------------------------------------------
+
+VALID = {  # (T=8, E=4): which steps are transitions; ranks 0 and 1 hold columns 0-1 and 2-3
+    "all": torch.ones(8, 4, dtype=torch.bool),
+    "uneven": torch.arange(8)[:, None] < torch.tensor([2, 3, 8, 8]),  # rank 0 holds 5 steps, rank 1 holds 16
+    "one rank empty": torch.arange(4).expand(8, 4) >= 2,  # rank 0 holds none
+}
+
+
+def fixed_batch(valid: str = "all", T: int = 8, E: int = 4) -> dict:
+    """A rollout-shaped batch of CartPole-like data, the same on every process."""
+    g = torch.Generator().manual_seed(0)
+    return {"obs": torch.randn(T, E, 4, generator=g), "actions": torch.randint(0, 2, (T, E), generator=g),
+            "logprobs": torch.full((T, E), -0.69), "values": torch.randn(T, E, generator=g),
+            "advantages": torch.randn(T, E, generator=g), "returns": torch.randn(T, E, generator=g),
+            "valid": VALID[valid]}
+
+
+def update_on(cols: slice, dist, valid: str = "all", by_env: bool = False, shard: bool = False) -> tuple[dict, dict]:
+    """Three PPO epochs (one full minibatch each, advantages normalised) on env columns `cols` of the fixed
+    batch; `shard`: the agent sharded over `dist`'s ranks (agents.sharding). Returns the whole weights (on rank 0
+    when sharded) and the update's statistics."""
+    from agents import sharding
+    from agents.policies import MLPAgent
+    from agents.ppo import Args, update
+    from agents.rollout import Rollout
+
+    torch.manual_seed(0)
+    agent = MLPAgent(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    if shard:
+        sharding.shard_agent(agent, dist)
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5)
+    args = Args(num_envs=4, num_minibatches=1, update_epochs=3, max_grad_norm=0.1,  # clipping active
+                minibatch_by_env=by_env)
+    b = {k: v[:, cols] for k, v in fixed_batch(valid).items()}
+    zeros = torch.zeros_like(b["values"])
+    rollout = Rollout(obs=b["obs"], actions=b["actions"], logprobs=b["logprobs"], values=b["values"], rewards=zeros,
+                      ref_logprobs=None, valid=b["valid"], terminated=zeros.bool(), truncated=zeros.bool(),
+                      next_obs=b["obs"][-1], episodes=[], shaped_rewards=zeros,
+                      advantages=b["advantages"], returns=b["returns"])
+    stats = update(agent, opt, rollout, args, 0.2, dist)
+    return sharding.full_state_dict(agent), stats
+
+
+
 # ---- a toy RLHF run -------------------------------------------------------------------------------------------
 
 PROMPTS = ["ab", "b", "ba", "bb", " b", "a b"]  # over char_tokenizer("ab ")

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from agents import distributed
+from agents import distributed, sharding
 from agents.checkpoint import check_creatable, writable_dir, written
 from agents.cli import UsageError, parse_cli, run_cli
 from agents.distributed import Dist
@@ -133,6 +133,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
                         world_size=dist.world_size, judge_fn=pieces.judge_fn)  # the judge beside the reward model
     result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
+    agent = sharding.unsharded(agent, lambda: _like(agent, copy.deepcopy(reference)), dist)  # --ppo.shard: rank 0
     if not dist.is_main:
         return {}
     t_eval = time.time()
@@ -147,6 +148,16 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "torch_threads": torch.get_num_threads()}
     with _results_written(run_dir):
         return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+
+
+def _like(agent: Any, lm: torch.nn.Module) -> Any:
+    """A GPTAgent over `lm` built as `agent` was (for the whole policy gathered from a sharded one's shards)."""
+    from agents.gpt_policy import GPTAgent
+
+    split = agent.split.k if agent.split is not None else None
+    return GPTAgent(lm, agent.pad_token_id, agent.vocab_size, device=agent.device,
+                    dtype=agent.autocast_dtype or "float32", trainable_layers=split,
+                    group_lengths=agent.group_lengths, temperature=agent.temperature)
 
 
 def _run_dir(cfg: RLHFConfig, dist: Dist) -> Path:
@@ -166,7 +177,7 @@ def _results_written(run_dir: Path):
         yield
     except OSError as e:
         raise UsageError(f"could not write the results to {run_dir} ({e.strerror or e}); the trained run's "
-                         f"checkpoint {run_dir / 'checkpoint.pt'} is kept: free disk space, then run the same command "
+                         f"checkpoint in {run_dir} is kept: free disk space, then run the same command "
                          f"with --ppo.resume --ppo.run-dir {run_dir} to write them") from None
 
 
