@@ -13,7 +13,9 @@
 #      otherwise the embedded preset (`--quick`) as a stand-in; its report.json's timing  -> rlhf_smollm2-gpu.json
 #                                                                                          or rlhf_quick-gpu.json
 #   4. only with 2+ GPUs: scaling.py --device cuda, textenv workload, 1 vs 2 processes (NCCL)         -> scaling-gpu.json
-# The limits add up to 7.5 minutes (model building for step 3 included).
+#   5. only with 2+ GPUs: step 3's job under torchrun on 2 GPUs with the policy sharded (--ppo.shard, FSDP2, bf16)
+#                                                                             -> runs/gpu_check_sharded/report.json
+# The limits add up to 7.5 minutes on one GPU (model building for step 3 included), 10 minutes on two or more.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -73,9 +75,14 @@ fi
 
 if [ "$NGPU" -ge 2 ]; then
     step scaling_nccl 60 "$PY" benchmarks/scaling.py --device cuda --workloads textenv --nproc 1 2 --quick
+    # the policy sharded over 2 GPUs (FSDP2, bf16 compute), the same short job as step 3; its report says it ran
+    rm -rf runs/gpu_check_sharded
+    step sharded_rlhf 150 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m agents.rlhf \
+        "${RLHF[@]:1}" --quick --ppo.device cuda --ppo.shard --ppo.run-dir runs/gpu_check_sharded
+    [ -f runs/gpu_check_sharded/report.json ] || FAILED+=("sharded_rlhf report")
 else
     echo
-    echo "=== scaling_nccl: skipped (needs 2 GPUs, found $NGPU)"
+    echo "=== scaling_nccl, sharded_rlhf: skipped (need 2 GPUs, found $NGPU)"
 fi
 
 echo

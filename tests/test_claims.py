@@ -304,8 +304,10 @@ def benchmark(name: str):
 
 # flags of tools outside the project, by the word that starts their command
 EXTERNAL = {"torchrun": {"--standalone", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
-                         "--master-port"},
-            "tensorboard": {"--logdir"}, "pip": {"--no-deps"}, "blind_reading.py": {"--n", "--seed"}}
+                         "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"},
+            "tensorboard": {"--logdir"}, "pip": {"--no-deps"},
+            "blind_reading.py": {"--n", "--seed"},
+            "SBATCH": {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task"}}  # SLURM's sbatch
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +332,7 @@ def cli_flags() -> dict[str, set[str]]:
 
 # a flag: kebab-case words joined by dots (`--ppo.kl-target`); `--ppo.*` names a family, not a flag
 FLAG = r"(?<![\w-])(?P<flag>--[a-z](?:[a-z0-9-]|\.(?=[a-z]))*)(?P<family>\.\*)?"
-COMMAND = r"-m (?P<module>agents\.rlhf|agents\.ppo|textenv\.build)\b|\b(?P<script>[a-z_]+\.py)\b|\b(?P<tool>torchrun|tensorboard|pip)\b"
+COMMAND = r"-m (?P<module>agents\.rlhf|agents\.ppo|textenv\.build)\b|\b(?P<script>[a-z_]+\.py)\b|\b(?P<tool>torchrun|tensorboard|pip|SBATCH)\b"
 
 
 def segments(text: str) -> list[str]:

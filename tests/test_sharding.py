@@ -38,7 +38,42 @@ class NaNAfter(gym.Wrapper):
         return obs, rew * np.nan if self.n > 100 else rew, term, trunc, info
 
 
+class BreaksOnRank1(gym.Wrapper):
+    """CartPole whose 5th step raises on rank 1."""
+
+    def __init__(self):
+        super().__init__(gym.make("CartPole-v1"))
+        self.n = 0
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 5 and os.environ.get("RANK") == "1":
+            raise RuntimeError("rank 1's env broke on purpose")
+        return super().step(action)
+
+
 gym.register("NaNAfter-v0", entry_point=NaNAfter)  # `--env-id tests.test_sharding:NaNAfter-v0`
+gym.register("BreaksOnRank1-v0", entry_point=BreaksOnRank1)
+
+
+def gpt_gradients(rows: slice, shard: bool, dist=None) -> dict:
+    """Whole gradients of a tiny Llama GPTAgent (top block over a frozen trunk) after one `evaluate_sequences` of
+    env columns `rows` of a fixed batch of 2 columns, whose column 0 has no valid step."""
+    from agents import sharding
+    from agents.gpt_policy import GPTAgent
+    from tiny import tiny_llama
+
+    agent = GPTAgent(tiny_llama(20, layers=2), 0, trainable_layers=1)
+    if shard:
+        sharding.shard_agent(agent, dist)
+    g = torch.Generator().manual_seed(0)
+    obs, actions = torch.randint(1, 20, (3, 2, 6), generator=g), torch.randint(1, 20, (3, 2), generator=g)
+    valid = torch.tensor([[False, True]] * 3)
+    logprob, entropy, value = agent.evaluate_sequences(obs[:, rows], actions[:, rows], valid[:, rows])
+    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for n, p in agent.named_parameters() if p.requires_grad}
+    return grads
 
 
 # ---- what each rank runs (python tests/test_sharding.py CASE DIR [ARGS], under torchrun) ------------------------
@@ -80,6 +115,13 @@ def _rank_main(case: str, out: Path, argv: list[str]) -> None:
         state, stats = update_on(slice(d.rank * half, (d.rank + 1) * half), d, valid, minibatches == "env", shard=True)
         if d.is_main:
             torch.save({"state": state, "stats": stats}, out / "sharded.pt")
+        distributed.cleanup(d)
+        distributed.exit_worker(0)
+    elif case == "gpt-no-steps":  # rank 0 holds column 0, which has no valid step; rank 1 column 1
+        d, _ = distributed.setup("cpu")
+        grads = gpt_gradients(slice(d.rank, d.rank + 1), shard=True, dist=d)
+        if d.is_main:
+            torch.save(grads, out / "grads.pt")
         distributed.cleanup(d)
         distributed.exit_worker(0)
     elif case in ("ppo", "rlhf"):  # python -m agents.ppo|agents.rlhf ARGS, FSDP's all-gathers counted
@@ -290,6 +332,13 @@ def test_two_nodes_on_one_machine_train_as_one_two_rank_job(tmp_path, torchrun):
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
+def test_a_sharded_rank_without_steps_runs_the_units_and_adds_nothing(tmp_path, torchrun):
+    ok(torchrun(__file__, "gpt-no-steps", str(tmp_path), cwd=tmp_path))  # a rank skipping FSDP's collectives hangs
+    sharded, alone = torch.load(tmp_path / "grads.pt"), gpt_gradients(slice(1, 2), shard=False)
+    assert_close(sharded, alone, atol=1e-6)
+    assert max(g.abs().max().item() for g in alone.values()) > 1e-4
+
+
 def test_sharded_failures_behave_as_unsharded(tmp_path, torchrun):
     # a NaN loss stops both jobs alike, the last good checkpoint kept
     runs = {}
@@ -307,3 +356,10 @@ def test_sharded_failures_behave_as_unsharded(tmp_path, torchrun):
     assert meta(tmp_path / "c")["iteration"] == 2
     resumed = ok(ppo(torchrun, tmp_path, "--run-dir", "c", "--resume", "--total-timesteps", "1024")).stdout
     assert "resumed" in resumed and "iter 8/8" in resumed
+
+    # a rank that raises stops the job, and torchrun names it with its traceback
+    run = ppo(torchrun, tmp_path, "--env-id", "tests.test_sharding:BreaksOnRank1-v0", "--total-timesteps", "1024",
+              "--run-dir", "b", "--shard", timeout=90)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "rank 1's env broke on purpose" in out
+    assert "rank    : 1" in out or "rank: 1" in out, out[-3000:]
