@@ -4,13 +4,14 @@ A missing, corrupt or incompatible checkpoint is the user's to fix: `agents.cli.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import shutil
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -155,11 +156,22 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     A failed write (a full disk, a folder gone read-only) removes the temporary file, keeps the previous
     checkpoint as it was and raises a UsageError that says so."""
     path = Path(path)
-    try:
+    with checkpoint_write(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         written(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as a RuntimeError
-        kept = "the previous checkpoint is kept as it was" if path.is_file() else "no earlier checkpoint exists"
+
+
+@contextlib.contextmanager
+def checkpoint_write(path: Path) -> Iterator[None]:
+    """A checkpoint write that fails (a full disk, a folder gone read-only; torch's zip writer reports a short write
+    as a RuntimeError, torch.distributed.checkpoint as a CheckpointException) becomes a UsageError saying whether
+    the previous checkpoint is kept."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (OSError, RuntimeError, CheckpointException) as e:
+        kept = "the previous checkpoint is kept as it was" if path.exists() else "no earlier checkpoint exists"
         raise UsageError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}. "
                          "Free disk space or fix the folder's permissions, then continue with --resume") from None
 

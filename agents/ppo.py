@@ -4,6 +4,7 @@
     python -m agents.ppo zoo --seed 2                   # CartPole-v1 with rl-baselines3-zoo's tuning
     python -m agents.ppo --run-dir runs/a --resume      # continue a killed run with its saved settings
     torchrun --nproc-per-node 2 -m agents.ppo zoo       # data-parallel: num_envs per process (agents.distributed)
+    torchrun --nproc-per-node 2 -m agents.ppo --shard   # the agent sharded over the processes (agents.sharding)
 
 Each iteration runs in phases: `collect_rollout` (T steps of every env, next-step autoreset steps masked;
 `agents.rollout`), `compute_advantages` (a per-token KL penalty to a reference policy from `infos["ref_logprob"]`,

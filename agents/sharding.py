@@ -125,23 +125,33 @@ def save_sharded(path: Path, agent: nn.Module, optimizer: torch.optim.Optimizer,
     import torch.distributed as tdist
     import torch.distributed.checkpoint as dcp
 
-    from agents.checkpoint import written
+    from agents.checkpoint import checkpoint_write, written
 
     state = state_dicts(agent, optimizer)
 
     def write(tmp: Path) -> None:
         if dist.enabled:
             tdist.barrier()  # rank 0 cleared the leftovers: the others may start writing
-        dcp.save(state, checkpoint_id=tmp)
+        with _quiet():
+            dcp.save(state, checkpoint_id=tmp)
         if dist.is_main:
             torch.save(meta, tmp / META)
 
-    if dist.is_main:
-        written(path, write)
-    else:
-        write(path.with_name(path.name + ".tmp"))
+    with checkpoint_write(path):  # a failure on any rank fails every rank's save: the previous one is kept
+        if dist.is_main:
+            written(path, write)
+        else:
+            write(path.with_name(path.name + ".tmp"))
     if dist.enabled:
         tdist.barrier()  # no rank goes on (or reads it) before it is in place
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without a process group torch.distributed.checkpoint warns that it assumes one process: it is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def read_meta(path: Path) -> dict:
@@ -162,8 +172,7 @@ def load_weights(ckpt: dict, agent: nn.Module, optimizer: torch.optim.Optimizer)
 
     if "sharded" in ckpt:
         state = state_dicts(agent, optimizer)
-        with warnings.catch_warnings():  # one process: torch warns that it assumes one process
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        with _quiet():
             dcp.load(state, checkpoint_id=ckpt["sharded"])
         set_model_state_dict(agent, state["agent"])
         set_optimizer_state_dict(agent, optimizer, state["optimizer"])

@@ -1,7 +1,8 @@
 """PPO with the agent sharded by FSDP2 (`--shard`, agents.sharding) under torchrun on CPU (gloo, 2 processes):
 the same numbers as unsharded, one all-gather per unit per rollout, checkpoints that reshard, two "nodes" on one
-machine, and failures that behave as unsharded. Each test launches torchrun (slow); the `__main__` block at the
-bottom holds the rank-side code of the cases that need more than the CLI."""
+machine, and failures that behave as unsharded. The tests that launch torchrun are slow; the `__main__` block at the
+bottom holds the rank-side code of the cases that need more than the CLI. The checkpoint format itself is tested in
+one process, fast."""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
-pytestmark = pytest.mark.slow  # every test launches torchrun
 
 CARTPOLE = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "2",
             "--torch-threads", "1", "--device", "cpu", "--log-every", "1", "--eval-episodes", "0"]
@@ -195,6 +194,7 @@ def meta(run_dir: Path) -> dict:
 # ---- the tests -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a torchrun launch
 @pytest.mark.filterwarnings("ignore:PPO ratio at the first minibatch")  # logprobs made up: ratios != 1, clipped
 @pytest.mark.parametrize("valid, minibatches", [("all", "flat"), ("uneven", "env"), ("one rank empty", "flat")])
 def test_sharded_two_ranks_update_like_one_process_with_the_whole_batch(tmp_path, valid, minibatches, torchrun):
@@ -210,6 +210,7 @@ def test_sharded_two_ranks_update_like_one_process_with_the_whole_batch(tmp_path
     assert max((half[k] - whole[k]).abs().max().item() for k in whole) > 1e-4
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_sharded_cartpole_equals_data_parallel_and_checkpoints_reshard(tmp_path, torchrun):
     from agents.ppo import parse_args, train
 
@@ -237,6 +238,7 @@ def test_sharded_cartpole_equals_data_parallel_and_checkpoints_reshard(tmp_path,
     assert sorted(p.name for p in (tmp_path / "sh1").iterdir() if not p.name.startswith("events")) == ["checkpoint.pt"]
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_the_rollout_gathers_each_unit_once_whatever_its_length(tmp_path, torchrun):
     # MLPAgent: one unit (the agent); 2 minibatches x 2 epochs in each update
     counts = {}
@@ -282,6 +284,7 @@ def rlhf(torchrun, tmp: Path, run_dir: str, *argv: str) -> subprocess.CompletedP
                        "cpu", "--best-of-n-prompts", "0", *argv, cwd=tmp, timeout=240))
 
 
+@pytest.mark.slow  # a torchrun launch
 @pytest.mark.parametrize("trainable", [None, 1])  # every block, or the top block over a frozen trunk
 def test_sharded_rlhf_job_equals_unsharded_and_exports_a_plain_policy(llama_folders, trainable, torchrun):
     from transformers import AutoModelForCausalLM
@@ -312,6 +315,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_two_nodes_on_one_machine_train_as_one_two_rank_job(tmp_path, torchrun):
     from conftest import ROOT
 
@@ -332,6 +336,7 @@ def test_two_nodes_on_one_machine_train_as_one_two_rank_job(tmp_path, torchrun):
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_a_sharded_rank_without_steps_runs_the_units_and_adds_nothing(tmp_path, torchrun):
     ok(torchrun(__file__, "gpt-no-steps", str(tmp_path), cwd=tmp_path))  # a rank skipping FSDP's collectives hangs
     sharded, alone = torch.load(tmp_path / "grads.pt"), gpt_gradients(slice(1, 2), shard=False)
@@ -339,6 +344,7 @@ def test_a_sharded_rank_without_steps_runs_the_units_and_adds_nothing(tmp_path, 
     assert max(g.abs().max().item() for g in alone.values()) > 1e-4
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_sharded_failures_behave_as_unsharded(tmp_path, torchrun):
     # a NaN loss stops both jobs alike, the last good checkpoint kept
     runs = {}
@@ -363,3 +369,44 @@ def test_sharded_failures_behave_as_unsharded(tmp_path, torchrun):
     out = run.stdout + run.stderr
     assert run.returncode != 0 and "rank 1's env broke on purpose" in out
     assert "rank    : 1" in out or "rank: 1" in out, out[-3000:]
+
+
+def test_a_sharded_checkpoint_round_trips_and_a_failed_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    # the folder format in one process (no process group): what `--resume` reads on any number of ranks
+    import torch.distributed.checkpoint as dcp
+
+    from agents import sharding
+    from agents.cli import UsageError
+    from agents.distributed import SINGLE
+    from agents.policies import MLPAgent
+
+    env = gym.make("CartPole-v1")
+    agent = MLPAgent(env.observation_space, env.action_space)
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-2)
+    _, logprob, _, value = agent.get_action_and_value(torch.randn(3, 4))
+    (logprob.sum() + value.sum()).backward()  # every parameter gets Adam state, as in a PPO update
+    opt.step()
+    path = tmp_path / "checkpoint.dcp"
+    sharding.save_sharded(path, agent, opt, {"iteration": 1}, SINGLE)
+    saved = {k: v.clone() for k, v in agent.state_dict().items()}
+    assert sharding.read_meta(path) == {"iteration": 1}
+
+    def full_disk(state, checkpoint_id):
+        Path(checkpoint_id).mkdir()
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(UsageError, match="No space left.*previous checkpoint is kept"):
+        sharding.save_sharded(path, agent, opt, {"iteration": 2}, SINGLE)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["checkpoint.dcp"]  # no temporary folder left
+    monkeypatch.undo()
+
+    fresh = MLPAgent(env.observation_space, env.action_space)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    sharding.load_weights({"sharded": str(path)}, fresh, fresh_opt)
+    assert_close(fresh.state_dict(), saved, atol=0)  # the first checkpoint, whole
+    assert int(fresh_opt.state_dict()["state"][0]["step"]) == 1
