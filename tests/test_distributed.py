@@ -30,22 +30,8 @@ def cartpole_args(run_dir: Path, **kw):
 # ---- what each rank runs (python tests/test_distributed.py CASE DIR, under torchrun) ------------------------
 
 
-class HangsOnRank1(gym.Wrapper):
-    """CartPole whose 5th step never returns on rank 1, as when a rank waits on a dead file system or device."""
-
-    def __init__(self):
-        super().__init__(gym.make("CartPole-v1"))
-        self.n = 0
-
-    def step(self, action):
-        self.n += 1
-        if self.n == 5 and os.environ.get("RANK") == "1":
-            time.sleep(3600)
-        return super().step(action)
-
-
 # `python -m agents.ppo --env-id tests.test_distributed:HangsOnRank1-v0`: gymnasium imports this module first
-gym.register("HangsOnRank1-v0", entry_point=HangsOnRank1)
+gym.register("HangsOnRank1-v0", entry_point="tests.tiny:OnRank1", kwargs={"fault": "hang"})
 
 
 def _rank_main(case: str, out: Path) -> None:

@@ -37,22 +37,8 @@ class NaNAfter(gym.Wrapper):
         return obs, rew * np.nan if self.n > 100 else rew, term, trunc, info
 
 
-class BreaksOnRank1(gym.Wrapper):
-    """CartPole whose 5th step raises on rank 1."""
-
-    def __init__(self):
-        super().__init__(gym.make("CartPole-v1"))
-        self.n = 0
-
-    def step(self, action):
-        self.n += 1
-        if self.n == 5 and os.environ.get("RANK") == "1":
-            raise RuntimeError("rank 1's env broke on purpose")
-        return super().step(action)
-
-
 gym.register("NaNAfter-v0", entry_point=NaNAfter)  # `--env-id tests.test_sharding:NaNAfter-v0`
-gym.register("BreaksOnRank1-v0", entry_point=BreaksOnRank1)
+gym.register("BreaksOnRank1-v0", entry_point="tests.tiny:OnRank1", kwargs={"fault": "raise"})
 
 
 def gpt_gradients(rows: slice, shard: bool, dist=None) -> dict:

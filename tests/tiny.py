@@ -5,6 +5,8 @@ model, and the same arguments give the same weights."""
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -76,6 +78,24 @@ class FixedLength(gym.Env):
         self.t += 1
         obs = self.np_random.uniform(-1, 1, 3).astype(np.float32)
         return obs, float(self.t == self.length), False, self.t == self.length, {"ref_logprob": math.log(0.5) - self.offset}
+
+
+class OnRank1(gym.Wrapper):
+    """CartPole whose 5th step fails on rank 1 (torchrun's `RANK`): `fault="hang"` never returns, as when a rank
+    waits on a dead file system or device; `fault="raise"` raises. Test files register ids for it
+    (`gym.register(..., entry_point="tests.tiny:OnRank1", kwargs=...)`) for `--env-id tests.test_x:Id`."""
+
+    def __init__(self, fault: str = "raise"):
+        super().__init__(gym.make("CartPole-v1"))
+        self.fault, self.n = fault, 0
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 5 and os.environ.get("RANK") == "1":
+            if self.fault == "hang":
+                time.sleep(3600)
+            raise RuntimeError("rank 1's env broke on purpose")
+        return super().step(action)
 
 
 # ---- a fixed PPO batch ---------------------------------------------------------------------------------------
