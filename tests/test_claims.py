@@ -180,6 +180,12 @@ def scaling() -> list[str]:
     return [f2(load("scaling")["runs"]["textenv_x2"]["speedup"]) + "x"]
 
 
+def sharding_memory() -> list[str]:
+    r = load("sharding_memory")
+    return [f2(r["all"]["sharded_over_unsharded_trainable"]) + "x",
+            f2(r["all"]["one_process"]["total"] / 1e9) + " GB", f2(r["all"]["sharded_2"][0]["total"] / 1e9) + " GB"]
+
+
 # the README row (its first cell, up to the first comma or colon) -> (files it must link, what must appear in it,
 # numbers in it that are settings rather than measurements)
 ROWS: dict[str, tuple[list[str], Callable, list[str]]] = {
@@ -202,6 +208,7 @@ ROWS: dict[str, tuple[list[str], Callable, list[str]]] = {
     "PPO on the calculator and guessing tasks": (["tools.json"], tools, ["5 seeds"]),
     "same seed, same run": (["determinism.json"], determinism, ["40 iterations"]),
     "data-parallel PPO": (["scaling.json"], scaling, ["2 processes", "1 single-threaded"]),
+    "sharded PPO (`--shard`)": (["sharding_memory.json"], sharding_memory, ["2 ranks", "SmolLM2-135M"]),
 }
 
 # names with digits in them, not numbers: CartPole-v1, SmolLM2-135M-Instruct, distinct-2, 135M (but 2x is a number)
