@@ -211,7 +211,7 @@ def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tens
     action masks go to the agent with the observations. `always_run` (a sharded agent): the agent runs even on no
     steps, as every rank's FSDP units must run together."""
     (T, E), masks = r.valid.shape, r.action_masks
-    if not by_env and idx.numel() == 0 and not always_run:  # no valid step of this minibatch on this rank (others may have some)
+    if not by_env and idx.numel() == 0 and not always_run:  # no step of this minibatch here (other ranks may have)
         empty = r.logprobs.new_zeros(0)
         return empty, empty, empty, None, {k: v[idx] for k, v in b.items()}
     if by_env:

@@ -1,6 +1,6 @@
 """The update phase of a PPO iteration: `update_epochs` passes of minibatch SGD on `agents.loss.ppo_loss` over the
-rollout, with gradients summed over ranks under torchrun (`agents.distributed`, or FSDP's reduce-scatter when the agent is
-sharded: `agents.sharding`)."""
+rollout, with gradients summed over ranks under torchrun (`agents.distributed`, or FSDP's reduce-scatter when the
+agent is sharded: `agents.sharding`)."""
 
 from __future__ import annotations
 
