@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.policies import check_action_mask, entropy_of, masked_log_softmax
+from agents.sharding import is_sharded
 from textenv.lm import (
     CachedLM,
     LMError,
@@ -130,7 +131,6 @@ class GPTAgent(nn.Module):
         disable_dropout(model)
         self.lm = model.eval()
         self.group_lengths, self.positions = group_lengths, {"real": 0, "padded": 0}
-        self.sharded = False  # set by agents.sharding: the update then runs each minibatch in one forward
         self.split = None if trainable_layers is None else TrunkSplit(model, trainable_layers, pad_token_id,
                                                                       group_lengths=group_lengths)
         if self.split is not None:
@@ -170,6 +170,11 @@ class GPTAgent(nn.Module):
         agent's LM before training): `model` itself, or with `trainable_layers` its split over this agent's
         frozen trunk, so the reference runs only its top blocks."""
         return model if self.split is None else self.split.sharing(model)
+
+    @property
+    def sharded(self) -> bool:
+        """Sharded by `agents.sharding` (FSDP): the update then runs each minibatch in one forward."""
+        return is_sharded(self)
 
     def shard_units(self) -> list[nn.Module]:
         """What `agents.sharding` shards one by one: the trainable decoder blocks (the agent itself takes the rest)."""

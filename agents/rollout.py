@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from agents import distributed
+from agents.sharding import is_sharded
 from agents.vector import obs_dtype
 
 
@@ -203,15 +204,14 @@ def step_ref_logprob(infos: dict, live: np.ndarray, kl_coef: float) -> tuple[np.
     return np.where(has_it, infos["ref_logprob"], 0.0), has_it  # `where`: a NaN at an ignored step stays out
 
 
-def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tensor, by_env: bool,
-                    always_run: bool = False) -> tuple:
+def score_minibatch(agent: torch.nn.Module, r: Rollout, b: dict, idx: torch.Tensor, by_env: bool) -> tuple:
     """The current policy on minibatch `idx` of rollout `r`: (logprob, entropy, value) flat (B,), the valid-step
     mask (None for flat minibatches, which hold valid steps only) and the minibatch's entries of the flat batch `b`.
     `by_env`: `idx` are env columns, scored whole (`agent.evaluate_sequences` when it has one). The rollout's
-    action masks go to the agent with the observations. `always_run` (a sharded agent): the agent runs even on no
-    steps, as every rank's FSDP units must run together."""
+    action masks go to the agent with the observations. A sharded agent (`agents.sharding`) runs even on no steps:
+    every rank's FSDP units must run together."""
     (T, E), masks = r.valid.shape, r.action_masks
-    if not by_env and idx.numel() == 0 and not always_run:  # no step of this minibatch here (other ranks may have)
+    if not by_env and idx.numel() == 0 and not is_sharded(agent):  # no step here (other ranks may have some)
         empty = r.logprobs.new_zeros(0)
         return empty, empty, empty, None, {k: v[idx] for k, v in b.items()}
     if by_env:

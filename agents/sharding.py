@@ -83,8 +83,6 @@ def shard_agent(agent: nn.Module, dist: distributed.Dist) -> nn.Module:
     for unit in units(agent):
         unit.set_gradient_divide_factor(1.0)  # a sum: the losses are shares of the mean over all ranks
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
-    if hasattr(agent, "sharded"):
-        agent.sharded = True  # e.g. GPTAgent: one forward per minibatch
     return agent
 
 

@@ -26,7 +26,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
     mean over its steps on all ranks and each step uses the sum of the ranks' gradients (a rank without steps
     adds zeros), so every step weighs the same; statistics and the `target_kl` stop are the same on every rank."""
     by_env, trainable = args.minibatch_by_env, [p for p in agent.parameters() if p.requires_grad]
-    sharded = sharding.is_sharded(agent)  # FSDP sums the gradients itself, and every rank must run every minibatch
+    sharded = sharding.is_sharded(agent)  # FSDP sums the gradients itself
     coefs = LossCoefs(clip, args.clip_coef if args.clip_vloss else None, args.ent_coef,
                       args.advantage_mode.value_coef(args.vf_coef))  # group-relative: no value head to train
     # bf16 autocast (GPTAgent's dtype): the rollout's cached decode and the update's full forward may round apart
@@ -39,7 +39,7 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
         epochs = epoch + 1
         sums = torch.zeros(len(LOSS_STATS) + 1)  # the statistics' sums over the epoch's steps, then their count
         for mb_i, idx in enumerate(minibatches(rollout.valid, args)):
-            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env, sharded)
+            logprob, entropy, value, mask, sel = score_minibatch(agent, rollout, b, idx, by_env)
             count, mu, std = advantage_moments(sel["advantages"], mask, dist)
             adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
             loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), coefs)

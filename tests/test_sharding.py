@@ -125,14 +125,13 @@ def _rank_main(case: str, out: Path, argv: list[str]) -> None:
                 if iteration == 2:
                     os.kill(os.getpid(), signal.SIGINT)
 
-        from agents.ppo import main, parse_args, train
+        from agents.ppo import parse_args, train
 
         args = parse_args(argv)
         d, _ = distributed.setup("cpu")
         result = train(args, dist=d, hooks=CtrlC())
         distributed.cleanup(d)
         distributed.exit_worker(130 if result["interrupted"] else 0)
-        main  # noqa: B018 (the CLI the args come from)
 
 
 if __name__ == "__main__":
