@@ -66,6 +66,8 @@ class Args:
     """the policy's sampling temperature (default: the preset's)"""
     ent_coef: float | None = None
     """PPO's entropy bonus (default: the preset's)"""
+    repeated_words_penalty: float | None = None
+    """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
     policy: str | None = None
@@ -98,6 +100,8 @@ def build_config(a: Args) -> RLHFConfig:
     cfg = dataclasses.replace(base, data_dir=data_dir(a), policy=a.policy or base.policy,
                               reward_model=a.reward_model, judge=a.judge, ppo=ppo,
                               temperature=a.temperature or base.temperature)
+    if a.repeated_words_penalty is not None:
+        cfg.repeated_words_penalty = a.repeated_words_penalty
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64

@@ -93,3 +93,17 @@ def test_check_scores():
         check_scores([[1.0], [2.0]], 2, LengthReward())
     with pytest.raises(ValueError, match="LengthReward returned a non-finite score"):
         check_scores([1.0, float("inf")], 2, LengthReward())
+
+
+def test_repetition_penalty_costs_repeated_words_only():
+    from textenv.rewards import RepetitionPenalty, repeated_word_share
+
+    assert repeated_word_share("It is a great movie. It is a great movie") == 0.5  # great, movie, great, movie
+    assert repeated_word_share("A film I loved, a FILM!") == pytest.approx(1 / 3)  # film loved film; "a" is short
+    assert repeated_word_share("it is so so good") == 0.0 and repeated_word_share("") == 0.0
+    texts = ["great great great great", "a fine film", "so so so"]
+    scored = RepetitionPenalty(LengthReward(0.0), coef=2.0)(texts)
+    assert scored == pytest.approx([-2.0 * 0.75, 0.0, 0.0])
+    assert RepetitionPenalty(KeywordReward("great"), 0.0)(texts) == [4.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="coef=-1.0 must be >= 0"):
+        RepetitionPenalty(LengthReward(), -1.0)

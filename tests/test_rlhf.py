@@ -316,6 +316,22 @@ def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tm
         check_config(dataclasses.replace(cfg, temperature=0.0))
 
 
+def test_the_repeated_words_penalty_comes_after_normalising():
+    """PPO trains on (score - mean) / std - coef x share of repeated words; the report keeps the raw score."""
+    from agents import distributed
+    from agents.rlhf.job import training_reward
+
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=None, reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS)
+    before = ({"reward_mean": 2.0, "reward_std": 4.0},)
+    texts = ["abba abba", "abba bbbb"]  # 4 and 4 "a"s: normalised (4 - 2) / 4 = 0.5; repeated words 1/2 and 0
+    cfg = RLHFConfig(normalize_reward=True, repeated_words_penalty=3.0)
+    assert training_reward(cfg, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5 - 1.5, 0.5])
+    plain = dataclasses.replace(cfg, repeated_words_penalty=0.0)
+    assert training_reward(plain, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5, 0.5])
+
+
 def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
     scores = np.array([[0.1, 0.9, 0.5, 2.0], [1.0, -1.0, 3.0, 0.0]])
     judged = np.array([[0.9, 0.2, 0.8, 0.7], [0.1, 0.9, 0.6, 0.4]])  # the judge disagrees with some picks
@@ -336,6 +352,7 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
     (dict(group_size=5), "must divide --ppo.num-envs 16"),
     (dict(warm_start=True), "needs --policy smollm2"),
     (dict(best_of_n=(0, 4)), "--best-of-n .0, 4. must be >= 1"),
+    (dict(repeated_words_penalty=-1.0), "--repeated-words-penalty -1.0 must be >= 0"),
 ])
 def test_settings_of_group_advantages_and_warm_start_are_checked(tmp_path, kw, message):
     tok = char_tokenizer("ab ")

@@ -16,6 +16,7 @@ Cost: one call per (vector) step, on a text that grows by one token each time.
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -226,6 +227,34 @@ class NormalizedReward:
 
     def __call__(self, texts: list[str]) -> list[float]:
         return [(float(s) - self.mean) / self.std for s in self.reward_model(texts)]
+
+
+WORD = re.compile(r"[a-z']+")
+
+
+def repeated_word_share(text: str, min_letters: int = 4) -> float:
+    """Share of the text's words of at least `min_letters` letters (lower-cased) that repeat an earlier one: "It is
+    a great movie. It is a great movie" -> great, movie, great, movie -> 0.5. Real IMDb review openings of 14 words
+    average 0.02; a policy that pads its praise by repeating it, 0.09 and more."""
+    words = [w for w in WORD.findall(text.lower()) if len(w) >= min_letters]
+    return (len(words) - len(set(words))) / len(words) if words else 0.0
+
+
+class RepetitionPenalty:
+    """`reward_model(texts) - coef * repeated_word_share(text)`: a reward term against padding praise by repeating
+    it ("a great movie. It is a great movie"), which a classifier pays for and a reader calls not fluent. A reward
+    term, scored on the whole text; not the sampling-time `repetition_penalty` of transformers' `generate`, which
+    would change the distribution PPO's log-probs describe."""
+
+    def __init__(self, reward_model: RewardModel, coef: float, min_letters: int = 4) -> None:
+        if not coef >= 0:
+            raise ValueError(f"coef={coef} must be >= 0 (0: no penalty)")
+        self.reward_model, self.coef, self.min_letters = reward_model, float(coef), int(min_letters)
+        self.__name__ = getattr(reward_model, "__name__", type(reward_model).__name__)  # errors name the scorer
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [float(s) - self.coef * repeated_word_share(t, self.min_letters)
+                for s, t in zip(self.reward_model(texts), texts, strict=True)]
 
 
 class TimeLimit:

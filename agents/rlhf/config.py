@@ -84,6 +84,10 @@ class RLHFConfig:
     normalize_reward: bool = False
     """train on the reward model's score standardised to mean 0, std 1 over the initial policy's held-out samples
     (the report keeps the raw score)"""
+    repeated_words_penalty: float = 0.0
+    """subtract this times the share of the text's words (4+ letters) that repeat an earlier one from the reward PPO
+    trains on (after --normalize-reward: in standard deviations of the initial policy's scores); a reward term
+    against padded praise ("a great movie. It is a great movie"), not a sampling-time penalty; 0: off"""
     reward_timeout: float = 600.0
     """seconds the reward model (and the judge) may take on one batch before the run stops with an error that
     names the batch, keeping its last checkpoint (0: no limit)"""
@@ -173,6 +177,9 @@ def check_config(cfg: RLHFConfig) -> None:
     if not 0 < cfg.temperature < float("inf"):
         raise UsageError(f"--temperature {cfg.temperature} must be > 0 (1: the LM's own distribution; 0.7 trims its "
                          "tail)")
+    if not cfg.repeated_words_penalty >= 0:
+        raise UsageError(f"--repeated-words-penalty {cfg.repeated_words_penalty} must be >= 0 (0: off; 3 costs a "
+                         "text that repeats a third of its words 1 unit of reward)")
     if cfg.reward_timeout < 0:
         raise UsageError(f"--reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0: no limit)")
     if cfg.ppo.resume and not cfg.ppo.run_dir:

@@ -70,14 +70,16 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
 
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
     """The reward PPO trains on: the reward model's score, or with `normalize_reward` that score standardised by
-    its mean and std over the initial policy's held-out samples (rank 0's, sent to every rank)."""
-    if not cfg.normalize_reward:
-        return pieces.reward_fn
-    from textenv.rewards import NormalizedReward
+    its mean and std over the initial policy's held-out samples (rank 0's, sent to every rank); less
+    `repeated_words_penalty` times the text's share of repeated words."""
+    from textenv.rewards import NormalizedReward, RepetitionPenalty
 
-    stats = distributed.broadcast_object(None if before is None else (before[0]["reward_mean"],
-                                                                      before[0]["reward_std"]), dist)
-    return NormalizedReward(pieces.reward_fn, *stats)
+    reward = pieces.reward_fn
+    if cfg.normalize_reward:
+        stats = distributed.broadcast_object(None if before is None else (before[0]["reward_mean"],
+                                                                          before[0]["reward_std"]), dist)
+        reward = NormalizedReward(reward, *stats)
+    return RepetitionPenalty(reward, cfg.repeated_words_penalty) if cfg.repeated_words_penalty else reward
 
 
 def held_out(cfg: RLHFConfig, pieces: Pieces):
