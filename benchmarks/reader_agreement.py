@@ -6,6 +6,8 @@ signals the report can compute, and says for each how well it predicts the reade
 
 - P(positive) by the reward model and by the held-out judge, against "positive";
 - perplexity under the original LM (lower is more fluent), against "fluent";
+- the share of the text's words that repeat an earlier one (`textenv.rewards.repeated_word_share`, what
+  `--repeated-words-penalty` costs; lower is more fluent), against "fluent";
 - the share of the text's words that name a film or its making (`agents.rlhf.signals.FILM_WORDS`), against
   "on-topic".
 
@@ -80,6 +82,7 @@ def read(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 def main(a: Args) -> None:
     from agents.rlhf.pieces import load_classifier, load_judge
     from agents.rlhf.signals import film_word_share
+    from textenv.rewards import repeated_word_share
 
     built = json.loads(Path(a.results).read_text())["results"]["built_from"]
     texts, labels = [], {"positive": [], "on_topic": [], "fluent": []}
@@ -95,6 +98,7 @@ def main(a: Args) -> None:
                                      "positive", 0.5),
         "judge P(positive)": (np.array(load_judge(built["built"]["judge"], cpu)(texts)), "positive", 0.5),
         "minus perplexity under the original LM": (-perplexities(built["policy"], texts), "fluent", None),
+        "minus the share of repeated words": (-np.array([repeated_word_share(t) for t in texts]), "fluent", None),
         "share of film words": (np.array([film_word_share(t) for t in texts]), "on_topic", 0.0),
     }
     rows = []

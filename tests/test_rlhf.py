@@ -162,6 +162,7 @@ def test_cli_help_and_presets(capsys):
     (["--data-dir", "/nonexistent", "--quick"], "/nonexistent"),
     (["--quick", "--artifacts-dir", "{tmp}/a_file/cache"], "cannot write the artefact cache {tmp}/a_file/cache/"),
     (["--quick", "--ppo.run-dir", "{tmp}/a_file/run"], "cannot write the run folder {tmp}/a_file/run: {tmp}/a_file is"),
+    (["--quick", "--repeated-words-penalty", "-1"], "--repeated-words-penalty -1.0 must be >= 0"),
 ])
 def test_cli_user_errors_print_one_line(tmp_path, argv, message, monkeypatch, capsys):
     # `python -m agents.rlhf ...` in this process, through its `main` (the slow set runs the real command)
