@@ -326,7 +326,7 @@ def test_the_repeated_words_penalty_comes_after_normalising():
     pieces = Pieces(tokenizer=tok, policy=None, reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
                     eval_prompts=PROMPTS)
     before = ({"reward_mean": 2.0, "reward_std": 4.0},)
-    texts = ["abba abba", "abba bbbb"]  # 4 and 4 "a"s: normalised (4 - 2) / 4 = 0.5; repeated words 1/2 and 0
+    texts = ["abba abba", "abba aabb"]  # 4 and 4 "a"s: normalised (4 - 2) / 4 = 0.5; repeated words 1/2 and 0
     cfg = RLHFConfig(normalize_reward=True, repeated_words_penalty=3.0)
     assert training_reward(cfg, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5 - 1.5, 0.5])
     plain = dataclasses.replace(cfg, repeated_words_penalty=0.0)
