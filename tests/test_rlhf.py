@@ -318,7 +318,7 @@ def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tm
 
 
 def test_the_repeated_words_penalty_comes_after_normalising():
-    """PPO trains on (score - mean) / std - coef x share of repeated words; the report keeps the raw score."""
+    """PPO trains on (score - mean) / std - coef x share of repeated words."""
     from agents import distributed
     from agents.rlhf.job import training_reward
 
