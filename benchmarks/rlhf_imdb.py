@@ -66,6 +66,8 @@ class Args:
     """the policy's sampling temperature (default: the preset's)"""
     ent_coef: float | None = None
     """PPO's entropy bonus (default: the preset's)"""
+    update_epochs: int | None = None
+    """PPO epochs over each iteration's batch (default: the preset's)"""
     repeated_words_penalty: float | None = None
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
     seed: int = 1
@@ -97,6 +99,8 @@ def build_config(a: Args) -> RLHFConfig:
         ppo.kl_target = a.kl_target
     if a.ent_coef is not None:
         ppo.ent_coef = a.ent_coef
+    if a.update_epochs:
+        ppo.update_epochs = a.update_epochs
     cfg = dataclasses.replace(base, data_dir=data_dir(a), policy=a.policy or base.policy,
                               reward_model=a.reward_model, judge=a.judge, ppo=ppo,
                               temperature=a.temperature or base.temperature)
