@@ -12,12 +12,13 @@ reads a run's history and names what crossed its threshold (`Thresholds`, docume
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from textenv.rewards import WORD  # one rule for what a word is, here and in the repeated-words penalty
 
 
 def distinct_n(seqs: Sequence[Sequence], n: int) -> float:
@@ -68,7 +69,7 @@ audience watch watched watching dvd theater theatre story storyline ending dialo
 
 def film_word_share(text: str) -> float:
     """Share of the text's words that are in `FILM_WORDS`."""
-    words = re.findall(r"[a-z']+", text.lower())
+    words = WORD.findall(text.lower())
     return sum(w in FILM_WORDS for w in words) / max(len(words), 1)
 
 
