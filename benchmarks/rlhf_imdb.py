@@ -70,6 +70,8 @@ class Args:
     """PPO epochs over each iteration's batch (default: the preset's)"""
     repeated_words_penalty: float | None = None
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
+    warm_start_layers: int | None = None
+    """decoder blocks the warm start tunes (default: the preset's; `agents.rlhf` --warm-start-layers)"""
     seed: int = 1
     """seed of PPO and the report's sampling"""
     policy: str | None = None
@@ -106,6 +108,8 @@ def build_config(a: Args) -> RLHFConfig:
                               temperature=a.temperature or base.temperature)
     if a.repeated_words_penalty is not None:
         cfg.repeated_words_penalty = a.repeated_words_penalty
+    if a.warm_start_layers is not None:
+        cfg.warm_start_layers = a.warm_start_layers
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64

@@ -352,6 +352,7 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
     (dict(ppo=dict(advantages="grpo", num_steps=4), group_size=4), "must be >= --max-new-tokens"),
     (dict(group_size=5), "must divide --ppo.num-envs 16"),
     (dict(warm_start=True), "needs --policy smollm2"),
+    (dict(warm_start_layers=8), "--warm-start-layers 8 .* needs --warm-start"),
     (dict(best_of_n=(0, 4)), "--best-of-n .0, 4. must be >= 1"),
     (dict(repeated_words_penalty=-1.0), "--repeated-words-penalty -1.0 must be >= 0"),
 ])
@@ -362,3 +363,23 @@ def test_settings_of_group_advantages_and_warm_start_are_checked(tmp_path, kw, m
     with pytest.raises(UsageError, match=message):
         run(toy_config(tmp_path, **kw), pieces)
     assert not (tmp_path / "run").exists()
+
+
+def test_warm_start_layers_reach_the_build_step(monkeypatch):
+    # the job asks `textenv.build` for the warm start of its preset, with only the tuned blocks changed
+    import textenv.build.pipeline as pipeline
+    from agents.rlhf.pieces import warm_start
+
+    asked = []
+
+    def build(args, step):
+        asked.append((args.warm_start, step))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "build", build)
+    for layers in (None, 12):
+        with pytest.raises(RuntimeError, match="stop here"):
+            warm_start(RLHFConfig(models="imdb", policy="smollm2", warm_start=True, warm_start_layers=layers))
+    (default, step), (tuned, _) = asked
+    assert step == "warmstart" and default == pipeline.preset("imdb").warm_start
+    assert tuned == dataclasses.replace(default, trainable_layers=12)

@@ -56,6 +56,9 @@ class RLHFConfig:
     warm_start: bool = False
     """`smollm2` only: first fine-tune it on the openings of the training texts (language modelling, no labels;
     cached: `python -m textenv.build warmstart`); the policy and its KL reference both start from that model"""
+    warm_start_layers: int | None = None
+    """decoder blocks the warm start fine-tunes (the top k; 30 = all of SmolLM2's); None: the build preset's
+    (`--warm-start.trainable-layers` of `python -m textenv.build warmstart`); PPO still trains --trainable-layers"""
     reward_model: str | None = None
     """reward model: a sequence-classifier folder or hub name (e.g. `lvwerra/distilbert-imdb`); None = built"""
     judge: str | None = None
@@ -161,6 +164,9 @@ def check_config(cfg: RLHFConfig) -> None:
         raise UsageError(str(e)) from None
     if cfg.warm_start and cfg.policy != "smollm2":
         raise UsageError("--warm-start fine-tunes SmolLM2 on the data first: it needs --policy smollm2")
+    if cfg.warm_start_layers is not None and (not cfg.warm_start or cfg.warm_start_layers < 1):
+        raise UsageError(f"--warm-start-layers {cfg.warm_start_layers} sets how many blocks the warm start tunes: it "
+                         "needs --warm-start and a value >= 1")
     if cfg.group_size < 1 or cfg.ppo.num_envs % cfg.group_size:
         raise UsageError(f"--group-size {cfg.group_size} must divide --ppo.num-envs {cfg.ppo.num_envs}")
     grouped = cfg.ppo.advantages in ADVANTAGE_MODES and cfg.ppo.advantage_mode.grouped  # unknown: check_args says

@@ -246,7 +246,11 @@ def warm_start(cfg: RLHFConfig) -> tuple[str, dict]:
     by `textenv.build` (step `warmstart` of the `cfg.models` preset)."""
     from textenv.build.pipeline import build, preset
 
-    path = build(preset(cfg.models, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir), "warmstart").warm_start
+    args = preset(cfg.models, data_dir=cfg.data_dir, out_dir=cfg.artifacts_dir)
+    if cfg.warm_start_layers is not None:
+        args = dataclasses.replace(args, warm_start=dataclasses.replace(args.warm_start,
+                                                                        trainable_layers=cfg.warm_start_layers))
+    path = build(args, "warmstart").warm_start
     record = json.loads((path / "build.json").read_text())
     return str(path), {"path": str(path), "build_seconds": record["seconds"], **record["metrics"]}
 
