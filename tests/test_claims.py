@@ -128,8 +128,8 @@ def rlhf_imdb() -> list[str]:
 
 
 def rlhf_smollm2() -> list[str]:
-    runs = [load("rlhf_smollm2"), load("rlhf_smollm2_seed2")]
-    reads = [reading("smollm2_seed1"), reading("smollm2_seed2")]
+    runs = [load("rlhf_smollm2_ws30"), load("rlhf_smollm2_ws30_seed2")]
+    reads = [reading("smollm2_ws30_seed1"), reading("smollm2_ws30_seed2")]
     after = {k: span([r["after"][k] for r in reads], pct) for k in ("positive", "on_topic", "fluent", "all_three")}
     return [f"{after['positive']} positive", f"{after['on_topic']} on-topic", f"{after['fluent']} fluent",
             f"{after['all_three']} all three", "the start: " + span([r["before"]["all_three"] for r in reads], pct),
@@ -198,7 +198,7 @@ ROWS: dict[str, tuple[list[str], Callable, list[str]]] = {
                                      ["2 seeds"]),
     "RLHF, IMDb (the seed recipe's shapes, the earlier reward model from scratch)": (
         ["rlhf_imdb.json"], rlhf_imdb, ["seed: +1.53"]),
-    "RLHF, SmolLM2-135M-Instruct": (["rlhf_smollm2.json", "rlhf_smollm2_seed2.json"], rlhf_smollm2,
+    "RLHF, SmolLM2-135M-Instruct": (["rlhf_smollm2_ws30.json", "rlhf_smollm2_ws30_seed2.json"], rlhf_smollm2,
                                     ["T = 0.7", "top 4 blocks", "2 seeds"]),
     "KL controller against its setpoint": (
         ["overoptimisation.json", "overoptimisation_smollm2.json", "rlhf_imdb.json", "rlhf_smollm2_log_pid.json",
@@ -247,6 +247,19 @@ def test_results_row_matches_its_files(first):
         rest = rest.replace(text, " ")
     leftover = re.findall(r"\d[\d.,]*", NAMES.sub(" ", rest))
     assert not leftover, f"numbers in the README row that no JSON backs: {leftover} (row: {row})"
+
+
+def test_readme_pairs_are_the_first_five_held_out_samples_of_the_file_they_cite():
+    text = ROOT.joinpath("README.md").read_text()
+    intro, table = text.split("What the `smollm2` preset does to SmolLM2-135M-Instruct", 1)[1].split("\n| prompt |", 1)
+    cited = re.findall(r"\(benchmarks/results/([\w.]+)\.json\)", intro)
+    assert len(cited) == 1, f"the pairs' paragraph cites one results file, not {cited}"
+    lines = table.split("\n\n", 1)[0].splitlines()[2:]  # under the |---| line, to the table's end
+    cells = [line.strip("| ").split(" | ") for line in lines]
+    samples = load(cited[0])["samples"][:5]
+    assert len(cells) == 5
+    for (prompt, before, after), s in zip(cells, samples, strict=True):
+        assert [prompt, before, after] == [" ".join(s[k].split()) for k in ("prompt", "before", "after")]
 
 
 # --- every --flag the docs name ------------------------------------------------------------------------------------
