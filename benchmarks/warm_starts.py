@@ -11,7 +11,7 @@ names a film), beside real held-out reviews cut to the same lengths.
 `samples` pairs the first candidate's text ("before") with the second's ("after") per prompt, so
 `../shared/tools/blind_reading.py prepare` reads them blind, shuffled together.
 
-    python benchmarks/warm_starts.py                      # 4 blocks (the preset) against all 30
+    python benchmarks/warm_starts.py                      # 4 blocks (the earlier preset) against all 30 (the preset)
     python benchmarks/warm_starts.py --layers 4 12 --prompts 64 --out /tmp/w.json
 """
 

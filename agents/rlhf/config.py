@@ -133,9 +133,9 @@ SMOLLM2_TEMPERATURE = 0.7
 
 def smollm2() -> RLHFConfig:
     """A real pretrained LM: SmolLM2-135M-Instruct (fetched once from the package registry, then offline), first
-    tuned as a plain LM on IMDb review openings, every block (the warm start), then by RLOO against the IMDb reward model (the
-    pretrained all-MiniLM-L6-v2 fine-tuned on review windows), its top 4 of 30 blocks over a frozen trunk, sampling
-    at temperature 0.7."""
+    tuned as a plain LM on IMDb review openings, every block (the warm start), then by RLOO against the IMDb reward
+    model (the pretrained all-MiniLM-L6-v2 fine-tuned on review windows), its top 4 of 30 blocks over a frozen
+    trunk, sampling at temperature 0.7."""
     # Why each setting (benchmarks/README.md, "RLHF with SmolLM2-135M-Instruct", has the runs behind them):
     # warm start: the instruct model writes off-topic text the reward model and the judge disagree on; tuning all
     # its blocks, not only the top 4, is what a blind reader calls on-topic and fluent 0.9 of the time before RL

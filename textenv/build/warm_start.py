@@ -7,13 +7,16 @@ fixes that. So this step trains the LM to continue review openings: the first `w
 review, both polarities (the labels are never read: the sentiment must come from RL).
 
 The top `trainable_layers` decoder blocks (and the final norm) train, over the frozen trunk of
-`textenv.lm.TrunkSplit`; by default all 30 of SmolLM2-135M's. Tuning only the top 4 (what the RL job trains) costs
-half the time and leaves the instruct model's drift in: a blind reader called 65% of its samples on-topic and 70-75%
-fluent, against 91% and 90% after tuning every block (benchmarks/README.md, "Warm starts, read before RL"). The amount of work is fixed (`max_texts` openings,
-`epochs` passes, so `epochs x max_texts / batch_size` steps): the same seed gives the same model on any machine,
-however busy. `max_minutes` is an optional guard; when it cuts the run, it says so loudly and the metrics record
-it. A progress bar shows the steps; the held-out loss of the openings of test reviews is reported before and after. The result is a plain transformers folder (model + tokenizer); `textenv.build` caches it in
-`<out-dir>/warmstart-<hash>/`, keyed by these settings, the base model and the data's contents.
+`textenv.lm.TrunkSplit`; by default all 30 of SmolLM2-135M's. Tuning only the top 4 (what the RL job trains) takes
+0.6x the time and leaves the instruct model's drift in: a blind reader called 65% of its samples on-topic and 70-75%
+fluent, against 91% and 90% after tuning every block (benchmarks/README.md, "Warm starts, read before RL").
+
+The amount of work is fixed (`max_texts` openings, `epochs` passes, so `epochs x max_texts / batch_size` steps):
+the same seed gives the same model on any machine, however busy. `max_minutes` is an optional guard; when it cuts
+the run, it says so loudly and the metrics record it. A progress bar shows the steps; the held-out loss of the
+openings of test reviews is reported before and after. The result is a plain transformers folder (model +
+tokenizer); `textenv.build` caches it in `<out-dir>/warmstart-<hash>/`, keyed by these settings, the base model and
+the data's contents.
 """
 
 from __future__ import annotations
