@@ -23,16 +23,14 @@ from dataclasses import dataclass
 
 import tyro
 from _common import IMDB_DIR, print_table, target, write_result
+from temperature import KEYS  # the same measures of the samples as the temperature table
 
 from agents.rlhf import prepare
 from agents.rlhf.config import smollm2
 from agents.rlhf.job import held_out
 from agents.rlhf.report import Samples, evaluate_held_out
-from agents.rlhf.signals import on_topic_rate
 from agents.rlhf.yardstick import yardstick
 from agents.vector import resolve_device
-
-KEYS = ("positive_rate_reward_model", "positive_rate_judge", "distinct_2", "identical_share", "original_perplexity")
 
 
 @dataclass
@@ -60,7 +58,7 @@ def measure(cfg, layers: int) -> tuple[dict, Samples, dict]:
     t0, evaluation = time.time(), held_out(cfg, pieces)
     metrics, samples = evaluate_held_out(pieces.policy, pieces.policy, evaluation)
     built = pieces.info["warm_start"]
-    row = {"layers": layers, **{k: metrics.get(k) for k in KEYS}, "names_a_film": on_topic_rate(samples.texts),
+    row = {"layers": layers, **{k: metrics.get(k) for k in KEYS}, "names_a_film": metrics["on_topic_rate"],
            "heldout_perplexity": built["heldout_perplexity_after"], "build_seconds": built["build_seconds"],
            "warm_start": built["path"], "sample_seconds": time.time() - t0}
     return row, samples, yardstick(evaluation, samples)
