@@ -70,6 +70,8 @@ class Args:
     """PPO epochs over each iteration's batch (default: the preset's)"""
     repeated_words_penalty: float | None = None
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
+    reward_output: Literal["logit", "prob"] | None = None
+    """`logit` or `prob`: what PPO is paid (default: the preset's; `agents.rlhf` --reward-output)"""
     warm_start_layers: int | None = None
     """decoder blocks the warm start tunes (default: the preset's; `agents.rlhf` --warm-start-layers)"""
     seed: int = 1
@@ -110,6 +112,8 @@ def build_config(a: Args) -> RLHFConfig:
         cfg.repeated_words_penalty = a.repeated_words_penalty
     if a.warm_start_layers is not None:
         cfg.warm_start_layers = a.warm_start_layers
+    if a.reward_output is not None:
+        cfg.reward_output = a.reward_output
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64

@@ -333,6 +333,27 @@ def test_the_repeated_words_penalty_comes_after_normalising():
     assert training_reward(plain, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5, 0.5])
 
 
+def test_reward_output_prob_pays_p_positive_standardised_by_the_starts():
+    """--reward-output prob: PPO trains on (P(positive) - mean) / std of the initial policy's P(positive); a reward
+    model with no P(positive) is a one-line usage error."""
+    from agents import distributed
+    from agents.rlhf.job import training_reward
+
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=None, reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS, reward_positive_fn=KeywordReward("b", weight=0.1))
+    before = ({"reward_mean": 2.0, "reward_std": 4.0, "reward_prob_mean": 0.2, "reward_prob_std": 0.5},)
+    texts = ["abbb", "aaab"]  # P(positive) stand-in 0.3 and 0.1; the logit stand-in 1 and 3
+    cfg = RLHFConfig(normalize_reward=True, reward_output="prob")
+    assert training_reward(cfg, pieces, before, distributed.given(None))(texts) == pytest.approx([0.2, -0.2])
+    raw = dataclasses.replace(cfg, normalize_reward=False)
+    assert training_reward(raw, pieces, before, distributed.given(None))(texts) == pytest.approx([0.3, 0.1])
+    logit = dataclasses.replace(cfg, reward_output="logit")
+    assert training_reward(logit, pieces, before, distributed.given(None))(texts) == pytest.approx([-0.25, 0.25])
+    with pytest.raises(UsageError, match="--reward-output prob .* not a sequence classifier"):
+        training_reward(cfg, dataclasses.replace(pieces, reward_positive_fn=None), before, distributed.given(None))
+
+
 def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
     scores = np.array([[0.1, 0.9, 0.5, 2.0], [1.0, -1.0, 3.0, 0.0]])
     judged = np.array([[0.9, 0.2, 0.8, 0.7], [0.1, 0.9, 0.6, 0.4]])  # the judge disagrees with some picks

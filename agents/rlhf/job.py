@@ -69,15 +69,19 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
 
 
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
-    """The reward PPO trains on: the reward model's score, or with `normalize_reward` that score standardised by
-    its mean and std over the initial policy's held-out samples (rank 0's, sent to every rank); less
-    `repeated_words_penalty` times the text's share of repeated words."""
+    """The reward PPO trains on: the reward model's score (`reward_output`: its logit, or its P(positive)), or
+    with `normalize_reward` that score standardised by its mean and std over the initial policy's held-out samples
+    (rank 0's, sent to every rank); less `repeated_words_penalty` times the text's share of repeated words."""
     from textenv.rewards import NormalizedReward, RepetitionPenalty
 
-    reward = pieces.reward_fn
+    prob = cfg.reward_output == "prob"
+    if prob and pieces.reward_positive_fn is None:
+        raise UsageError("--reward-output prob pays the reward model's P(positive): this reward model is not a "
+                         "sequence classifier; use --reward-output logit")
+    reward = pieces.reward_positive_fn if prob else pieces.reward_fn
     if cfg.normalize_reward:
-        stats = distributed.broadcast_object(None if before is None else (before[0]["reward_mean"],
-                                                                          before[0]["reward_std"]), dist)
+        keys = ("reward_prob_mean", "reward_prob_std") if prob else ("reward_mean", "reward_std")
+        stats = distributed.broadcast_object(None if before is None else tuple(before[0][k] for k in keys), dist)
         reward = NormalizedReward(reward, *stats)
     return RepetitionPenalty(reward, cfg.repeated_words_penalty) if cfg.repeated_words_penalty else reward
 

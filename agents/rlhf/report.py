@@ -200,6 +200,8 @@ def evaluate_held_out(policy: GPTAgent | nn.Module, reference: nn.Module, held_o
         "reward_std": float(rewards.std(ddof=1)) if len(s) > 1 else 0.0,
         "reward_sem": float(rewards.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0,
         "positive_rate_reward_model": _positive_rate(pos_scores, 0.0 if h.reward_positive_fn is None else 0.5),
+        "reward_prob_mean": None if h.reward_positive_fn is None else float(pos_scores.mean()),
+        "reward_prob_std": None if h.reward_positive_fn is None or len(s) < 2 else float(pos_scores.std(ddof=1)),
         "positive_rate_judge": None,
         "kl_mean": float(kl.mean()),
         "kl_sem": float(kl.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0,
