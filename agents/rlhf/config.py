@@ -89,8 +89,8 @@ class RLHFConfig:
     (the report keeps the raw score)"""
     reward_output: Literal["logit", "prob"] = "logit"
     """what PPO is paid: the reward model's positive-class `logit` (the seed's), or its P(positive) (`prob`), which
-    stops paying once a text reads as positive, so the KL penalty, not more praise, decides the rest of the text
-    (standardised with the initial policy's P(positive) under --normalize-reward); the report keeps the logit"""
+    pays little for more praise once a text reads as positive (standardised with the initial policy's P(positive)
+    under --normalize-reward); the report keeps the logit. On SmolLM2 `prob` kept no more diversity (see docs)"""
     repeated_words_penalty: float = 0.0
     """subtract this times the share of the text's words (4+ letters) that repeat an earlier one from the reward PPO
     trains on (after --normalize-reward: in standard deviations of the initial policy's scores); a reward term
