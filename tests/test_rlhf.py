@@ -334,10 +334,11 @@ def test_the_repeated_words_penalty_comes_after_normalising():
 
 
 def test_reward_output_prob_pays_p_positive_standardised_by_the_starts():
-    """--reward-output prob: PPO trains on (P(positive) - mean) / std of the initial policy's P(positive); a reward
-    model with no P(positive) is a one-line usage error."""
+    """--reward-output prob: PPO trains on (P(positive) - mean) / std of the initial policy's P(positive); pieces
+    with no P(positive) are a one-line usage error."""
     from agents import distributed
     from agents.rlhf.job import training_reward
+    from agents.rlhf.pieces import check_pieces
 
     tok = char_tokenizer("ab ")
     pieces = Pieces(tokenizer=tok, policy=None, reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
@@ -350,8 +351,8 @@ def test_reward_output_prob_pays_p_positive_standardised_by_the_starts():
     assert training_reward(raw, pieces, before, distributed.given(None))(texts) == pytest.approx([0.3, 0.1])
     logit = dataclasses.replace(cfg, reward_output="logit")
     assert training_reward(logit, pieces, before, distributed.given(None))(texts) == pytest.approx([-0.25, 0.25])
-    with pytest.raises(UsageError, match="--reward-output prob .* not a sequence classifier"):
-        training_reward(cfg, dataclasses.replace(pieces, reward_positive_fn=None), before, distributed.given(None))
+    with pytest.raises(UsageError, match="--reward-output prob .* no reward_positive_fn"):  # before any model runs
+        check_pieces(dataclasses.replace(pieces, reward_positive_fn=None), cfg)
 
 
 def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():

@@ -74,10 +74,7 @@ def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist:
     (rank 0's, sent to every rank); less `repeated_words_penalty` times the text's share of repeated words."""
     from textenv.rewards import NormalizedReward, RepetitionPenalty
 
-    prob = cfg.reward_output == "prob"
-    if prob and pieces.reward_positive_fn is None:
-        raise UsageError("--reward-output prob pays the reward model's P(positive): this reward model is not a "
-                         "sequence classifier; use --reward-output logit")
+    prob = cfg.reward_output == "prob"  # `check_pieces` made sure hand-built pieces have a P(positive)
     reward = pieces.reward_positive_fn if prob else pieces.reward_fn
     if cfg.normalize_reward:
         keys = ("reward_prob_mean", "reward_prob_std") if prob else ("reward_mean", "reward_std")

@@ -71,7 +71,10 @@ def guarded(pieces: Pieces, timeout_s: float) -> Pieces:
 
 def check_pieces(pieces: Pieces, cfg: RLHFConfig) -> None:
     """Pieces built by hand (not by `prepare`): the tokenizer, the policy against it and the episode, held-out
-    prompts to report on."""
+    prompts to report on, a P(positive) where PPO is paid one."""
+    if cfg.reward_output == "prob" and pieces.reward_positive_fn is None:
+        raise UsageError("--reward-output prob pays the reward model's P(positive): these pieces have no "
+                         "reward_positive_fn; pass one or use --reward-output logit")
     check_tokenizer(pieces.tokenizer, "the policy tokenizer")
     check_policy(pieces.policy, pieces.tokenizer, cfg, "the policy")
     if not pieces.eval_prompts:
