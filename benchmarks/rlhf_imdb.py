@@ -72,6 +72,8 @@ class Args:
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
     reward_output: Literal["logit", "prob"] | None = None
     """`logit` or `prob`: what PPO is paid (default: the preset's; `agents.rlhf` --reward-output)"""
+    dtype: Literal["auto", "float32", "bf16"] | None = None
+    """the policy's compute dtype (default: the preset's; `agents.rlhf` --dtype)"""
     warm_start_layers: int | None = None
     """decoder blocks the warm start tunes (default: the preset's; `agents.rlhf` --warm-start-layers)"""
     seed: int = 1
@@ -114,6 +116,8 @@ def build_config(a: Args) -> RLHFConfig:
         cfg.warm_start_layers = a.warm_start_layers
     if a.reward_output is not None:
         cfg.reward_output = a.reward_output
+    if a.dtype is not None:
+        cfg.dtype = a.dtype
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64
