@@ -30,7 +30,8 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
     coefs = LossCoefs(clip, args.clip_coef if args.clip_vloss else None, args.ent_coef,
                       args.advantage_mode.value_coef(args.vf_coef))  # group-relative: no value head to train
     # bf16 autocast (GPTAgent's dtype): the rollout's cached decode and the update's full forward may round apart
-    ratio_tol = 2e-2 if getattr(agent, "autocast_dtype", None) is not None else 1e-4
+    low_precision = getattr(agent, "autocast_dtype", None) is not None
+    ratio_tol = 2e-2 if low_precision else 1e-4
     b = {"actions": rollout.actions.reshape(-1), "logprobs": rollout.logprobs.reshape(-1),
          "values": rollout.values.reshape(-1), "advantages": rollout.advantages.reshape(-1),
          "returns": rollout.returns.reshape(-1)}
@@ -44,7 +45,8 @@ def update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
             adv = (sel["advantages"] - mu) / (std + 1e-8) if args.norm_adv else sel["advantages"]
             loss, mb_sums = ppo_loss(logprob, entropy, value, sel, adv, mask, count.clamp(min=1), coefs)
             if epoch == 0 and mb_i == 0 and logprob.numel():  # before any step the policy is the rollout's
-                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask, ratio_tol)
+                first_dev = first_ratio_deviation((logprob - sel["logprobs"]).exp(), mask, ratio_tol,
+                                                  low_precision)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"PPO loss is {loss.item()} (policy {mb_sums[0]}, value {mb_sums[1]}): training stopped; the last "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from agents.advantages import RLOO, compute_advantages
 from agents.policies import MLPAgent
-from agents.rollout import Carry, collect_rollout
+from agents.rollout import Carry, collect_rollout, first_ratio_deviation
 from tiny import FixedLength  # episodes of a fixed length with a known ref_logprob
 
 
@@ -138,3 +139,14 @@ def test_group_advantages_need_an_env_that_reports_groups():
                         device=torch.device("cpu"))
     with pytest.raises(ValueError, match="reports no infos\\['group'\\]"):
         compute_advantages(r, agent, 0.0, 1.0, 1.0, False, RLOO)
+
+
+def test_the_first_ratio_warning_names_rounding_under_bf16_and_a_mismatch_otherwise():
+    ratio, mask = torch.tensor([1.0, 1.07, 0.2]), torch.tensor([True, True, False])  # the 0.2 is masked out
+    with pytest.warns(UserWarning, match=r"deviates from 1 by 7\.00e-02.*bf16 rounding.*--dtype float32"):
+        assert first_ratio_deviation(ratio, mask, tol=2e-2, low_precision=True) == pytest.approx(0.07, abs=1e-6)
+    with pytest.warns(UserWarning, match=r"by 7\.00e-02.*dropout on\?"):
+        first_ratio_deviation(ratio, mask, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the tolerance: silent
+        assert first_ratio_deviation(ratio, mask, tol=0.1, low_precision=True) == pytest.approx(0.07, abs=1e-6)
