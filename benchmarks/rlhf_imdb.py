@@ -72,6 +72,8 @@ class Args:
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
     reward_output: Literal["logit", "prob"] | None = None
     """`logit` or `prob`: what PPO is paid (default: the preset's; `agents.rlhf` --reward-output)"""
+    group_size: int | None = None
+    """episodes per prompt, what RLOO compares (default: the preset's; `agents.rlhf` --group-size)"""
     dtype: Literal["auto", "float32", "bf16"] | None = None
     """the policy's compute dtype (default: the preset's; `agents.rlhf` --dtype)"""
     warm_start_layers: int | None = None
@@ -118,6 +120,8 @@ def build_config(a: Args) -> RLHFConfig:
         cfg.reward_output = a.reward_output
     if a.dtype is not None:
         cfg.dtype = a.dtype
+    if a.group_size is not None:
+        cfg.group_size = a.group_size
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64
