@@ -94,6 +94,9 @@ class Args:
     """JSON path (default benchmarks/results/rlhf_<preset>.json)"""
 
 
+_CONFIG_OVERRIDES = ("repeated_words_penalty", "warm_start_layers", "reward_output", "dtype", "group_size")
+
+
 def build_config(a: Args) -> RLHFConfig:
     """The preset's config with this run's data, seed, threads, run folder and overrides (less if --quick)."""
     base = PRESETS[a.preset]()
@@ -112,16 +115,9 @@ def build_config(a: Args) -> RLHFConfig:
     cfg = dataclasses.replace(base, data_dir=data_dir(a), policy=a.policy or base.policy,
                               reward_model=a.reward_model, judge=a.judge, ppo=ppo,
                               temperature=a.temperature or base.temperature)
-    if a.repeated_words_penalty is not None:
-        cfg.repeated_words_penalty = a.repeated_words_penalty
-    if a.warm_start_layers is not None:
-        cfg.warm_start_layers = a.warm_start_layers
-    if a.reward_output is not None:
-        cfg.reward_output = a.reward_output
-    if a.dtype is not None:
-        cfg.dtype = a.dtype
-    if a.group_size is not None:
-        cfg.group_size = a.group_size
+    for name in _CONFIG_OVERRIDES:  # flags of the same name as the RLHFConfig field they set; None: the preset's
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
     if a.quick:
         ppo.total_timesteps = min(ppo.total_timesteps, 20 * ppo.num_envs * ppo.num_steps)
         cfg.eval_prompts = 64
