@@ -70,6 +70,8 @@ class Args:
     """PPO epochs over each iteration's batch (default: the preset's)"""
     repeated_words_penalty: float | None = None
     """the reward term against repeated words (default: the preset's; `agents.rlhf` --repeated-words-penalty)"""
+    stale_phrase_penalty: float | None = None
+    """the reward term against stock phrases (default: the preset's; `agents.rlhf` --stale-phrase-penalty)"""
     reward_output: Literal["logit", "prob"] | None = None
     """`logit` or `prob`: what PPO is paid (default: the preset's; `agents.rlhf` --reward-output)"""
     group_size: int | None = None
@@ -94,7 +96,8 @@ class Args:
     """JSON path (default benchmarks/results/rlhf_<preset>.json)"""
 
 
-_CONFIG_OVERRIDES = ("repeated_words_penalty", "warm_start_layers", "reward_output", "dtype", "group_size")
+_CONFIG_OVERRIDES = ("repeated_words_penalty", "stale_phrase_penalty", "warm_start_layers", "reward_output", "dtype",
+                     "group_size")
 
 
 def build_config(a: Args) -> RLHFConfig:

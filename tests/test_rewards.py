@@ -95,6 +95,24 @@ def test_check_scores():
         check_scores([1.0, float("inf")], 2, LengthReward())
 
 
+def test_stale_phrase_penalty_costs_word_pairs_the_latest_texts_used():
+    from textenv.rewards import StalePhrasePenalty, word_pairs
+
+    assert word_pairs("It is a GREAT movie!") == [("it", "is"), ("is", "a"), ("a", "great"), ("great", "movie")]
+    penalty = StalePhrasePenalty(LengthReward(0.0), coef=2.0, window=2)
+    # the first call has nothing to compare with; a call's texts are not compared with each other
+    assert penalty(["It is a great movie", "It is a great movie"]) == [0.0, 0.0]
+    # (it is) (is a) (a great) used, (great film) not: 3/4 stale; "a bad day": (a bad) (bad day) new
+    assert penalty(["It is a great film", "a bad day"]) == pytest.approx([-2.0 * 0.75, 0.0])
+    # the window holds the last 2 texts: the first call's fell out, so (great movie) is new again
+    assert penalty(["a great movie", "bad day", "one"]) == pytest.approx([-2.0 * 0.5, -2.0, 0.0])
+    assert StalePhrasePenalty(KeywordReward("great"), 0.0)(["great great"]) == [2.0]
+    with pytest.raises(ValueError, match="coef=-1.0 must be >= 0"):
+        StalePhrasePenalty(LengthReward(), -1.0)
+    with pytest.raises(ValueError, match="window=0 must be a positive number of texts"):
+        StalePhrasePenalty(LengthReward(), 1.0, window=0)
+
+
 def test_repetition_penalty_costs_repeated_words_only():
     from textenv.rewards import RepetitionPenalty, repeated_word_share
 

@@ -317,8 +317,8 @@ def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tm
         check_config(dataclasses.replace(cfg, temperature=0.0))
 
 
-def test_the_repeated_words_penalty_comes_after_normalising():
-    """PPO trains on (score - mean) / std - coef x share of repeated words."""
+def test_the_repeated_words_and_stale_phrase_penalties_come_after_normalising():
+    """PPO trains on (score - mean) / std - coef x share of repeated words (or of stale word pairs)."""
     from agents import distributed
     from agents.rlhf.job import training_reward
 
@@ -331,6 +331,11 @@ def test_the_repeated_words_penalty_comes_after_normalising():
     assert training_reward(cfg, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5 - 1.5, 0.5])
     plain = dataclasses.replace(cfg, repeated_words_penalty=0.0)
     assert training_reward(plain, pieces, before, distributed.given(None))(texts) == pytest.approx([0.5, 0.5])
+    # the stale-phrase term comes after normalising too, and remembers the texts of earlier calls
+    stale = training_reward(dataclasses.replace(plain, stale_phrase_penalty=2.0), pieces, before,
+                            distributed.given(None))
+    assert stale(texts) == pytest.approx([0.5, 0.5])  # nothing scored before
+    assert stale(["abba abba"]) == pytest.approx([0.5 - 2.0])  # its one pair, (abba abba), was used
 
 
 def test_reward_output_prob_pays_p_positive_standardised_by_the_starts():
@@ -377,6 +382,8 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n():
     (dict(warm_start_layers=8), "--warm-start-layers 8 .* needs --warm-start"),
     (dict(best_of_n=(0, 4)), "--best-of-n .0, 4. must be >= 1"),
     (dict(repeated_words_penalty=-1.0), "--repeated-words-penalty -1.0 must be >= 0"),
+    (dict(stale_phrase_penalty=-2.0), "--stale-phrase-penalty -2.0 must be >= 0"),
+    (dict(stale_phrase_penalty=2.0, stale_phrase_window=0), "--stale-phrase-window 0 >= 1 text"),
 ])
 def test_settings_of_group_advantages_and_warm_start_are_checked(tmp_path, kw, message):
     tok = char_tokenizer("ab ")

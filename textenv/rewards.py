@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -255,6 +256,54 @@ class RepetitionPenalty:
     def __call__(self, texts: list[str]) -> list[float]:
         return [float(s) - self.coef * repeated_word_share(t, self.min_letters)
                 for s, t in zip(self.reward_model(texts), texts, strict=True)]
+
+
+def word_pairs(text: str) -> list[tuple[str, str]]:
+    """The text's consecutive lower-cased word pairs: "It is a great movie" -> (it, is), (is, a), (a, great), ..."""
+    words = WORD.findall(text.lower())
+    return list(zip(words, words[1:], strict=False))
+
+
+class StalePhrasePenalty:
+    """`reward_model(texts) - coef * share of the text's word pairs that the last `window` texts scored already
+    used`: a reward term against a policy collapsing onto a few stock phrases ("The acting is amazing. The story is
+    perfect."), which raises every text's score and lowers the set's distinct-2. Each call compares its texts with
+    the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the window; the
+    first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts it empty.
+    On SmolLM2's tuned texts about 0.6 of a text's pairs are stale against the previous 256, on its start 0.45."""
+
+    def __init__(self, reward_model: RewardModel, coef: float, window: int = 256) -> None:
+        if not coef >= 0:
+            raise ValueError(f"coef={coef} must be >= 0 (0: no penalty)")
+        if int(window) != window or window < 1:
+            raise ValueError(f"window={window!r} must be a positive number of texts")
+        self.reward_model, self.coef, self.window = reward_model, float(coef), int(window)
+        self.__name__ = getattr(reward_model, "__name__", type(reward_model).__name__)  # errors name the scorer
+        self._recent: deque[set] = deque()  # the pairs of each of the last `window` texts, oldest first
+        self._counts: dict[tuple[str, str], int] = {}  # pair -> how many of those texts use it
+
+    def stale_share(self, text: str) -> float:
+        """Share of the text's word pairs that a text in the window used (0.0 for a text of one word or none)."""
+        pairs = word_pairs(text)
+        return sum(p in self._counts for p in pairs) / len(pairs) if pairs else 0.0
+
+    def remember(self, texts: list[str]) -> None:
+        for text in texts:
+            pairs = set(word_pairs(text))
+            self._recent.append(pairs)
+            for p in pairs:
+                self._counts[p] = self._counts.get(p, 0) + 1
+        while len(self._recent) > self.window:
+            for p in self._recent.popleft():
+                self._counts[p] -= 1
+                if not self._counts[p]:
+                    del self._counts[p]
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        scores = self.reward_model(texts)
+        out = [float(s) - self.coef * self.stale_share(t) for s, t in zip(scores, texts, strict=True)]
+        self.remember(texts)
+        return out
 
 
 class TimeLimit:

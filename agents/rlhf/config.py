@@ -95,6 +95,12 @@ class RLHFConfig:
     """subtract this times the share of the text's words (4+ letters) that repeat an earlier one from the reward PPO
     trains on (after --normalize-reward: in standard deviations of the initial policy's scores); a reward term
     against padded praise ("a great movie. It is a great movie"), not a sampling-time penalty; 0: off"""
+    stale_phrase_penalty: float = 0.0
+    """subtract this times the share of the text's word pairs that the last --stale-phrase-window training texts
+    already used from the reward PPO trains on (after --normalize-reward, like --repeated-words-penalty): a reward
+    term against collapsing onto a few stock phrases, which lowers the texts' distinct-2; 0: off"""
+    stale_phrase_window: int = 256
+    """how many of the latest training texts --stale-phrase-penalty compares with (the preset's 4 iterations)"""
     reward_timeout: float = 600.0
     """seconds the reward model (and the judge) may take on one batch before the run stops with an error that
     names the batch, keeping its last checkpoint (0: no limit)"""
@@ -192,6 +198,10 @@ def check_config(cfg: RLHFConfig) -> None:
     if not cfg.repeated_words_penalty >= 0:
         raise UsageError(f"--repeated-words-penalty {cfg.repeated_words_penalty} must be >= 0 (0: off; 3 costs a "
                          "text that repeats a third of its words 1 unit of reward)")
+    if not cfg.stale_phrase_penalty >= 0 or cfg.stale_phrase_window < 1:
+        raise UsageError(f"--stale-phrase-penalty {cfg.stale_phrase_penalty} must be >= 0 (0: off; 2 costs a text "
+                         f"whose word pairs were all used lately 2 units of reward) and --stale-phrase-window "
+                         f"{cfg.stale_phrase_window} >= 1 text")
     if cfg.reward_timeout < 0:
         raise UsageError(f"--reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0: no limit)")
     if cfg.ppo.resume and not cfg.ppo.run_dir:

@@ -71,8 +71,9 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
     """The reward PPO trains on: the reward model's score (`reward_output`: its logit, or its P(positive)), or
     with `normalize_reward` that score standardised by its mean and std over the initial policy's held-out samples
-    (rank 0's, sent to every rank); less `repeated_words_penalty` times the text's share of repeated words."""
-    from textenv.rewards import NormalizedReward, RepetitionPenalty
+    (rank 0's, sent to every rank); less `repeated_words_penalty` times the text's share of repeated words and
+    `stale_phrase_penalty` times its share of word pairs the latest training texts used."""
+    from textenv.rewards import NormalizedReward, RepetitionPenalty, StalePhrasePenalty
 
     prob = cfg.reward_output == "prob"  # `check_pieces` made sure hand-built pieces have a P(positive)
     reward = pieces.reward_positive_fn if prob else pieces.reward_fn
@@ -80,7 +81,11 @@ def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist:
         keys = ("reward_prob_mean", "reward_prob_std") if prob else ("reward_mean", "reward_std")
         stats = distributed.broadcast_object(None if before is None else tuple(before[0][k] for k in keys), dist)
         reward = NormalizedReward(reward, *stats)
-    return RepetitionPenalty(reward, cfg.repeated_words_penalty) if cfg.repeated_words_penalty else reward
+    if cfg.repeated_words_penalty:
+        reward = RepetitionPenalty(reward, cfg.repeated_words_penalty)
+    if cfg.stale_phrase_penalty:
+        reward = StalePhrasePenalty(reward, cfg.stale_phrase_penalty, cfg.stale_phrase_window)
+    return reward
 
 
 def held_out(cfg: RLHFConfig, pieces: Pieces):
