@@ -270,7 +270,8 @@ class StalePhrasePenalty:
     perfect."), which raises every text's score and lowers the set's distinct-2. Each call compares its texts with
     the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the window; the
     first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts it empty.
-    On SmolLM2's tuned texts about 0.6 of a text's pairs are stale against the previous 256, on its start 0.45."""
+    Against the other 255 of 256 held-out texts, 0.55-0.57 of the pairs of SmolLM2's texts tuned without this term
+    (2 seeds) are stale, 0.43-0.47 of its start's."""
 
     def __init__(self, reward_model: RewardModel, coef: float, window: int = 256) -> None:
         if not coef >= 0:
