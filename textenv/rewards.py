@@ -267,9 +267,9 @@ def word_pairs(text: str) -> list[tuple[str, str]]:
 class StalePhrasePenalty:
     """`reward_model(texts) - coef * share of the text's word pairs that the last `window` texts scored already
     used`: a reward term against a policy collapsing onto a few stock phrases ("The acting is amazing. The story is
-    perfect."), which raises every text's score and lowers the set's distinct-2. Each call compares its texts with
-    the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the window; the
-    first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts it empty.
+    perfect."), each of which the reward model pays for, and which lower the set's distinct-2. Each call compares
+    its texts with the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the
+    window; the first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts it empty.
     Against the other 255 of 256 held-out texts, 0.55-0.57 of the pairs of SmolLM2's texts tuned without this term
     (2 seeds) are stale, 0.43-0.47 of its start's."""
 
