@@ -241,21 +241,38 @@ def repeated_word_share(text: str, min_letters: int = 4) -> float:
     return (len(words) - len(set(words))) / len(words) if words else 0.0
 
 
-class RepetitionPenalty:
+class SharePenalty:
+    """`reward_model(texts) - coef * share`, one share in [0, 1] per text from `shares(texts)`, which a subclass
+    defines: the reward terms below share their checks and the naming of the scorer their errors carry."""
+
+    def __init__(self, reward_model: RewardModel, coef: float) -> None:
+        if not coef >= 0:
+            raise ValueError(f"coef={coef} must be >= 0 (0: no penalty)")
+        self.reward_model, self.coef = reward_model, float(coef)
+        self.__name__ = getattr(reward_model, "__name__", type(reward_model).__name__)  # errors name the scorer
+
+    def shares(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        # scored and checked first: a scorer that raises, or gives a score too many or too few, leaves the term as
+        # it was
+        scores = [float(s) for s, _ in zip(self.reward_model(texts), texts, strict=True)]
+        return [s - self.coef * share for s, share in zip(scores, self.shares(texts), strict=True)]
+
+
+class RepetitionPenalty(SharePenalty):
     """`reward_model(texts) - coef * repeated_word_share(text)`: a reward term against padding praise by repeating
     it ("a great movie. It is a great movie"), which a classifier pays for and a reader calls not fluent. A reward
     term, scored on the whole text; not the sampling-time `repetition_penalty` of transformers' `generate`, which
     would change the distribution PPO's log-probs describe."""
 
     def __init__(self, reward_model: RewardModel, coef: float, min_letters: int = 4) -> None:
-        if not coef >= 0:
-            raise ValueError(f"coef={coef} must be >= 0 (0: no penalty)")
-        self.reward_model, self.coef, self.min_letters = reward_model, float(coef), int(min_letters)
-        self.__name__ = getattr(reward_model, "__name__", type(reward_model).__name__)  # errors name the scorer
+        super().__init__(reward_model, coef)
+        self.min_letters = int(min_letters)
 
-    def __call__(self, texts: list[str]) -> list[float]:
-        return [float(s) - self.coef * repeated_word_share(t, self.min_letters)
-                for s, t in zip(self.reward_model(texts), texts, strict=True)]
+    def shares(self, texts: list[str]) -> list[float]:
+        return [repeated_word_share(t, self.min_letters) for t in texts]
 
 
 def word_pairs(text: str) -> list[tuple[str, str]]:
@@ -264,46 +281,37 @@ def word_pairs(text: str) -> list[tuple[str, str]]:
     return list(zip(words, words[1:], strict=False))
 
 
-class StalePhrasePenalty:
+class StalePhrasePenalty(SharePenalty):
     """`reward_model(texts) - coef * share of the text's word pairs that the last `window` texts scored already
     used`: a reward term against a policy collapsing onto a few stock phrases ("The acting is amazing. The story is
     perfect."), each of which the reward model pays for, and which lower the set's distinct-2. Each call compares
     its texts with the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the
-    window; the first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts it empty.
-    Against the other 255 of 256 held-out texts, 0.55-0.57 of the pairs of SmolLM2's texts tuned without this term
-    (2 seeds) are stale, 0.43-0.47 of its start's."""
+    window; the first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts
+    it empty. Against the other 255 of 256 held-out texts, 0.55-0.57 of the pairs of SmolLM2's texts tuned without
+    this term (2 seeds) are stale, 0.43-0.47 of its start's."""
 
     def __init__(self, reward_model: RewardModel, coef: float, window: int = 256) -> None:
-        if not coef >= 0:
-            raise ValueError(f"coef={coef} must be >= 0 (0: no penalty)")
+        super().__init__(reward_model, coef)
         if int(window) != window or window < 1:
             raise ValueError(f"window={window!r} must be a positive number of texts")
-        self.reward_model, self.coef, self.window = reward_model, float(coef), int(window)
-        self.__name__ = getattr(reward_model, "__name__", type(reward_model).__name__)  # errors name the scorer
+        self.window = int(window)
         self._recent: deque[set] = deque()  # the pairs of each of the last `window` texts, oldest first
         self._counts: dict[tuple[str, str], int] = {}  # pair -> how many of those texts use it
 
-    def stale_share(self, text: str) -> float:
-        """Share of the text's word pairs that a text in the window used (0.0 for a text of one word or none)."""
-        pairs = word_pairs(text)
-        return sum(p in self._counts for p in pairs) / len(pairs) if pairs else 0.0
-
-    def remember(self, texts: list[str]) -> None:
-        for text in texts:
-            pairs = set(word_pairs(text))
-            self._recent.append(pairs)
-            for p in pairs:
+    def shares(self, texts: list[str]) -> list[float]:
+        """Each text's share of word pairs that a text in the window used (0.0 for a text of one word or none);
+        then the texts join the window."""
+        pairs = [word_pairs(t) for t in texts]
+        out = [sum(p in self._counts for p in ps) / len(ps) if ps else 0.0 for ps in pairs]
+        for ps in map(set, pairs):
+            self._recent.append(ps)
+            for p in ps:
                 self._counts[p] = self._counts.get(p, 0) + 1
         while len(self._recent) > self.window:
             for p in self._recent.popleft():
                 self._counts[p] -= 1
                 if not self._counts[p]:
                     del self._counts[p]
-
-    def __call__(self, texts: list[str]) -> list[float]:
-        scores = self.reward_model(texts)
-        out = [float(s) - self.coef * self.stale_share(t) for s, t in zip(scores, texts, strict=True)]
-        self.remember(texts)
         return out
 
 
