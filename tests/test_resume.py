@@ -36,11 +36,12 @@ def run_until(cmd: list[str], line_starts: str, timeout: float = 1200) -> list[s
 
 
 def rlhf(run_dir: Path, *extra: str) -> list[str]:
-    # 8 iterations of the main job's preset, a checkpoint every 2, a small report
+    # 8 iterations of the main job's preset, a checkpoint every 2, a small report; with the stale-phrase penalty,
+    # whose window of recent texts the checkpoint must carry for the rewards after a resume to be the same
     return [sys.executable, "-m", "agents.rlhf", "embedded", "--ppo.seed", "3", "--ppo.torch-threads", "1",
             "--ppo.total-timesteps", str(8 * 64 * 16), "--ppo.save-every", "2", "--eval-prompts", "32",
-            "--best-of-n-prompts", "0", "--artifacts-dir", str(ROOT / "artifacts"), "--ppo.run-dir", str(run_dir),
-            *extra]
+            "--best-of-n-prompts", "0", "--stale-phrase-penalty", "1", "--stale-phrase-window", "512",
+            "--artifacts-dir", str(ROOT / "artifacts"), "--ppo.run-dir", str(run_dir), *extra]
 
 
 def numbers(run_dir: Path) -> dict:

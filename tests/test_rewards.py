@@ -113,6 +113,25 @@ def test_stale_phrase_penalty_costs_word_pairs_the_latest_texts_used():
         StalePhrasePenalty(LengthReward(), 1.0, window=0)
 
 
+def test_stale_phrase_window_survives_a_checkpoint(tmp_path):
+    from agents.checkpoint import save_checkpoint
+    from textenv.rewards import StalePhrasePenalty
+
+    batches = [["It is a great movie", "a bad day"], ["a great film", "It is a bad film"], ["bad day", "It is"],
+               ["a great movie indeed", "one"]]
+    whole = StalePhrasePenalty(LengthReward(0.0), coef=1.0, window=3)
+    expected = [whole(b) for b in batches]
+    first = StalePhrasePenalty(LengthReward(0.0), coef=1.0, window=3)
+    assert [first(b) for b in batches[:2]] == expected[:2]
+    save_checkpoint(tmp_path / "c.pt", {"reward": first.state_dict()})  # as the RLHF logger's state in a run's
+    resumed = StalePhrasePenalty(LengthReward(0.0), coef=1.0, window=3)
+    resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["reward"])  # as a resume loads it
+    assert [resumed(b) for b in batches[2:]] == expected[2:] and expected[2] != [0.0, 0.0]
+    assert StalePhrasePenalty(LengthReward(0.0), 1.0, window=3)(batches[2]) == [0.0, 0.0]  # not an empty window
+    with pytest.raises(ValueError, match="window holds 3 texts, this run's 4; resume with --stale-phrase-window 3"):
+        StalePhrasePenalty(LengthReward(), 1.0, window=4).load_state_dict(first.state_dict())
+
+
 def test_repetition_penalty_costs_repeated_words_only():
     from textenv.rewards import RepetitionPenalty, repeated_word_share
 

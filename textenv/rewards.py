@@ -286,9 +286,9 @@ class StalePhrasePenalty(SharePenalty):
     used`: a reward term against a policy collapsing onto a few stock phrases ("The acting is amazing. The story is
     perfect."), each of which the reward model pays for, and which lower the set's distinct-2. Each call compares
     its texts with the texts of earlier calls only (a batch's group-mates share their prompt), then adds them to the
-    window; the first call, with an empty window, is unpenalised. The window lives in memory: a resumed run starts
-    it empty. Against the other 255 of 256 held-out texts, 0.55-0.57 of the pairs of SmolLM2's texts tuned without
-    this term (2 seeds) are stale, 0.43-0.47 of its start's."""
+    window; the first call, with an empty window, is unpenalised. `state_dict`/`load_state_dict` carry the window
+    through a checkpoint, so a resumed run goes on with it. Against the other 255 of 256 held-out texts, 0.55-0.57
+    of the pairs of SmolLM2's texts tuned without this term (2 seeds) are stale, 0.43-0.47 of its start's."""
 
     def __init__(self, reward_model: RewardModel, coef: float, window: int = 256) -> None:
         super().__init__(reward_model, coef)
@@ -303,16 +303,33 @@ class StalePhrasePenalty(SharePenalty):
         then the texts join the window."""
         pairs = [word_pairs(t) for t in texts]
         out = [sum(p in self._counts for p in ps) / len(ps) if ps else 0.0 for ps in pairs]
-        for ps in map(set, pairs):
-            self._recent.append(ps)
-            for p in ps:
-                self._counts[p] = self._counts.get(p, 0) + 1
-        while len(self._recent) > self.window:
+        for ps in pairs:
+            self._remember(set(ps))
+        return out
+
+    def _remember(self, pairs: set) -> None:
+        """One text's pairs join the window; the oldest text leaves it when it is full."""
+        self._recent.append(pairs)
+        for p in pairs:
+            self._counts[p] = self._counts.get(p, 0) + 1
+        if len(self._recent) > self.window:
             for p in self._recent.popleft():
                 self._counts[p] -= 1
                 if not self._counts[p]:
                     del self._counts[p]
-        return out
+
+    def state_dict(self) -> dict:
+        """The window: each remembered text's word pairs, oldest first (plain lists, for a checkpoint)."""
+        return {"window": self.window, "recent": [sorted(map(list, ps)) for ps in self._recent]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on with a saved window (of the same size: another size would be another reward)."""
+        if state["window"] != self.window:
+            raise ValueError(f"the checkpoint's stale-phrase window holds {state['window']} texts, this run's "
+                             f"{self.window}; resume with --stale-phrase-window {state['window']}")
+        self._recent, self._counts = deque(), {}
+        for ps in state["recent"]:
+            self._remember({tuple(p) for p in ps})
 
 
 class TimeLimit:

@@ -133,12 +133,15 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     evaluation = held_out(cfg, pieces)  # the held-out prompts through the env, stepped by the policy
     before, baselines = _before(cfg, reference, evaluation) if dist.is_main else (None, {})
     # with trainable_layers the reference runs only its top blocks, over the policy's frozen trunk
-    envs = make_training_envs(cfg, pieces, training_reward(cfg, pieces, before, dist), agent.reference(reference),
-                              device)
+    reward = training_reward(cfg, pieces, before, dist)
+    envs = make_training_envs(cfg, pieces, reward, agent.reference(reference), device)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
+    # the judge beside the reward model; a reward with a memory (the stale-phrase window) is checkpointed with the
+    # history (rank 0's: under torchrun every rank resumes with rank 0's window)
     logger = RLHFLogger(pieces.tokenizer, num_iterations(args, dist.world_size), cfg.sample_every,
-                        world_size=dist.world_size, judge_fn=pieces.judge_fn)  # the judge beside the reward model
+                        world_size=dist.world_size, judge_fn=pieces.judge_fn,
+                        reward_state=reward if hasattr(reward, "state_dict") else None)
     result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
     agent = sharding.unsharded(agent, lambda: _like(agent, copy.deepcopy(reference)), dist)  # --ppo.shard: rank 0

@@ -26,11 +26,13 @@ class RLHFLogger:
 
     `history` keeps one dict per iteration (for the report's plots); `warnings` every over-optimisation warning
     printed (each kind once per run). `judge_fn` (texts -> P(positive)) scores the same texts as the reward model.
+    `reward_state`: a training reward that remembers earlier calls (`textenv.rewards.StalePhrasePenalty`); its
+    `state_dict` joins the checkpoint with the history, so a resumed run pays the rewards an uninterrupted one would.
     """
 
     def __init__(self, tokenizer: Any, total_iterations: int, sample_every: int = 10, n_samples: int = 8,
                  print_every: int = 1, world_size: int = 1, judge_fn: Any = None,
-                 thresholds: Thresholds | None = None) -> None:
+                 thresholds: Thresholds | None = None, reward_state: Any = None) -> None:
         self.tokenizer = tokenizer
         self.world_size = world_size  # torchrun: the hook sees rank 0's rollout; tokens/s counts all ranks
         self.total_iterations = total_iterations
@@ -39,6 +41,7 @@ class RLHFLogger:
         self.history: list[dict] = []
         self.warnings: list[str] = []
         self._warned: set[str] = set()
+        self.reward_state = reward_state
         self.start = self.last = time.time()
 
     def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None,
@@ -89,13 +92,17 @@ class RLHFLogger:
         return stats
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps (`agents.ppo.train` saves it): the history and the warnings given so far."""
-        return {"history": self.history, "warnings": self.warnings, "warned": sorted(self._warned)}
+        """What a checkpoint keeps (`agents.ppo.train` saves it): the history, the warnings given so far and the
+        training reward's memory."""
+        state = {"history": self.history, "warnings": self.warnings, "warned": sorted(self._warned)}
+        return state if self.reward_state is None else {**state, "reward": self.reward_state.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a resumed run's history (its clock too: `time_s` goes on from the checkpoint's last value)."""
         self.history, self.warnings = list(state["history"]), list(state["warnings"])
         self._warned = set(state["warned"])
+        if self.reward_state is not None and "reward" in state:  # none saved: the run began without that term
+            self.reward_state.load_state_dict(state["reward"])
         self.last = time.time()
         if self.history:
             self.start = self.last - self.history[-1]["time_s"]
