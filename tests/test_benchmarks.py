@@ -1,5 +1,6 @@
 """benchmarks/ppo_iteration.py and rollout.py at a tiny size: the phase split clocks every rollout call it names,
-and the rollout benchmark times every method in both scenarios."""
+and the rollout benchmark times every method in both scenarios; temperature.py's min-p sampler keeps only the
+tokens min-p allows."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tiny import tiny_llama
+from tiny import tiny_gpt, tiny_llama
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -89,3 +91,32 @@ def test_rollout_times_every_method_in_both_scenarios(ppo_iteration, tmp_path, m
             per_round = sorted(a / b for a, b in zip(rates[method], rates["hf generate"], strict=True))
             assert per_round[0] - 0.01 <= r <= per_round[-1] + 0.01, (method, r, per_round)
 
+
+
+def test_min_p_samples_only_tokens_near_the_top_one(ppo_iteration):
+    import temperature
+
+    from agents.gpt_policy import GPTAgent
+
+    class Tok:
+        pad_token_id = 0
+
+        def __len__(self):
+            return 40
+
+    lm = tiny_gpt(40, width=16, layers=1)
+    assert temperature.sampler(lm, Tok(), 0.7, 0.0) is lm  # no min-p: the LM as it is
+    with pytest.raises(SystemExit, match="--min-p 1.0 must be in"):
+        temperature.sampler(lm, Tok(), 0.7, 1.0)
+    agent = temperature.sampler(lm, Tok(), 0.02, 0.3)  # a random tiny LM is near uniform: a low T sharpens it
+    plain = GPTAgent(lm, 0, 40, temperature=0.02)
+    torch.manual_seed(0)
+    obs = torch.randint(1, 40, (8, 6))
+    with torch.no_grad():
+        probs = torch.softmax(plain._logits(plain._trunk(obs)[0][:, -1]), -1)  # (8, 40) at that T
+        allowed = probs >= 0.3 * probs.max(-1, keepdim=True).values
+        assert allowed.sum() < allowed.numel() and allowed.sum(-1).min() >= 1  # min-p drops some, never all
+        for _ in range(20):
+            action, logprob, _, _ = agent.get_action_and_value(obs)
+            assert allowed.gather(1, action[:, None]).all() and torch.isfinite(logprob).all()
+            agent.reset_cache()
