@@ -103,7 +103,6 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     set up (`distributed.setup`): ranks other than 0 return {}."""
     from agents.gpt_policy import GPTAgent
     from agents.ppo import num_iterations, train
-    from agents.rlhf.logger import RLHFLogger
     from agents.rlhf.report import evaluate_held_out
 
     dist, t0 = distributed.given(dist), time.time()
@@ -137,11 +136,7 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     envs = make_training_envs(cfg, pieces, reward, agent.reference(reference), device)
     t_ppo = time.time()
     args = dataclasses.replace(cfg.ppo, device=str(device), run_dir=str(run_dir))
-    # the judge beside the reward model; a reward with a memory (the stale-phrase window) is checkpointed with the
-    # history (rank 0's: under torchrun every rank resumes with rank 0's window)
-    logger = RLHFLogger(pieces.tokenizer, num_iterations(args, dist.world_size), cfg.sample_every,
-                        world_size=dist.world_size, judge_fn=pieces.judge_fn,
-                        reward_state=reward if hasattr(reward, "state_dict") else None)
+    logger = _logger(cfg, pieces, num_iterations(args, dist.world_size), dist, reward)
     result = train(args, envs=envs, agent=agent, hooks=logger, dist=dist)  # logs and saves on rank 0 only
     envs.close()
     agent = sharding.unsharded(agent, lambda: _like(agent, copy.deepcopy(reference)), dist)  # --ppo.shard: rank 0
@@ -159,6 +154,17 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
               "torch_threads": torch.get_num_threads()}
     with _results_written(run_dir):
         return _report(run_dir, cfg, pieces, (before, after), logger, {"timing": timing, **baselines})
+
+
+def _logger(cfg: RLHFConfig, pieces: Pieces, iterations: int, dist: Dist, reward: Any) -> Any:
+    """The RLHF logger, the judge beside the reward model. A training reward with a memory (the stale-phrase window)
+    is checkpointed with the history: rank 0's, so under torchrun every rank resumes with rank 0's window."""
+    from agents.rlhf.logger import RLHFLogger
+
+    logger = RLHFLogger(pieces.tokenizer, iterations, cfg.sample_every, world_size=dist.world_size,
+                        judge_fn=pieces.judge_fn)
+    logger.reward_state = reward if hasattr(reward, "state_dict") else None
+    return logger
 
 
 def _like(agent: Any, lm: torch.nn.Module) -> Any:

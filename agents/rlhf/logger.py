@@ -26,13 +26,16 @@ class RLHFLogger:
 
     `history` keeps one dict per iteration (for the report's plots); `warnings` every over-optimisation warning
     printed (each kind once per run). `judge_fn` (texts -> P(positive)) scores the same texts as the reward model.
-    `reward_state`: a training reward that remembers earlier calls (`textenv.rewards.StalePhrasePenalty`); its
-    `state_dict` joins the checkpoint with the history, so a resumed run pays the rewards an uninterrupted one would.
+    `reward_state` (None until set): a training reward that remembers earlier calls
+    (`textenv.rewards.StalePhrasePenalty`); its `state_dict` joins the checkpoint with the history, so a resumed run
+    pays the rewards an uninterrupted one would.
     """
+
+    reward_state: Any = None
 
     def __init__(self, tokenizer: Any, total_iterations: int, sample_every: int = 10, n_samples: int = 8,
                  print_every: int = 1, world_size: int = 1, judge_fn: Any = None,
-                 thresholds: Thresholds | None = None, reward_state: Any = None) -> None:
+                 thresholds: Thresholds | None = None) -> None:
         self.tokenizer = tokenizer
         self.world_size = world_size  # torchrun: the hook sees rank 0's rollout; tokens/s counts all ranks
         self.total_iterations = total_iterations
@@ -41,7 +44,6 @@ class RLHFLogger:
         self.history: list[dict] = []
         self.warnings: list[str] = []
         self._warned: set[str] = set()
-        self.reward_state = reward_state
         self.start = self.last = time.time()
 
     def on_iteration(self, iteration: int, global_step: int, rollout: Rollout, writer: Any = None,
