@@ -92,7 +92,6 @@ def test_rollout_times_every_method_in_both_scenarios(ppo_iteration, tmp_path, m
             assert per_round[0] - 0.01 <= r <= per_round[-1] + 0.01, (method, r, per_round)
 
 
-
 def test_min_p_samples_only_tokens_near_the_top_one(ppo_iteration):
     import temperature
 

@@ -243,6 +243,27 @@ def test_logger_reports_the_mean_of_ppos_per_episode_kl_sums():
     assert "rlhf/kl" not in logger.on_iteration(2, 16, no_ref)
 
 
+def test_the_logger_checkpoints_the_stale_phrase_window_and_refuses_another_size():
+    from agents.cli import UsageError
+    from agents.rlhf.logger import RLHFLogger
+    from textenv.rewards import StalePhrasePenalty
+
+    tok = char_tokenizer("ab ")
+    logger = RLHFLogger(tok, total_iterations=1, print_every=0)
+    assert "reward" not in logger.state_dict()  # no reward with a memory: the checkpoint as before
+    logger.reward_state = StalePhrasePenalty(KeywordReward("a"), 1.0, window=4)
+    logger.reward_state(["a b c"])
+    state = logger.state_dict()
+    resumed = RLHFLogger(tok, total_iterations=1, print_every=0)
+    resumed.reward_state = StalePhrasePenalty(KeywordReward("a"), 1.0, window=4)
+    resumed.load_state_dict(state)
+    assert resumed.reward_state(["a b d"]) == [1.0 - 0.5]  # (a b) seen before the checkpoint, (b d) not
+    other = RLHFLogger(tok, total_iterations=1, print_every=0)
+    other.reward_state = StalePhrasePenalty(KeywordReward("a"), 1.0, window=8)
+    with pytest.raises(UsageError, match="window holds 4 texts, this run's 8; resume with --stale-phrase-window 4"):
+        other.load_state_dict(state)
+
+
 def test_same_seed_same_run_whatever_ran_before(tmp_path):
     # Two runs of one seed must not depend on the global RNG state the caller left (a build, a model load):
     # the value head used to be initialised from it, and the runs parted after their first update.

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.cli import UsageError
 from agents.rlhf.report import md_cell
 from agents.rlhf.signals import Thresholds, batch_signals, check
 from agents.rollout import Rollout
@@ -104,7 +105,10 @@ class RLHFLogger:
         self.history, self.warnings = list(state["history"]), list(state["warnings"])
         self._warned = set(state["warned"])
         if self.reward_state is not None and "reward" in state:  # none saved: the run began without that term
-            self.reward_state.load_state_dict(state["reward"])
+            try:
+                self.reward_state.load_state_dict(state["reward"])
+            except ValueError as e:  # another setting than the checkpoint's (a window of another size): one line
+                raise UsageError(str(e)) from None
         self.last = time.time()
         if self.history:
             self.start = self.last - self.history[-1]["time_s"]
