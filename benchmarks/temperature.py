@@ -21,6 +21,7 @@ policy option of the job.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def main(a: Args) -> None:
                               ppo=dataclasses.replace(cfg.ppo, seed=a.seed))
     pieces = prepare(cfg, resolve_device("cpu"))  # the preset's warm start, reward model and judge (cached)
     rows, real = [], None
-    for t, min_p in [(t, m) for t in a.temperatures for m in a.min_p]:
+    for t, min_p in itertools.product(a.temperatures, a.min_p):
         t0 = time.time()
         evaluation = held_out(dataclasses.replace(cfg, temperature=t), pieces)
         policy = sampler(pieces.policy, pieces.tokenizer, t, min_p)
@@ -96,8 +97,10 @@ def main(a: Args) -> None:
     print_table(["T", "min-p", *KEYS], [[r["temperature"], r["min_p"], *(r[k] for k in KEYS)] for r in rows]
                 + [["real reviews", "", *(real.get(k) for k in KEYS)]])
     d2 = real["distinct_2"]
-    targets = [target(f"distinct_2_ratio_to_real_at_T{r['temperature']:g}" + (f"_min_p{r['min_p']:g}" * bool(r["min_p"])),
-                      r["distinct_2"] / d2, ">= 0.8", r["distinct_2"] >= 0.8 * d2) for r in rows]
+    names = [f"distinct_2_ratio_to_real_at_T{r['temperature']:g}" + (f"_min_p{r['min_p']:g}" if r["min_p"] else "")
+             for r in rows]
+    targets = [target(name, r["distinct_2"] / d2, ">= 0.8", r["distinct_2"] >= 0.8 * d2)
+               for name, r in zip(names, rows, strict=True)]
     path = write_result("temperature", {"rows": rows, "real_reviews": real, "prompts": a.prompts,
                                         "policy": pieces.info.get("warm_start", {}).get("path")},
                         targets, quick=False, out=a.out)

@@ -93,7 +93,7 @@ def test_rollout_times_every_method_in_both_scenarios(ppo_iteration, tmp_path, m
 
 
 def test_min_p_samples_only_tokens_near_the_top_one(ppo_iteration):
-    import temperature
+    import temperature  # importable while the fixture has benchmarks/ on sys.path
 
     from agents.gpt_policy import GPTAgent
 
