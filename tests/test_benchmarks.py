@@ -1,6 +1,6 @@
 """benchmarks/ppo_iteration.py and rollout.py at a tiny size: the phase split clocks every rollout call it names,
 and the rollout benchmark times every method in both scenarios; temperature.py's min-p sampler keeps only the
-tokens min-p allows."""
+tokens min-p allows; by_prompt.py splits a blind reading by what its prompts already say."""
 
 from __future__ import annotations
 
@@ -119,3 +119,37 @@ def test_min_p_samples_only_tokens_near_the_top_one(ppo_iteration):
             action, logprob, _, _ = agent.get_action_and_value(obs)
             assert allowed.gather(1, action[:, None]).all() and torch.isfinite(logprob).all()
             agent.reset_cache()
+
+
+def test_by_prompt_splits_a_reading_by_what_its_prompts_say(ppo_iteration, tmp_path, monkeypatch):
+    # the fixture only puts benchmarks/ on sys.path for the bare `_common` import
+    import by_prompt
+
+    monkeypatch.setattr(by_prompt, "RESULTS_DIR", tmp_path)
+    samples = [{"prompt": "I was"}, {"prompt": "This film was awful"}, {"prompt": " A  lovely"}]  # spaced as a run's
+    (tmp_path / "run.json").write_text(json.dumps({"results": {"samples": samples}}))
+    reading = tmp_path / "blind_reading" / "reading"
+    reading.mkdir(parents=True)
+    key = {"0": ["after", 1], "1": ["before", 1], "2": ["after", 0], "3": ["before", 0], "4": ["after", 2],
+           "5": ["before", 2]}
+    (reading / "key.json").write_text(json.dumps(key))
+    (reading / "labels.tsv").write_text("0\tneu\ty\tn\n1\tneg\ty\ty\n2\tpos\ty\ty\n3\tneu\ty\ty\n"
+                                        "4\tpos\ty\tn\n5\tpos\ty\ty\n")
+    prompts = tmp_path / "prompts"
+    by_prompt.prepare(by_prompt.Prepare(str(prompts), runs=("reading=run.json",)))
+    ids = {p: k for k, p in (line.split("\t") for line in (prompts / "prompts.tsv").read_text().splitlines())}
+    assert sorted(ids) == ["A lovely", "I was", "This film was awful"]
+    first = {"This film was awful": "neg", "I was": "none", "A lovely": "pos"}
+    second = first | {"I was": "pos"}
+    for name, labels in (("labels.tsv", first), ("labels_reader2.tsv", second)):
+        (prompts / name).write_text("".join(f"{ids[p]}\t{v}\n" for p, v in sorted(labels.items(), key=lambda x: ids[x[0]])))
+    labels = by_prompt.prompt_labels(prompts)
+    assert labels["A lovely"] == ["pos", "pos"] and labels["I was"] == ["none", "pos"]
+    assert by_prompt.agreement(labels) == pytest.approx(2 / 3)
+    r = by_prompt.rates(reading, samples, labels)  # by the first prompt reader's labels
+    assert r["neg"]["n"] == 1 and r["neg"]["after_positive_0"] == 0 and r["neg"]["before_positive_0"] == 0
+    assert r["none"]["after_positive_0"] == 1 and r["none"]["after_all_three_0"] == 1
+    assert r["pos"]["after_positive_0"] == 1 and r["pos"]["after_all_three_0"] == 0  # not fluent
+    (prompts / "labels_reader2.tsv").write_text("0\tnegative\n")
+    with pytest.raises(SystemExit, match="use one of"):
+        by_prompt.prompt_labels(prompts)
