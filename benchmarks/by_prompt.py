@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,21 +118,18 @@ def rates(reading: Path, samples: list[dict], by_prompt: dict[str, list[str]]) -
     """{prompt label: {"n": prompts, "<before|after>_<positive|all_three>_<reader>": rate}} of one blind reading,
     the prompt label taken from the first prompt reader."""
     key = json.loads((reading / "key.json").read_text())
-    counts: dict[str, defaultdict] = {label: defaultdict(float) for label in LABELS}
+    counts = {label: defaultdict(Counter) for label in LABELS}  # label -> (before|after, reader) -> counts
     for r, path in enumerate(sorted(reading.glob("labels*.tsv"))):
         for k, sentiment, topic, fluent in read_tsv(path):
             which, i = key[k]
-            label = by_prompt[" ".join(samples[i]["prompt"].split())][0]
-            c = counts[label]
-            c[f"n_{which}_{r}"] += 1
-            c[f"{which}_positive_{r}"] += sentiment == "pos"
-            c[f"{which}_all_three_{r}"] += sentiment == "pos" and topic == "y" and fluent == "y"
-    out = {}
-    for label, c in counts.items():
-        n = c.get("n_after_0", 0)
-        out[label] = {"n": int(n)} | {k: v / c[f"n_{k.split('_')[0]}_{k[-1]}"] for k, v in c.items()
-                                       if not k.startswith("n_")}
-    return out
+            prompt = normal(samples[i]["prompt"])
+            if prompt not in by_prompt:
+                raise SystemExit(f"{reading.name}: prompt {prompt!r} has no label; `prepare` with this reading too")
+            counts[by_prompt[prompt][0]][which, r].update(n=1, positive=sentiment == "pos",
+                                                          all_three=sentiment == "pos" and topic == "y" and fluent == "y")
+    return {label: {"n": by[("after", 0)]["n"]} | {f"{which}_{stat}_{r}": c[stat] / c["n"] for (which, r), c in by.items()
+                                                  for stat in ("positive", "all_three")}
+            for label, by in counts.items()}
 
 
 def agreement(by_prompt: dict[str, list[str]]) -> float | None:
