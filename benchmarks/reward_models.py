@@ -61,14 +61,18 @@ def scorers(data_dir: str, scratch: str | None, models: tuple[str, ...], also: t
 
     from agents.rlhf.pieces import load_classifier, load_judge
 
-    args = preset("imdb", data_dir=data_dir)
-    where = {"scratch": lambda: Path(scratch) if scratch else build(dataclasses.replace(args, reward=SCRATCH), "reward").reward,
-             "minilm": lambda: build(args, "reward").reward, "judge": lambda: build(args, "judge").judge}
-    paths = {name: where[name]() for name in models}
-    for folder in also:
+    for folder in also:  # before any build
         if not (Path(folder) / "build.json").is_file():
             raise SystemExit(f"--also {folder}: no build.json there; name a folder `python -m textenv.build reward` wrote")
-        paths[Path(folder).name] = Path(folder)
+    args = preset("imdb", data_dir=data_dir)
+    paths = {}
+    if "scratch" in models:
+        paths["scratch"] = Path(scratch) if scratch else build(dataclasses.replace(args, reward=SCRATCH), "reward").reward
+    if "minilm" in models:
+        paths["minilm"] = build(args, "reward").reward
+    if "judge" in models:
+        paths["judge"] = build(args, "judge").judge
+    paths |= {Path(folder).name: Path(folder) for folder in also}
     cpu = torch.device("cpu")
     fns = {k: load_judge(str(p), cpu) if k == "judge" else load_classifier(str(p), cpu, "reward model")[1]
            for k, p in paths.items()}
