@@ -21,6 +21,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 from _common import RESULTS_DIR, print_table, write_result
@@ -39,23 +40,18 @@ Write labels.tsv, one line per ID in ID order: ID<TAB>label, no header.
 
 
 @dataclass
-class Prepare:
-    out: tyro.conf.Positional[str]
-    """folder for the prompt reader (prompts.tsv, INSTRUCTIONS.md) and the key (key.json)"""
+class Args:
+    step: tyro.conf.Positional[Literal["prepare", "split"]]
+    """`prepare`: write the readings' prompts for a reader; `split`: break the readings down by the prompts' labels"""
+    folder: tyro.conf.Positional[str]
+    """`prepare`: where prompts.tsv, INSTRUCTIONS.md and key.json go; `split`: that folder, with labels*.tsv
+    (ID, neg / pos / none) beside key.json"""
     runs: tuple[str, ...]
     """READING=RUN.json pairs: a folder under benchmarks/results/blind_reading/ and the run JSON it was prepared from"""
     seed: int = 0
-    """shuffle seed"""
-
-
-@dataclass
-class Split:
-    prompts: tyro.conf.Positional[str]
-    """folder with key.json (from `prepare`) and one or more labels*.tsv (ID, neg / pos / none)"""
-    runs: tuple[str, ...]
-    """READING=RUN.json pairs, as for `prepare`"""
+    """`prepare`: the shuffle seed"""
     out: str | None = None
-    """JSON path (default benchmarks/results/by_prompt.json)"""
+    """`split`: JSON path (default benchmarks/results/by_prompt.json)"""
 
 
 def read_tsv(path: Path) -> list[list[str]]:
@@ -77,7 +73,7 @@ def runs_of(pairs: tuple[str, ...]) -> list[tuple[str, str, list[dict]]]:
     return out
 
 
-def prepare(a: Prepare) -> None:
+def prepare(a: Args) -> None:
     """The readings' prompts (each once, sorted, then shuffled) for a reader, and the key to find them again."""
     where: dict[str, list] = {}
     for reading, run, samples in runs_of(a.runs):
@@ -85,7 +81,7 @@ def prepare(a: Prepare) -> None:
             where.setdefault(normal(samples[i]["prompt"]), [run, i])
     prompts = sorted(where)
     random.Random(a.seed).shuffle(prompts)
-    out = Path(a.out)
+    out = Path(a.folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.tsv").write_text("".join(f"{k}\t{p}\n" for k, p in enumerate(prompts)))
     (out / "key.json").write_text(json.dumps({k: where[p] for k, p in enumerate(prompts)}))
@@ -137,8 +133,8 @@ def agreement(by_prompt: dict[str, list[str]]) -> float | None:
     return sum(v[0] == v[1] for v in both) / len(both) if both else None
 
 
-def split(a: Split) -> None:
-    by_prompt = prompt_labels(Path(a.prompts))
+def split(a: Args) -> None:
+    by_prompt = prompt_labels(Path(a.folder))
     results, rows = {"prompt_readers_agree": agreement(by_prompt), "runs": {}}, []
     for reading, _, samples in runs_of(a.runs):
         r = rates(RESULTS_DIR / "blind_reading" / reading, samples, by_prompt)
@@ -158,5 +154,5 @@ def split(a: Split) -> None:
 
 
 if __name__ == "__main__":
-    cmd = tyro.extras.subcommand_cli_from_dict({"prepare": Prepare, "split": Split}, description=__doc__)
-    prepare(cmd) if isinstance(cmd, Prepare) else split(cmd)
+    args = tyro.cli(Args, description=__doc__)
+    prepare(args) if args.step == "prepare" else split(args)

@@ -136,7 +136,7 @@ def test_by_prompt_splits_a_reading_by_what_its_prompts_say(ppo_iteration, tmp_p
     (reading / "labels.tsv").write_text("0\tneu\ty\tn\n1\tneg\ty\ty\n2\tpos\ty\ty\n3\tneu\ty\ty\n"
                                         "4\tpos\ty\tn\n5\tpos\ty\ty\n")
     prompts = tmp_path / "prompts"
-    by_prompt.prepare(by_prompt.Prepare(str(prompts), runs=("reading=run.json",)))
+    by_prompt.prepare(by_prompt.Args("prepare", str(prompts), runs=("reading=run.json",)))
     ids = {p: k for k, p in (line.split("\t") for line in (prompts / "prompts.tsv").read_text().splitlines())}
     assert sorted(ids) == ["A lovely", "I was", "This film was awful"]
     first = {"This film was awful": "neg", "I was": "none", "A lovely": "pos"}
