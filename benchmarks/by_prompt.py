@@ -62,6 +62,11 @@ def normal(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
+def samples_of(run: str) -> list[dict]:
+    """The held-out samples (prompt, before, after, ...) of a run JSON under benchmarks/results/."""
+    return json.loads((RESULTS_DIR / run).read_text())["results"]["samples"]
+
+
 def runs_of(pairs: tuple[str, ...]) -> list[tuple[str, str, list[dict]]]:
     """(reading folder name, run JSON name, the run's samples) of each READING=RUN.json pair."""
     out = []
@@ -69,7 +74,7 @@ def runs_of(pairs: tuple[str, ...]) -> list[tuple[str, str, list[dict]]]:
         reading, _, run = pair.partition("=")
         if not run or not (RESULTS_DIR / "blind_reading" / reading / "key.json").is_file():
             raise SystemExit(f"--runs {pair}: give READING=RUN.json, a blind_reading folder and its run's JSON")
-        out.append((reading, run, json.loads((RESULTS_DIR / run).read_text())["results"]["samples"]))
+        out.append((reading, run, samples_of(run)))
     return out
 
 
@@ -96,7 +101,7 @@ def prompt_labels(folder: Path) -> dict[str, list[str]]:
     prompts = {}
     for k, (run, i) in json.loads((folder / "key.json").read_text()).items():
         if run not in runs:
-            runs[run] = json.loads((RESULTS_DIR / run).read_text())["results"]["samples"]
+            runs[run] = samples_of(run)
         prompts[k] = normal(runs[run][i]["prompt"])
     readers = sorted(folder.glob("labels*.tsv"))
     if not readers:
