@@ -248,13 +248,21 @@ class GPTAgent(nn.Module):
         """(action, log-prob, entropy) of the categorical over `logits` (..., V), restricted to `mask` (bool, like
         logits; disallowed logits are -inf before the log_softmax) when given; samples when action is None."""
         mask = None if mask is None else check_action_mask(mask, logits)
-        logp = masked_log_softmax(logits, mask)  # (..., V)
+        if mask is not None:
+            # `logits` are this call's own. A mask bans a few of a large vocabulary (no repeated n-gram): write the
+            # lowest float into the banned logits in place, not -inf and not through a masked copy. Their
+            # probability is 0 either way and the allowed log-probs are the same bits; p log p is 0 x finite, so
+            # the entropy needs no mask; and the gradient that reaches a banned logit is 0 exactly (p = 0), so the
+            # write stays outside autograd. Two passes over the (..., V) floats fewer than masked_log_softmax.
+            with torch.no_grad():
+                logits.index_put_((~mask).nonzero(as_tuple=True), logits.new_tensor(torch.finfo(logits.dtype).min))
+        logp = logits.log_softmax(-1)  # (..., V)
         probs = logp.exp()
         if action is None:
             action = sample_categorical(probs)
             if mask is not None:  # float rounding at the CDF's end must not pick a masked token
                 action = torch.where(mask.gather(-1, action[:, None])[:, 0], action, probs.argmax(-1))
-        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy_of(logp, mask, probs)
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy_of(logp, None, probs)
 
     # --- agent protocol ----------------------------------------------------------------------------------
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from agents.policies import MLPAgent, categorical
 from textenv import EndsWithReward, RefLogprob, TextEnv, TextVectorEnv, char_tokenizer
-from textenv.masks import AllowedTokens, BannedTokens, RegexMask, check_mask, pack, unpack
+from textenv.masks import AllowedTokens, BannedTokens, NoRepeatNgram, RegexMask, check_mask, pack, unpack
 from tiny import tiny_gpt
 
 TOK = char_tokenizer("abcd")
@@ -55,6 +55,29 @@ def test_builtin_masks_and_packing():
     masks = np.random.default_rng(0).random((3, 4, V)) < 0.5
     assert (unpack(pack(masks), V) == masks).all() and pack(masks).shape == (3, 4, 1)
     assert check_mask(np.array([B, A]), V).sum() == 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_bans_what_transformers_bans(n):
+    """The mask over prompt + turn equals `generate`'s `no_repeat_ngram_size` over the same ids, wherever the
+    prompt ends: random texts over 5 tokens repeat n-grams often."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng, mask, banned_some = np.random.default_rng(n), NoRepeatNgram(n, 5), 0
+    for _ in range(200):
+        ids = rng.integers(0, 5, int(rng.integers(1, 40))).tolist()
+        cut = int(rng.integers(0, len(ids) + 1))
+        expected = NoRepeatNGramLogitsProcessor(n)(torch.tensor([ids]), torch.zeros(1, 5))[0] == 0
+        got = mask(ids[:cut], ids[cut:])
+        assert got.dtype == np.bool_ and (got == expected.numpy()).all(), (ids, cut)
+        banned_some += not got.all()
+    assert banned_some > 10
+    env = TextEnv(**KW, action_mask=NoRepeatNgram(2, V))  # through the env: "a" then "a" bans a third "a"
+    env.reset(seed=0, options={"prompt_index": 0})
+    _, _, _, _, info = env.step(A)
+    assert not info["action_mask"][A] and info["action_mask"].sum() == V - 1
+    with pytest.raises(ValueError, match="NoRepeatNgram n=0"):
+        NoRepeatNgram(0, V)
 
 
 def test_regex_mask_walks_a_tool_call():
@@ -102,6 +125,32 @@ def test_masked_categorical_renormalises_without_nan():
     assert torch.allclose(logprob, expect) and torch.allclose(entropy, -(ref.exp() * ref).sum(-1))
     (logprob.sum() + entropy.sum()).backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[:, C] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gpt_agents_in_place_mask_gives_the_masked_softmaxs_log_probs_entropy_and_gradients(temperature):
+    """`GPTAgent` writes the lowest float into banned logits in place, outside autograd: the same log-probs (to the
+    bit), entropy and gradients as `masked_log_softmax` with -inf, and no NaN."""
+    from agents.gpt_policy import GPTAgent
+    from agents.policies import entropy_of, masked_log_softmax
+
+    torch.manual_seed(0)
+    lm = tiny_gpt(V)
+    agent = GPTAgent(lm, TOK.pad_token_id, V, temperature=temperature)
+    hidden = torch.randn(32, lm.config.n_embd)
+    mask = torch.rand(32, V) > 0.3
+    mask[:, A] = True
+    action = torch.full((32,), A)
+    _, logprob, entropy = agent._stats(agent._logits(hidden), action, mask)
+    (logprob.sum() + 0.1 * entropy.sum()).backward()
+    got = [logprob.detach(), entropy.detach(), lm.get_output_embeddings().weight.grad.clone()]
+    lm.zero_grad()
+    logp = masked_log_softmax(agent._logits(hidden), mask)
+    want_lp, want_ent = logp[:, A], entropy_of(logp, mask)
+    (want_lp.sum() + 0.1 * want_ent.sum()).backward()
+    assert torch.equal(got[0], want_lp.detach())
+    assert torch.allclose(got[1], want_ent.detach(), atol=1e-6)
+    assert torch.isfinite(got[2]).all() and torch.allclose(got[2], lm.get_output_embeddings().weight.grad, atol=1e-6)
 
 
 def test_gpt_rollout_and_update_score_masked_actions_alike():

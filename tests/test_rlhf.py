@@ -338,6 +338,44 @@ def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tm
         check_config(dataclasses.replace(cfg, temperature=0.0))
 
 
+def test_no_repeat_ngram_masks_the_rollout_the_reference_the_report_and_the_saved_policy(tmp_path):
+    """--no-repeat-ngram 2: the training envs and the report's (best-of-n's too) carry the mask, so no text holds a
+    pair of tokens twice; the reference scores over the same allowed tokens (the first rollout's KL is 0 and PPO's
+    first ratio 1), and the saved policy's `generate` bans the same n-grams."""
+    import warnings
+
+    from agents.rlhf.job import action_mask, held_out, make_training_envs
+    from agents.rlhf.report import sample_episodes
+
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS * 2)
+    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 2, kl_coef=0.2),
+                     group_size=4, no_repeat_ngram=2, best_of_n=(1, 2), best_of_n_prompts=4)
+
+    def repeats(s) -> int:  # texts (as token ids, prompt and response) that hold a pair of tokens twice
+        ids = [[*p, *r] for p, r in zip(s.prompt_ids, s.response_ids, strict=True)]
+        return sum(len(set(zip(t, t[1:], strict=False))) < len(t) - 1 for t in ids)
+
+    masked = sample_episodes(pieces.policy, pieces.policy, held_out(cfg, pieces))
+    unmasked = sample_episodes(pieces.policy, pieces.policy, held_out(dataclasses.replace(cfg, no_repeat_ngram=0),
+                                                                      pieces))
+    assert repeats(masked) == 0 and repeats(unmasked) > 2  # the same seed: the mask, not chance, kept them out
+    envs = make_training_envs(cfg, pieces, pieces.reward_fn, pieces.policy, torch.device("cpu"))
+    assert envs.unwrapped.get_attr("action_mask")[0].n == 2  # and the env refuses a masked action, so PPO sampled within it
+    envs.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = run(cfg, pieces)
+    assert not [w for w in caught if "ratio" in str(w.message)]
+    assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    saved = json.loads((tmp_path / "run" / "policy" / "generation_config.json").read_text())
+    assert saved["no_repeat_ngram_size"] == 2
+    assert action_mask(dataclasses.replace(cfg, no_repeat_ngram=0), tok) is None
+    with pytest.raises(UsageError, match="--no-repeat-ngram -1 must be >= 0"):
+        check_config(dataclasses.replace(cfg, no_repeat_ngram=-1))
+
+
 def test_the_repeated_words_and_stale_phrase_penalties_come_after_normalising():
     """PPO trains on (score - mean) / std - coef x share of repeated words (or of stale word pairs)."""
     from agents import distributed

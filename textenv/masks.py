@@ -6,7 +6,8 @@ before the policy's current turn (the prompt; in multi-turn episodes also earlie
 boolean array over the vocabulary. `TextEnv(action_mask=...)` turns it into `info["action_mask"]`, a bool
 array of shape (vocab_size,), on every `reset` and `step`.
 
-Built-ins: `BannedTokens`, `AllowedTokens` and `RegexMask` (short structured outputs). `RegexMask` uses the
+Built-ins: `BannedTokens`, `AllowedTokens`, `RegexMask` (short structured outputs) and `NoRepeatNgram` (no
+n-gram of tokens twice in a text, transformers' `no_repeat_ngram_size`). `RegexMask` uses the
 `regex` package's partial matching (`regex.fullmatch(pattern, text, partial=True)` is true while `text` can
 still grow into a match). `regex` is already installed with transformers, so this adds no dependency. The
 constrained-decoding packages on PyPI were considered: `outlines-core` compiles a token-level index from a
@@ -133,4 +134,28 @@ class RegexMask:
             if self.pattern.fullmatch(text) is not None:  # complete: the turn may end here
                 mask[self.stop] = True
             self._cache[text] = mask
+        return mask
+
+
+class NoRepeatNgram:
+    """No n-gram of tokens twice in one text: bans each token that would complete an n-gram the text (prompt and
+    turn so far) already holds, as transformers' `no_repeat_ngram_size` does in `generate`. Against degenerate
+    repetition ("It's a great movie. It's a great movie."), part of the policy's distribution like its temperature:
+    the policy samples, and `textenv.kl.RefLogprob` scores the reference, over the same allowed tokens."""
+
+    def __init__(self, n: int, vocab_size: int) -> None:
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"NoRepeatNgram n={n!r}: give the n-gram length as a positive integer (3 bans a third "
+                             "token after any two tokens that already occurred together)")
+        self.n, self.vocab_size = n, int(vocab_size)
+        self._all = np.ones(self.vocab_size, dtype=np.bool_)
+
+    def __call__(self, prefix_ids: list[int], turn_ids: list[int]) -> np.ndarray:
+        tokens, n = [*prefix_ids, *turn_ids], self.n
+        if len(tokens) < n - 1:
+            return self._all.copy()
+        last = tokens[len(tokens) - n + 1:]
+        banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == last]
+        mask = self._all.copy()
+        mask[banned] = False
         return mask

@@ -71,6 +71,10 @@ class RLHFConfig:
     """the policy's sampling temperature: softmax(logits / T) in the rollout, PPO's stored and recomputed log-probs
     and entropy, the KL reference's log-probs, best-of-n and the report (so the KL is that of the distributions
     actually sampled); below 1 trims the tail that most of a small LM's unreadable text comes from"""
+    no_repeat_ngram: int = 0
+    """no n-gram of tokens twice in a text (prompt and response): an action mask (`textenv.masks.NoRepeatNgram`,
+    transformers' `no_repeat_ngram_size`) that the rollout, PPO's log-probs, the KL reference, best-of-n, the
+    report and the saved policy's `generate` all share; against praise said twice. 0: off"""
     trainable_layers: int | None = None
     """train only the policy's top k decoder blocks (+ final norm, value head) over a frozen trunk that the
     rollout, the reference and every PPO epoch share; None = train every parameter"""
@@ -195,6 +199,9 @@ def check_config(cfg: RLHFConfig) -> None:
     if not 0 < cfg.temperature < float("inf"):
         raise UsageError(f"--temperature {cfg.temperature} must be > 0 (1: the LM's own distribution; 0.7 trims its "
                          "tail)")
+    if cfg.no_repeat_ngram < 0:
+        raise UsageError(f"--no-repeat-ngram {cfg.no_repeat_ngram} must be >= 0 (0: off; 3 bans any three tokens "
+                         "in a row a second time in one text)")
     if not cfg.repeated_words_penalty >= 0:
         raise UsageError(f"--repeated-words-penalty {cfg.repeated_words_penalty} must be >= 0 (0: off; 3 costs a "
                          "text that repeats a third of its words 1 unit of reward)")

@@ -63,9 +63,16 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
     groups = {"group_size": cfg.group_size} if cfg.group_size > 1 else {}
     envs = gym.make_vec("TextEnv-v0", num_envs=cfg.ppo.num_envs, vectorization_mode="vector_entry_point",
                         tokenizer=pieces.tokenizer, reward_model=reward_fn, prompts=pieces.train_prompts,
-                        episode=cfg.episode, **groups)
+                        episode=cfg.episode, action_mask=action_mask(cfg, pieces.tokenizer), **groups)
     return RefLogprob(envs, reference, pad_token_id=pieces.tokenizer.pad_token_id, device=device,
                       temperature=cfg.temperature)
+
+
+def action_mask(cfg: RLHFConfig, tokenizer: Any) -> Any:
+    """The envs' action mask (training, report, best-of-n alike): `NoRepeatNgram` with `no_repeat_ngram`, or None."""
+    from textenv.masks import NoRepeatNgram
+
+    return NoRepeatNgram(cfg.no_repeat_ngram, len(tokenizer)) if cfg.no_repeat_ngram else None
 
 
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
@@ -94,7 +101,8 @@ def held_out(cfg: RLHFConfig, pieces: Pieces):
 
     return HeldOut(pieces.tokenizer, pieces.eval_prompts, pieces.reward_fn, cfg.episode,
                    reward_positive_fn=pieces.reward_positive_fn, judge_fn=pieces.judge_fn, seed=cfg.ppo.seed + 12345,
-                   original=pieces.original, temperature=cfg.temperature, real=pieces.real_texts)
+                   original=pieces.original, temperature=cfg.temperature, real=pieces.real_texts,
+                   action_mask=action_mask(cfg, pieces.tokenizer))
 
 
 def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None) -> dict:
@@ -145,7 +153,8 @@ def run(cfg: RLHFConfig, pieces: Pieces | None = None, dist: Dist | None = None)
     t_eval = time.time()
     after = evaluate_held_out(agent, reference, evaluation)  # the trained agent as it samples in training
     # the saved policy samples as it was trained: `generate` reads its temperature from the generation config
-    agent.lm.generation_config.update(do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None)
+    agent.lm.generation_config.update(do_sample=True, temperature=cfg.temperature, top_k=None, top_p=None,
+                                      no_repeat_ngram_size=cfg.no_repeat_ngram or None)
     with _results_written(run_dir):  # the model and its tokenizer in a temporary folder, moved into place whole
         written(run_dir / "policy", lambda tmp: (agent.lm.save_pretrained(tmp), pieces.tokenizer.save_pretrained(tmp)))
     timing = {"prepare_s": t_built - t0, "ppo_s": t_eval - t_ppo, "eval_s": time.time() - t_eval,

@@ -35,9 +35,11 @@ from torch import nn
 from agents.checkpoint import written
 from agents.gpt_policy import GPTAgent
 from agents.rlhf.signals import batch_signals, compare, on_topic_rate
+from agents.rollout import action_mask_of
 from textenv.build.texts import Texts
 from textenv.episode import EpisodeSpec
 from textenv.kl import RefLogprob
+from textenv.masks import ActionMask
 from textenv.rewards import RewardModel
 from textenv.vector import TextVectorEnv
 
@@ -90,6 +92,7 @@ class HeldOut:
     original: nn.Module | None = None  # the LM the reference was fine-tuned from: its perplexity is reported too
     temperature: float = 1.0  # the policy's and the reference's sampling temperature (softmax(logits / T))
     real: Texts | None = None  # real held-out reviews (labelled), the yardstick's (`agents.rlhf.yardstick`)
+    action_mask: ActionMask | None = None  # the training envs' (`textenv.masks`): the policy samples as it trained
 
 
 @torch.no_grad()
@@ -113,7 +116,8 @@ def sample_episodes(policy: GPTAgent | nn.Module, reference: nn.Module, held_out
         torch.manual_seed(h.seed)
         episode = dataclasses.replace(h.episode, query_tokens=None)  # the prompts are whole
         envs = RefLogprob(
-            TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, episode=episode),
+            TextVectorEnv(E, tokenizer=tokenizer, reward_model=h.reward_fn, prompts=prompts, episode=episode,
+                          action_mask=h.action_mask),
             agent.reference(reference), pad_token_id=tokenizer.pad_token_id, device=agent.device,
             temperature=h.temperature)  # a top-k
         # agent's reference runs only its top blocks over the agent's frozen trunk (the same log-probs)
@@ -135,7 +139,10 @@ def _run(agent: GPTAgent, envs: RefLogprob, prompts: list[str], seed: int) -> Sa
     rows = [_Row(obs[i, W - infos["prompt_length"][i] :].tolist()) for i in range(E)]
     following = E  # the next prompt to start
     while (slot >= 0).any():
-        action, logprob, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=agent.device))
+        mask = action_mask_of(infos, E, envs.single_action_space)  # None without an action mask
+        action, logprob, _, _ = agent.get_action_and_value(
+            torch.as_tensor(obs, device=agent.device),
+            action_mask=None if mask is None else torch.as_tensor(mask, device=agent.device))
         actions, logprob = action.cpu().numpy(), logprob.double().cpu().numpy()
         obs, _, terminated, truncated, infos = envs.step(actions)
         for i in np.flatnonzero(slot >= 0):
