@@ -149,7 +149,7 @@ def smollm2() -> RLHFConfig:
     """A real pretrained LM: SmolLM2-135M-Instruct (fetched once from the package registry, then offline), first
     tuned as a plain LM on IMDb review openings, every block (the warm start), then by RLOO against the IMDb reward
     model (the pretrained all-MiniLM-L6-v2 fine-tuned on review windows), its top 4 of 30 blocks over a frozen
-    trunk, sampling at temperature 0.7."""
+    trunk, sampling at temperature 0.7 with no three tokens in a row twice in a text."""
     # Why each setting (benchmarks/README.md, "RLHF with SmolLM2-135M-Instruct", has the runs behind them):
     # warm start: the instruct model writes off-topic text the reward model and the judge disagree on; tuning all
     # its blocks, not only the top 4, is what a blind reader calls on-topic and fluent 0.9 of the time before RL
@@ -159,13 +159,18 @@ def smollm2() -> RLHFConfig:
     # temperature 0.7: at 1 most of what a reader calls off-topic or garbled is the tail of a 135M model's
     # distribution; each step down costs diversity, and 0.7 is where the start still has ~0.8x real reviews'
     # distinct-2 (benchmarks/README.md, "Sampling temperature");
-    # lr 1e-4, KL coefficient 0.1 at setpoint 4: at T < 1 a change of the logits moves the KL by ~1/T^2 more, and at
-    # T = 0.6 with the T = 1 settings (lr 2e-4, 0.05, setpoint 5) the KL overshot to 8.6 nats by iteration 10 and
-    # distinct-2 collapsed to half its start; 4 keeps the KL under the seed's 6 nats with room.
+    # lr 1e-4, KL coefficient 0.1: at T < 1 a change of the logits moves the KL by ~1/T^2 more, and at T = 0.6 with
+    # the T = 1 settings (lr 2e-4, 0.05) the KL overshot to 8.6 nats by iteration 10 and distinct-2 collapsed to half
+    # its start;
+    # setpoint 5 with no repeated 3-gram of tokens: over three seeds a reader calls 80-82% of the texts positive
+    # against 71-88% at setpoint 4 (fluent 2-3 points lower on average), the judge 0.945-0.977 against 0.918-0.957;
+    # setpoint 5 alone paid for its positivity on one seed with praise said twice ("It's a great movie. It's a great
+    # movie"), which the mask makes unsayable (that seed's fluent 0.64 -> 0.75), at 4.5-5.1 nats of the seed's 6.
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb", policy="smollm2", trainable_layers=4,
                       warm_start=True, group_size=4, normalize_reward=True, temperature=SMOLLM2_TEMPERATURE,
+                      no_repeat_ngram=3,
                       ppo=rlhf_ppo(total_timesteps=80 * 64 * 16, num_steps=16, num_minibatches=2,
-                                   learning_rate=1e-4, advantages="rloo", kl_coef=0.1, kl_target=4.0))
+                                   learning_rate=1e-4, advantages="rloo", kl_coef=0.1, kl_target=5.0))
 
 
 PRESETS = {"embedded": embedded, "imdb": imdb, "smollm2": smollm2}
