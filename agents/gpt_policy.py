@@ -246,7 +246,8 @@ class GPTAgent(nn.Module):
     @staticmethod
     def _stats(logits: torch.Tensor, action: torch.Tensor | None, mask: object = None) -> tuple[torch.Tensor, ...]:
         """(action, log-prob, entropy) of the categorical over `logits` (..., V), restricted to `mask` (bool, like
-        logits; disallowed logits are -inf before the log_softmax) when given; samples when action is None."""
+        logits; disallowed logits get probability 0) when given; samples when action is None. Masking writes into
+        `logits`: pass a tensor of this call's own."""
         mask = None if mask is None else check_action_mask(mask, logits)
         if mask is not None:
             # `logits` are this call's own. A mask bans a few of a large vocabulary (no repeated n-gram): write the

@@ -148,14 +148,11 @@ class NoRepeatNgram:
             raise ValueError(f"NoRepeatNgram n={n!r}: give the n-gram length as a positive integer (3 bans a third "
                              "token after any two tokens that already occurred together)")
         self.n, self.vocab_size = n, int(vocab_size)
-        self._all = np.ones(self.vocab_size, dtype=np.bool_)
 
     def __call__(self, prefix_ids: list[int], turn_ids: list[int]) -> np.ndarray:
         tokens, n = [*prefix_ids, *turn_ids], self.n
-        if len(tokens) < n - 1:
-            return self._all.copy()
-        last = tokens[len(tokens) - n + 1:]
+        last = tokens[len(tokens) - n + 1:]  # the n - 1 tokens a new one would complete an n-gram with
         banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == last]
-        mask = self._all.copy()
+        mask = np.ones(self.vocab_size, dtype=np.bool_)
         mask[banned] = False
         return mask
