@@ -74,6 +74,8 @@ class Args:
     """the reward term against stock phrases (default: the preset's; `agents.rlhf` --stale-phrase-penalty)"""
     no_repeat_ngram: int | None = None
     """the action mask against repeated n-grams (default: the preset's; `agents.rlhf` --no-repeat-ngram)"""
+    no_repeat_word: int | None = None
+    """the action mask against words said twice (default: the preset's; `agents.rlhf` --no-repeat-word)"""
     reward_output: Literal["logit", "prob"] | None = None
     """`logit` or `prob`: what PPO is paid (default: the preset's; `agents.rlhf` --reward-output)"""
     group_size: int | None = None
@@ -99,7 +101,7 @@ class Args:
 
 
 _CONFIG_OVERRIDES = ("repeated_words_penalty", "stale_phrase_penalty", "warm_start_layers", "reward_output", "dtype",
-                     "group_size", "no_repeat_ngram")
+                     "group_size", "no_repeat_ngram", "no_repeat_word")
 
 
 def build_config(a: Args) -> RLHFConfig:

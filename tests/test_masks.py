@@ -10,7 +10,17 @@ import torch
 
 from agents.policies import MLPAgent, categorical
 from textenv import EndsWithReward, RefLogprob, TextEnv, TextVectorEnv, char_tokenizer
-from textenv.masks import AllowedTokens, BannedTokens, NoRepeatNgram, RegexMask, check_mask, pack, unpack
+from textenv.masks import (
+    AllMasks,
+    AllowedTokens,
+    BannedTokens,
+    NoRepeatNgram,
+    NoRepeatWord,
+    RegexMask,
+    check_mask,
+    pack,
+    unpack,
+)
 from tiny import tiny_gpt
 
 TOK = char_tokenizer("abcd")
@@ -78,6 +88,44 @@ def test_no_repeat_ngram_bans_what_transformers_bans(n):
     assert not info["action_mask"][A] and info["action_mask"].sum() == V - 1
     with pytest.raises(ValueError, match="NoRepeatNgram n=0"):
         NoRepeatNgram(0, V)
+
+
+WORDS = ["It is a great movie and the Great acting is great.", "The film was great fun, a great film. Great!",
+         "A Great film. Greatness is not entertaining, the movie is entertaining."] * 20
+
+
+def test_no_repeat_word_bans_a_word_said_again_in_the_turn_only():
+    """Once " great" is in the turn, every token that starts "great" again is banned, whatever its case; short
+    words, pieces inside a word and the prompt's words are not."""
+    from textenv.build.bpe import train_bpe
+
+    tok = train_bpe(WORDS, vocab_size=300, min_frequency=2)
+    ids = lambda text: tok(text)["input_ids"]  # noqa: E731
+    great, cap, film, is_ = (ids(w)[0] for w in (" great", " Great", " film", " is"))
+    assert len({great, cap, film, is_}) == 4 and len(ids(" great")) == len(ids(" Great")) == 1
+    mask = NoRepeatWord(tok, min_letters=4)
+    assert mask(ids("It is"), []).all()  # nothing said yet
+    assert mask(ids("a great film"), ids(" is")).all()  # the prompt's words may come back
+    said = mask([], ids(" a great movie and it is"))
+    assert not said[great] and not said[cap] and said[film] and said[is_]  # "is" is under 4 letters
+    assert said.sum() < len(tok) and mask([], ids(" Great fun"))[great] is np.False_
+    pieces = [i for i in range(len(tok)) if not tok.convert_ids_to_tokens(i).startswith("Ġ")]
+    assert said[pieces].all()  # a piece inside a word ("ness") never counts as saying a word
+    with pytest.raises(ValueError, match="NoRepeatWord min_letters=0"):
+        NoRepeatWord(tok, min_letters=0)
+
+
+def test_all_masks_allows_what_every_mask_allows():
+    both = AllMasks(V, AB, BannedTokens([B], V))
+    assert np.flatnonzero(both([A], [])).tolist() == [A]
+    env = TextEnv(**KW, action_mask=AllMasks(V, NoRepeatNgram(2, V), AB))  # through the env: "a a" bans a third
+    env.reset(seed=0, options={"prompt_index": 0})
+    _, _, _, _, info = env.step(A)
+    assert np.flatnonzero(info["action_mask"]).tolist() == [B]
+    with pytest.raises(ValueError, match="together allow no token"):
+        AllMasks(V, AllowedTokens([A], V), AllowedTokens([B], V))([], [])
+    with pytest.raises(ValueError, match="at least one mask"):
+        AllMasks(V)
 
 
 def test_regex_mask_walks_a_tool_call():

@@ -377,6 +377,56 @@ def test_no_repeat_ngram_masks_the_rollout_the_reference_the_report_and_the_save
         check_config(dataclasses.replace(cfg, no_repeat_ngram=-1))
 
 
+def word_tokenizer():
+    """A byte-level word tokenizer over a few film words: a random policy says the same word twice often."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from textenv.build.bpe import CLS, EOS, PAD, wrap
+
+    words = ["Ġgreat", "ĠGreat", "Ġmovie", "Ġfilm", "Ġacting", "Ġis", "Ġa", "Ġit", "."]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate([EOS, PAD, CLS, "[UNK]", *words])}, unk_token="[UNK]"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()
+    return wrap(raw)
+
+
+def test_no_repeat_word_masks_the_rollout_the_reference_and_the_report_beside_the_ngram_mask(tmp_path):
+    """--no-repeat-word 4 with --no-repeat-ngram 2: no held-out response says a word of 4+ letters twice (the same
+    seed without it does), both masks hold at once, the reference scores over what they allow (the first KL is 0,
+    PPO's first ratio 1), and a negative value is refused."""
+    import warnings
+
+    from agents.rlhf.job import action_mask, held_out
+    from agents.rlhf.report import sample_episodes
+    from textenv.masks import AllMasks
+
+    tok = word_tokenizer()
+    prompts = ["a great movie", "it is a film", "great acting", "a film is"]
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("great"),
+                    train_prompts=prompts, eval_prompts=prompts * 8)
+    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 2, kl_coef=0.2),
+                     group_size=4, no_repeat_word=4, no_repeat_ngram=2, best_of_n=(1, 2), best_of_n_prompts=4,
+                     episode=EpisodeSpec(max_prompt_tokens=4, max_new_tokens=8, min_new_tokens=8))
+
+    def repeats(s) -> tuple[int, int]:  # responses that say a word of 4+ letters twice, texts with a pair twice
+        words = [[w.lower() for w in tok.decode(r).split() if len(w) >= 4] for r in s.response_ids]
+        ids = [[*p, *r] for p, r in zip(s.prompt_ids, s.response_ids, strict=True)]
+        grams = [list(zip(t, t[1:], strict=False)) for t in ids]
+        return sum(len(set(w)) < len(w) for w in words), sum(len(set(g)) < len(g) for g in grams)
+
+    assert isinstance(action_mask(cfg, tok), AllMasks)
+    masked = sample_episodes(pieces.policy, pieces.policy, held_out(cfg, pieces))
+    plain = sample_episodes(pieces.policy, pieces.policy,
+                            held_out(dataclasses.replace(cfg, no_repeat_word=0, no_repeat_ngram=0), pieces))
+    assert repeats(masked) == (0, 0) and min(repeats(plain)) > 2  # the same seed: the masks kept them out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = run(cfg, pieces)
+    assert not [w for w in caught if "ratio" in str(w.message)]
+    assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(UsageError, match="--no-repeat-word -1 must be >= 0"):
+        check_config(dataclasses.replace(cfg, no_repeat_word=-1))
+
+
 def test_the_repeated_words_and_stale_phrase_penalties_come_after_normalising():
     """PPO trains on (score - mean) / std - coef x share of repeated words (or of stale word pairs)."""
     from agents import distributed

@@ -6,8 +6,9 @@ before the policy's current turn (the prompt; in multi-turn episodes also earlie
 boolean array over the vocabulary. `TextEnv(action_mask=...)` turns it into `info["action_mask"]`, a bool
 array of shape (vocab_size,), on every `reset` and `step`.
 
-Built-ins: `BannedTokens`, `AllowedTokens`, `RegexMask` (short structured outputs) and `NoRepeatNgram` (no
-n-gram of tokens twice in a text, transformers' `no_repeat_ngram_size`). `RegexMask` uses the
+Built-ins: `BannedTokens`, `AllowedTokens`, `RegexMask` (short structured outputs), `NoRepeatNgram` (no
+n-gram of tokens twice in a text, transformers' `no_repeat_ngram_size`), `NoRepeatWord` (no word of 4+ letters
+twice in a turn) and `AllMasks` (what all of several masks allow). `RegexMask` uses the
 `regex` package's partial matching (`regex.fullmatch(pattern, text, partial=True)` is true while `text` can
 still grow into a match). `regex` is already installed with transformers, so this adds no dependency. The
 constrained-decoding packages on PyPI were considered: `outlines-core` compiles a token-level index from a
@@ -156,3 +157,60 @@ class NoRepeatNgram:
         mask = np.ones(self.vocab_size, dtype=np.bool_)
         mask[banned] = False
         return mask
+
+
+def word_starts(tokenizer: Any) -> list[str | None]:
+    """Per token id, the word it starts, lowercased ("great" for " Great"), or None: a token starts a word when its
+    piece carries the tokenizer's word-boundary marker (byte-level BPE's "Ġ", SentencePiece's "▁") or, for other
+    tokenizers, decodes to a leading space; the rest of the piece is the word's start (" entertain" of
+    "entertaining")."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if any(isinstance(p, str) and p[:1] in ("Ġ", "▁") for p in pieces):
+        return [p[1:].lower() if isinstance(p, str) and p[:1] in ("Ġ", "▁") else None for p in pieces]
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    return [t[1:].lower() if t.startswith(" ") else None for t in texts]
+
+
+class NoRepeatWord:
+    """No word of `min_letters` letters or more started twice in one turn: once the turn holds " great", every
+    token that starts the word "great" again (" great", " Great") is banned. Word starts come from `word_starts`;
+    only alphabetic ones count, so "a", "the" and numbers repeat freely, and the prompt's words (a film's name) may
+    be said again. Against praise a classifier pays for twice ("a great movie. It is a great film"), which n-grams
+    of tokens miss once the words around it change. transformers' `generate` has no equivalent."""
+
+    def __init__(self, tokenizer: Any, min_letters: int = 4) -> None:
+        if not (isinstance(min_letters, int) and min_letters >= 1):
+            raise ValueError(f"NoRepeatWord min_letters={min_letters!r}: give the shortest word it bans repeating as "
+                             "a positive number of letters (4 lets 'the' and 'was' repeat, not 'great')")
+        self.vocab_size = len(tokenizer)
+        words = word_starts(tokenizer)
+        self.word_of = [w if w and w.isalpha() and len(w) >= min_letters else None for w in words]
+        ids: dict[str, list[int]] = {}
+        for i, w in enumerate(self.word_of):
+            if w is not None:
+                ids.setdefault(w, []).append(i)
+        self.ids_of = {w: np.asarray(v, dtype=np.int64) for w, v in ids.items()}
+
+    def __call__(self, prefix_ids: list[int], turn_ids: list[int]) -> np.ndarray:
+        mask = np.ones(self.vocab_size, dtype=np.bool_)
+        for w in {self.word_of[t] for t in turn_ids} - {None}:
+            mask[self.ids_of[w]] = False
+        return mask
+
+
+class AllMasks:
+    """A token is allowed when every one of `masks` allows it (e.g. `NoRepeatNgram` and `NoRepeatWord` together)."""
+
+    def __init__(self, vocab_size: int, *masks: ActionMask) -> None:
+        if not masks:
+            raise ValueError("AllMasks needs at least one mask to combine.")
+        self.vocab_size, self.masks = int(vocab_size), masks
+
+    def __call__(self, prefix_ids: list[int], turn_ids: list[int]) -> np.ndarray:
+        out = np.ones(self.vocab_size, dtype=np.bool_)
+        for m in self.masks:
+            out &= check_mask(m(prefix_ids, turn_ids), self.vocab_size, m)
+        if not out.any():
+            raise ValueError(f"AllMasks: {', '.join(type(m).__name__ for m in self.masks)} together allow no token at "
+                             "this step, so no action is possible; loosen one of them.")
+        return out

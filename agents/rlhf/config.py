@@ -75,6 +75,10 @@ class RLHFConfig:
     """no n-gram of tokens twice in a text (prompt and response): an action mask (`textenv.masks.NoRepeatNgram`,
     transformers' `no_repeat_ngram_size`) that the rollout, PPO's log-probs, the KL reference, best-of-n, the
     report and the saved policy's `generate` all share; against praise said twice. 0: off"""
+    no_repeat_word: int = 0
+    """no word of this many letters or more started twice in one response: an action mask
+    (`textenv.masks.NoRepeatWord`) shared like --no-repeat-ngram's, against praise repeated with other words around
+    it ("a great movie. It is a great film"); `generate` has no equivalent. 0: off"""
     trainable_layers: int | None = None
     """train only the policy's top k decoder blocks (+ final norm, value head) over a frozen trunk that the
     rollout, the reference and every PPO epoch share; None = train every parameter"""
@@ -204,6 +208,9 @@ def check_config(cfg: RLHFConfig) -> None:
     if not 0 < cfg.temperature < float("inf"):
         raise UsageError(f"--temperature {cfg.temperature} must be > 0 (1: the LM's own distribution; 0.7 trims its "
                          "tail)")
+    if cfg.no_repeat_word < 0:
+        raise UsageError(f"--no-repeat-word {cfg.no_repeat_word} must be >= 0 (0: off; 4 bans saying a word of 4 or "
+                         "more letters twice in a response)")
     if cfg.no_repeat_ngram < 0:
         raise UsageError(f"--no-repeat-ngram {cfg.no_repeat_ngram} must be >= 0 (0: off; 3 bans any three tokens "
                          "in a row a second time in one text)")

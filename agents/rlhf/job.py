@@ -69,10 +69,13 @@ def make_training_envs(cfg: RLHFConfig, pieces: Pieces, reward_fn: Any, referenc
 
 
 def action_mask(cfg: RLHFConfig, tokenizer: Any) -> Any:
-    """The envs' action mask (training, report, best-of-n alike): `NoRepeatNgram` with `no_repeat_ngram`, or None."""
-    from textenv.masks import NoRepeatNgram
+    """The envs' action mask (training, report, best-of-n alike): `NoRepeatNgram` with `no_repeat_ngram`,
+    `NoRepeatWord` with `no_repeat_word`, both together, or None."""
+    from textenv.masks import AllMasks, NoRepeatNgram, NoRepeatWord
 
-    return NoRepeatNgram(cfg.no_repeat_ngram, len(tokenizer)) if cfg.no_repeat_ngram else None
+    masks = [NoRepeatNgram(cfg.no_repeat_ngram, len(tokenizer))] if cfg.no_repeat_ngram else []
+    masks += [NoRepeatWord(tokenizer, cfg.no_repeat_word)] if cfg.no_repeat_word else []
+    return None if not masks else masks[0] if len(masks) == 1 else AllMasks(len(tokenizer), *masks)
 
 
 def training_reward(cfg: RLHFConfig, pieces: Pieces, before: tuple | None, dist: Dist) -> Any:
