@@ -423,6 +423,8 @@ def test_no_repeat_word_masks_the_rollout_the_reference_and_the_report_beside_th
         rec = run(cfg, pieces)
     assert not [w for w in caught if "ratio" in str(w.message)]
     assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    report = (tmp_path / "run" / "report.md").read_text()  # the report says how its texts were sampled
+    assert "no 2 tokens in a row twice in a text, no word of 4+ letters twice in a response" in report
     with pytest.raises(UsageError, match="--no-repeat-word -1 must be >= 0"):
         check_config(dataclasses.replace(cfg, no_repeat_word=-1))
 

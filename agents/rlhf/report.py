@@ -382,9 +382,12 @@ def best_of_n_table(bon: dict, after: dict) -> list[str]:
 def report_markdown(record: dict, pairs: list[dict], extra: dict, png: Path | None) -> str:
     """The Markdown report of a record: the before/after table, warnings, the run's numbers, sample pairs, plot."""
     summary_b, summary_a, n = record["before"], record["after"], record["before"]["n"]
+    cfg = record.get("config", {})
+    masks = ([f"no {cfg['no_repeat_ngram']} tokens in a row twice in a text"] if cfg.get("no_repeat_ngram") else []) + (
+        [f"no word of {cfg['no_repeat_word']}+ letters twice in a response"] if cfg.get("no_repeat_word") else [])
     lines = ["# RLHF report", "",
-             f"Held-out prompts: {n}, one response each, sampled at temperature "
-             f"{record.get('config', {}).get('temperature', 1.0)} (same prompts and seed before and after).",
+             f"Held-out prompts: {n}, one response each, sampled at temperature {cfg.get('temperature', 1.0)}"
+             f"{''.join(', ' + m for m in masks)} (same prompts and seed before and after).",
              f"Reward mean gain: {record['gain']['reward_mean']:+.3f} "
              f"(standard error before {summary_b['reward_sem']:.3f}, after {summary_a['reward_sem']:.3f}).", "",
              report_table(record)]
