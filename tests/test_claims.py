@@ -128,8 +128,8 @@ def rlhf_imdb() -> list[str]:
 
 
 def rlhf_smollm2() -> list[str]:
-    runs = [load("rlhf_smollm2_kl5_nr3"), load("rlhf_smollm2_kl5_nr3_seed2"), load("rlhf_smollm2_kl5_nr3_seed3")]
-    reads = [reading("smollm2_kl5_nr3_seed1"), reading("smollm2_kl5_nr3_seed2"), reading("smollm2_kl5_nr3_seed3")]
+    runs = [load("rlhf_smollm2_nrw4"), load("rlhf_smollm2_nrw4_seed2"), load("rlhf_smollm2_nrw4_seed3")]
+    reads = [reading("smollm2_nrw4_seed1"), reading("smollm2_nrw4_seed2"), reading("smollm2_nrw4_seed3")]
     minutes = [f"{r['timing']['total_s'] / 60:.1f}" for r in runs]
     after = {k: span([r["after"][k] for r in reads], pct) for k in ("positive", "on_topic", "fluent", "all_three")}
     return [f"{after['positive']} positive", f"{after['on_topic']} on-topic", f"{after['fluent']} fluent",
@@ -199,9 +199,10 @@ ROWS: dict[str, tuple[list[str], Callable, list[str]]] = {
                                      ["2 seeds"]),
     "RLHF, IMDb (the seed recipe's shapes, the earlier reward model from scratch)": (
         ["rlhf_imdb.json"], rlhf_imdb, ["seed: +1.53"]),
-    "RLHF, SmolLM2-135M-Instruct": (["rlhf_smollm2_kl5_nr3.json", "rlhf_smollm2_kl5_nr3_seed2.json",
-                                     "rlhf_smollm2_kl5_nr3_seed3.json"], rlhf_smollm2,
-                                    ["T = 0.7", "no repeated 3-gram", "KL setpoint 5", "top 4 blocks", "3 seeds"]),
+    "RLHF, SmolLM2-135M-Instruct": (["rlhf_smollm2_nrw4.json", "rlhf_smollm2_nrw4_seed2.json",
+                                     "rlhf_smollm2_nrw4_seed3.json"], rlhf_smollm2,
+                                    ["T = 0.7", "no repeated 3-gram", "no word of 4+ letters twice", "KL setpoint 5",
+                                     "top 4 blocks", "3 seeds"]),
     "KL controller against its setpoint": (
         ["overoptimisation.json", "overoptimisation_smollm2.json", "rlhf_imdb.json", "rlhf_smollm2_log_pid.json",
          "rlhf_smollm2.json", "rlhf_smollm2_seed2.json", "rlhf_embedded.json", "rlhf_embedded_seed2.json"],

@@ -140,6 +140,7 @@ def test_presets_keep_the_jobs_ppo_settings():
     assert embedded().temperature == imdb().temperature == 1.0 and smollm2().temperature == 0.7
     assert (smollm2().ppo.learning_rate, smollm2().ppo.kl_coef, smollm2().ppo.kl_target) == (1e-4, 0.1, 5.0)
     assert smollm2().no_repeat_ngram == 3 and embedded().no_repeat_ngram == imdb().no_repeat_ngram == 0
+    assert smollm2().no_repeat_word == 4 and embedded().no_repeat_word == imdb().no_repeat_word == 0
 
 
 def test_cli_help_and_presets(capsys):

@@ -153,7 +153,8 @@ def smollm2() -> RLHFConfig:
     """A real pretrained LM: SmolLM2-135M-Instruct (fetched once from the package registry, then offline), first
     tuned as a plain LM on IMDb review openings, every block (the warm start), then by RLOO against the IMDb reward
     model (the pretrained all-MiniLM-L6-v2 fine-tuned on review windows), its top 4 of 30 blocks over a frozen
-    trunk, sampling at temperature 0.7 with no three tokens in a row twice in a text."""
+    trunk, sampling at temperature 0.7 with no three tokens in a row twice in a text and no word of 4+ letters twice
+    in a response."""
     # Why each setting (benchmarks/README.md, "RLHF with SmolLM2-135M-Instruct", has the runs behind them):
     # warm start: the instruct model writes off-topic text the reward model and the judge disagree on; tuning all
     # its blocks, not only the top 4, is what a blind reader calls on-topic and fluent 0.9 of the time before RL
@@ -169,10 +170,13 @@ def smollm2() -> RLHFConfig:
     # setpoint 5 with no repeated 3-gram of tokens: over three seeds a reader calls 80-82% of the texts positive
     # against 71-88% at setpoint 4 (fluent 2-3 points lower on average), the judge 0.945-0.977 against 0.918-0.957;
     # setpoint 5 alone paid for its positivity on one seed with praise said twice ("It's a great movie. It's a great
-    # movie"), which the mask makes unsayable (that seed's fluent 0.64 -> 0.75), at 4.5-5.1 nats of the seed's 6.
+    # movie"), which the mask makes unsayable (that seed's fluent 0.64 -> 0.75), at 4.5-5.1 nats of the seed's 6;
+    # no word of 4+ letters twice in a response: the tuned policy still said its praise twice with other words around
+    # it ("a great movie. It is a great film") in 35-43% of its texts (real review openings: 10%), and a reader called
+    # those 0.69 fluent against 0.81; banning it took the reader's fluency to 0.81-0.88 on three seeds, positive 0.80-0.88.
     return RLHFConfig(data_dir="../shared/data/imdb", models="imdb", policy="smollm2", trainable_layers=4,
                       warm_start=True, group_size=4, normalize_reward=True, temperature=SMOLLM2_TEMPERATURE,
-                      no_repeat_ngram=3,
+                      no_repeat_ngram=3, no_repeat_word=4,
                       ppo=rlhf_ppo(total_timesteps=80 * 64 * 16, num_steps=16, num_minibatches=2,
                                    learning_rate=1e-4, advantages="rloo", kl_coef=0.1, kl_target=5.0))
 
