@@ -317,21 +317,28 @@ def test_group_relative_run_with_normalised_reward_and_a_best_of_n_baseline(tmp_
     assert len(rec["history"]) == 4
 
 
-def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tmp_path):
-    """At T = 0.5 the first rollout's policy equals its reference (KL 0: both score at T), the first PPO ratio is 1,
-    and the report and the saved policy say T."""
+def run_from_the_reference(cfg: RLHFConfig, pieces: Pieces) -> dict:
+    """`run`, checking that the rollout and the KL reference describe one distribution at the start: no PPO ratio
+    warning, and a KL of 0 in the first iteration and in the report's "before"."""
     import warnings
 
-    tok = char_tokenizer("ab ")
-    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
-                    eval_prompts=PROMPTS * 2)
-    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 2, kl_coef=0.2),
-                     group_size=4, temperature=0.5, best_of_n_prompts=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rec = run(cfg, pieces)
     assert not [w for w in caught if "ratio" in str(w.message)]
     assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    return rec
+
+
+def test_the_jobs_temperature_reaches_the_policy_the_reference_and_the_report(tmp_path):
+    """At T = 0.5 the first rollout's policy equals its reference (KL 0: both score at T), the first PPO ratio is 1,
+    and the report and the saved policy say T."""
+    tok = char_tokenizer("ab ")
+    pieces = Pieces(tokenizer=tok, policy=tiny_gpt(len(tok)), reward_fn=KeywordReward("a"), train_prompts=PROMPTS,
+                    eval_prompts=PROMPTS * 2)
+    cfg = toy_config(tmp_path, ppo=dict(advantages="rloo", num_steps=8, total_timesteps=16 * 8 * 2, kl_coef=0.2),
+                     group_size=4, temperature=0.5, best_of_n_prompts=0)
+    rec = run_from_the_reference(cfg, pieces)
     assert rec["history"][1]["kl"] != 0.0  # after an update the policy moved away from the reference
     assert "sampled at temperature 0.5" in (tmp_path / "run" / "report.md").read_text()
     saved = json.loads((tmp_path / "run" / "policy" / "generation_config.json").read_text())
@@ -344,8 +351,6 @@ def test_no_repeat_ngram_masks_the_rollout_the_reference_the_report_and_the_save
     """--no-repeat-ngram 2: the training envs and the report's (best-of-n's too) carry the mask, so no text holds a
     pair of tokens twice; the reference scores over the same allowed tokens (the first rollout's KL is 0 and PPO's
     first ratio 1), and the saved policy's `generate` bans the same n-grams."""
-    import warnings
-
     from agents.rlhf.job import action_mask, held_out, make_training_envs
     from agents.rlhf.report import sample_episodes
 
@@ -366,11 +371,7 @@ def test_no_repeat_ngram_masks_the_rollout_the_reference_the_report_and_the_save
     envs = make_training_envs(cfg, pieces, pieces.reward_fn, pieces.policy, torch.device("cpu"))
     assert envs.unwrapped.get_attr("action_mask")[0].n == 2  # and the env refuses a masked action, so PPO sampled within it
     envs.close()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rec = run(cfg, pieces)
-    assert not [w for w in caught if "ratio" in str(w.message)]
-    assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    run_from_the_reference(cfg, pieces)
     saved = json.loads((tmp_path / "run" / "policy" / "generation_config.json").read_text())
     assert saved["no_repeat_ngram_size"] == 2
     assert action_mask(dataclasses.replace(cfg, no_repeat_ngram=0), tok) is None
@@ -394,8 +395,6 @@ def test_no_repeat_word_masks_the_rollout_the_reference_and_the_report_beside_th
     """--no-repeat-word 4 with --no-repeat-ngram 2: no held-out response says a word of 4+ letters twice (the same
     seed without it does), both masks hold at once, the reference scores over what they allow (the first KL is 0,
     PPO's first ratio 1), and a negative value is refused."""
-    import warnings
-
     from agents.rlhf.job import action_mask, held_out
     from agents.rlhf.report import sample_episodes
     from textenv.masks import AllMasks
@@ -419,11 +418,7 @@ def test_no_repeat_word_masks_the_rollout_the_reference_and_the_report_beside_th
     plain = sample_episodes(pieces.policy, pieces.policy,
                             held_out(dataclasses.replace(cfg, no_repeat_word=0, no_repeat_ngram=0), pieces))
     assert repeats(masked) == (0, 0) and min(repeats(plain)) > 2  # the same seed: the masks kept them out
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rec = run(cfg, pieces)
-    assert not [w for w in caught if "ratio" in str(w.message)]
-    assert abs(rec["history"][0]["kl"]) < 1e-5 and rec["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    run_from_the_reference(cfg, pieces)
     report = (tmp_path / "run" / "report.md").read_text()  # the report says how its texts were sampled
     assert "no 2 tokens in a row twice in a text, no word of 4+ letters twice in a response" in report
     with pytest.raises(UsageError, match="--no-repeat-word -1 must be >= 0"):
